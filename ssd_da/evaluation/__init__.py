@@ -1,0 +1,1 @@
+"""ssd_da.evaluation."""
