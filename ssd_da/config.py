@@ -1,0 +1,149 @@
+"""One dataclass config whose defaults are the paper-era SSD300 VOC recipe.
+
+YAML files in ``configs/`` hold only the changes; ``key=value`` overrides on the command line
+come last. Only the ``build_*`` functions and the tools read this object: the modules themselves
+take explicit arguments (docs/design.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """Training and evaluation settings. Defaults: SSD300 on VOC07+12 (Liu et al. 2016, sec. 3.1
+    and 3.2; the DA paper, sec. III, trains the same recipe on its ResNet backbones)."""
+
+    # model
+    backbone: str = "da_resnet50"
+    # ImageNet weights: a local file, a torchvision weights name ("IMAGENET1K_V1", "DEFAULT") or
+    # "none". If the named weights cannot be reached (offline) training starts from scratch with
+    # a warning, so the default never blocks a run.
+    pretrained: str = "IMAGENET1K_V1"
+    image_size: int = 300
+    sync_bn: bool = False
+
+    # data
+    data_root: str = "data/VOCdevkit"
+    train_split: str = "voc07_trainval+voc12_trainval"
+    test_split: str = "voc07_test"
+    classes: list[str] | None = None  # None: the 20 VOC classes
+    demo: bool = False  # generate the synthetic demo dataset under data_root on first use
+    keep_difficult: bool = False  # difficult objects in training targets (never in evaluation)
+    skip_bad: bool = False
+    workers: int = 4
+
+    # optimisation: SGD, lr 1e-3, momentum 0.9, weight decay 5e-4, batch 32, 120k iterations with
+    # lr x0.1 at 80k and 100k (SSD paper, sec. 3.2), plus a linear warmup as in ssd.pytorch/lufficc.
+    batch_size: int = 32
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    iters: int = 120_000
+    lr_steps: list[int] = field(default_factory=lambda: [80_000, 100_000])
+    lr_gamma: float = 0.1
+    warmup_iters: int = 500
+    warmup_factor: float = 1.0 / 3.0
+    grad_clip: float = 0.0  # 0 disables; max global norm otherwise
+
+    # bookkeeping
+    output_dir: str = "runs/{backbone}"
+    eval_every: int = 5000  # 0: only at the end
+    ckpt_every: int = 1000
+    log_every: int = 20
+    seed: int = 0
+    amp: bool = False  # bf16 autocast, GPU only
+    device: str = "auto"
+    metric: str = "voc07"  # "voc07" (11-point) or "area"
+    eval_batch_size: int = 32
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.format(backbone=self.backbone))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a value against the field's default type; ints are accepted where floats are."""
+    f = _field_types()[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if name == "classes":
+        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "voc")):
+            return None
+        if isinstance(value, str):
+            value = [c.strip() for c in value.split(",") if c.strip()]
+        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+            raise ValueError(f"config field 'classes' must be a list of names or 'a,b,c', got {value!r}")
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"config field {name!r} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, list):
+        if isinstance(value, int):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"config field {name!r} must be a list, got {value!r}")
+        return value
+    if default is not None and not isinstance(value, type(default)):
+        raise ValueError(f"config field {name!r} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
+    """Return a copy of ``cfg`` with ``overrides`` applied; unknown keys name the valid ones."""
+    known = _field_types()
+    changes = {}
+    for key, value in overrides.items():
+        key = key.replace("-", "_")
+        if key not in known:
+            valid = ", ".join(sorted(known))
+            raise ValueError(f"{source}: unknown config key {key!r}; valid keys: {valid}")
+        changes[key] = _coerce(key, value)
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_key_values(items: Sequence[str]) -> dict[str, Any]:
+    """Parse ``["lr=0.01", "lr_steps=[10,20]"]``; values are read as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        cfg = apply_overrides(cfg, data, str(path))
+    return apply_overrides(cfg, parse_key_values(overrides), "command line")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)

@@ -1,0 +1,129 @@
+"""Data loading for training and evaluation: datasets from a Config, and a resumable sampler.
+
+Exact ``--resume`` needs the data stream to be a pure function of (seed, iteration): the
+sampler below derives each epoch's order from ``seed + epoch`` and gives every sample its own
+augmentation seed, so the batches after a resume, and with any number of loader workers, are the
+ones an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssd_da.config import Config
+from ssd_da.data.voc import VOC_CLASSES, VOCDetection, detection_collate
+
+logger = logging.getLogger(__name__)
+
+
+def class_names_from_config(cfg: Config) -> list[str]:
+    """``cfg.classes``, else the demo dataset's classes for ``demo: true``, else VOC's 20."""
+    if cfg.classes:
+        return list(cfg.classes)
+    if cfg.demo:
+        from ssd_da.data.demo import DEMO_CLASSES
+
+        return list(DEMO_CLASSES)
+    return list(VOC_CLASSES)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """A 32-bit seed for one sample draw, independent across (seed, epoch, position)."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class ResumableTrainSampler(Sampler):
+    """Yields ``(dataset_index, augmentation_seed)`` for iterations ``start_iter .. total_iters-1``.
+
+    Each epoch is a permutation drawn from ``seed + epoch``, sharded across ``world_size`` ranks
+    the way ``DistributedSampler`` does (``perm[rank::world_size]``) and cut to whole batches, so
+    every rank runs the same number of iterations.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int, start_iter: int,
+                 total_iters: int, rank: int = 0, world_size: int = 1) -> None:
+        self.per_rank_batches = dataset_len // (batch_size * world_size)
+        if self.per_rank_batches == 0:
+            raise ValueError(
+                f"the training set has {dataset_len} images, fewer than one batch of "
+                f"{batch_size} x {world_size} process(es): lower --batch-size"
+            )
+        self.n, self.batch_size, self.seed = dataset_len, batch_size, seed
+        self.start_iter, self.total_iters = start_iter, total_iters
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.total_iters - self.start_iter) * self.batch_size
+
+    def _epoch_indices(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        return perm[self.rank::self.world_size][: self.per_rank_batches * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        it = self.start_iter
+        while it < self.total_iters:
+            epoch, batch_in_epoch = divmod(it, self.per_rank_batches)
+            indices = self._epoch_indices(epoch)
+            for b in range(batch_in_epoch, self.per_rank_batches):
+                if it >= self.total_iters:
+                    return
+                for j in range(b * self.batch_size, (b + 1) * self.batch_size):
+                    yield indices[j], sample_seed(self.seed, epoch, j * self.world_size + self.rank)
+                it += 1
+
+
+class SeededDataset(Dataset):
+    """Wraps a VOCDetection so that item ``(index, seed)`` is augmented with its own RNG."""
+
+    def __init__(self, base: VOCDetection) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
+        index, seed = item
+        transform = self.base.transform
+        if transform is not None and hasattr(transform, "set_random_state"):
+            # One generator pair shared by all transforms in the pipeline: independent draws in
+            # sequence (set_random_seed would give every transform the same first draw).
+            transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        return self.base[index]
+
+
+def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None, VOCDetection]:
+    """The training set (augmented, difficult objects dropped by default) and the test set."""
+    from ssd_da.data.transforms import build_eval_transform, build_train_transform
+
+    names = class_names_from_config(cfg)
+    train_set = None
+    if train:
+        train_set = VOCDetection(cfg.data_root, cfg.train_split, class_names=names,
+                                 transform=build_train_transform(cfg.image_size),
+                                 keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad)
+    test_set = VOCDetection(cfg.data_root, cfg.test_split, class_names=names,
+                            transform=build_eval_transform(cfg.image_size),
+                            keep_difficult=True, skip_bad=cfg.skip_bad)
+    return train_set, test_set
+
+
+def build_train_loader(dataset: VOCDetection, cfg: Config, start_iter: int, rank: int,
+                       world_size: int, pin_memory: bool) -> DataLoader:
+    sampler = ResumableTrainSampler(len(dataset), cfg.batch_size, cfg.seed, start_iter,
+                                    cfg.iters, rank, world_size)
+    return DataLoader(SeededDataset(dataset), batch_size=cfg.batch_size, sampler=sampler,
+                      num_workers=cfg.workers, collate_fn=detection_collate, drop_last=True,
+                      pin_memory=pin_memory, persistent_workers=False)
+
+
+def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, workers: int,
+                      pin_memory: bool) -> DataLoader:
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=detection_collate, pin_memory=pin_memory)

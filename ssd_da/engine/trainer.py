@@ -1,0 +1,287 @@
+"""The training loop: plain functions, readable in one sitting (STYLE.md, detectron2's
+plain_train_net and torchvision's references/detection/train.py are the models)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ssd_da.config import Config, save_config
+from ssd_da.engine import distributed as dist_utils
+from ssd_da.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
+from ssd_da.engine.data import build_datasets, build_train_loader, class_names_from_config
+from ssd_da.engine.inference import autocast_context, evaluate_model
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last checkpoint on disk is the last good one."""
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module  # DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    iteration: int = 0
+    best_map: float = -1.0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(it: int, cfg: Config) -> float:
+    """Linear warmup from ``warmup_factor`` to 1 over ``warmup_iters``, then x``lr_gamma`` at
+    each of ``lr_steps`` (SSD paper, sec. 3.2: 1e-3 for 80k, 1e-4 for 20k, 1e-5 for 20k)."""
+    factor = cfg.lr_gamma ** sum(it >= s for s in cfg.lr_steps)
+    if it < cfg.warmup_iters:
+        alpha = it / cfg.warmup_iters
+        factor *= cfg.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """SSD300 on ``cfg.backbone``; ImageNet weights when reachable, else scratch with a warning."""
+    from ssd_da.models.ssd import build_ssd
+
+    source = None if cfg.pretrained.lower() in ("", "none", "scratch") else cfg.pretrained
+    try:
+        model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=source)
+    except (OSError, RuntimeError, ConnectionError) as exc:
+        # Offline machines cannot download torchvision weights; the brief's default is to train
+        # from scratch then rather than stop. A local file that fails to load still raises.
+        if source is not None and Path(source).exists():
+            raise
+        logger.warning("ImageNet weights %r unreachable (%s); training %s from scratch",
+                       source, exc, cfg.backbone)
+        model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=None)
+    if cfg.sync_bn and dist_utils.is_distributed():
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:  # torch's SyncBatchNorm has no CPU kernel
+            logger.warning("--sync-bn needs CUDA; keeping per-process BatchNorm on %s", device)
+    return model.to(device)
+
+
+def make_train_state(cfg: Config, model: torch.nn.Module, device: torch.device) -> TrainState:
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
+    # bf16 autocast needs no loss scaling; the scaler stays disabled but is checkpointed so a run
+    # can be resumed the same way whatever the AMP setting.
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    if dist_utils.is_distributed():
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return TrainState(model, optimizer, scheduler, scaler)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def checkpoint_dict(state: TrainState, cfg: Config, class_names: list[str]) -> dict[str, Any]:
+    return {
+        "model": unwrap(state.model).state_dict(), "backbone": cfg.backbone,
+        "class_names": class_names, "config": cfg.to_dict(), "iteration": state.iteration,
+        "best_map": state.best_map, "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+        "rng": rng_states(),
+    }
+
+
+def restore(state: TrainState, path: str | Path, cfg: Config, class_names: list[str]) -> None:
+    """Continue exactly: weights, optimizer, scheduler, scaler, iteration and RNG states."""
+    ckpt = load_checkpoint(path)
+    if ckpt["backbone"] != cfg.backbone or list(ckpt["class_names"]) != class_names:
+        raise CheckpointError(
+            f"--resume {path}: checkpoint is {ckpt['backbone']} with classes "
+            f"{ckpt['class_names']}, but this run is {cfg.backbone} with classes {class_names}")
+    if "optimizer" not in ckpt:
+        raise CheckpointError(f"--resume {path}: no optimizer state (use last.pth, not best.pth)")
+    load_model_state(unwrap(state.model), ckpt["model"], f"--resume {path}")
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.scaler.load_state_dict(ckpt["scaler"])
+    state.iteration, state.best_map = int(ckpt["iteration"]), float(ckpt["best_map"])
+    set_rng_states(ckpt["rng"])
+    logger.info("resumed from %s at iteration %d", path, state.iteration)
+
+
+class RunLog:
+    """JSONL log of training and evaluation records, written by rank 0 only."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+def train_step(state: TrainState, images: torch.Tensor, targets: list[dict], cfg: Config,
+               device: torch.device) -> dict[str, float]:
+    """One SGD step. Raises NonFiniteLossError *before* the update, so no weight turns NaN."""
+    images = images.to(device, non_blocking=True)
+    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+    with autocast_context(device, cfg.amp):
+        losses = state.model(images, targets)
+    loss = sum(losses.values())
+    # Every rank must agree to stop, or the others would hang in the next all-reduce.
+    finite = dist_utils.all_reduce_mean(torch.isfinite(loss.detach()).float())
+    if finite.item() < 1.0:
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {state.iteration + 1} "
+            f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopping. "
+            f"The last checkpoint on disk is the last good state.")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    state.iteration += 1
+    out = {k: dist_utils.all_reduce_mean(v.detach()).item() for k, v in losses.items()}
+    out["loss"] = sum(out.values())
+    return out
+
+
+def run_evaluation(state: TrainState, test_set, class_names: list[str], cfg: Config,
+                   device: torch.device, out_dir: Path, log: RunLog) -> float:
+    """VOC mAP on the test split; writes best.pth when it improves (rank 0)."""
+    model = unwrap(state.model)
+    result, _, rate = evaluate_model(model, test_set, class_names, device, cfg.eval_batch_size,
+                                     cfg.workers, cfg.amp, cfg.metric,
+                                     progress=dist_utils.is_main_process())
+    model.train()
+    log.write({"iter": state.iteration, "map": result.map, "ap": result.ap,
+               "eval_images_per_s": rate})
+    if dist_utils.is_main_process():
+        logger.info("iteration %d: %s mAP %.2f%%", state.iteration, cfg.metric, 100 * result.map)
+        if result.map > state.best_map:
+            state.best_map = float(result.map)
+            ckpt = checkpoint_dict(state, cfg, class_names)
+            for key in ("optimizer", "scheduler", "scaler", "rng"):
+                ckpt.pop(key)  # best.pth is for evaluation: weights and metadata only
+            save_checkpoint(ckpt, out_dir / "best.pth")
+    return float(result.map)
+
+
+def prepare_run(cfg: Config) -> tuple[torch.device, Path, int, int]:
+    """Process group, device, seeds and the output folder. Returns (device, out_dir, rank, world)."""
+    device = resolve_device(cfg.device, 0)
+    rank, local_rank, world = dist_utils.init_distributed(device.type)
+    device = resolve_device(cfg.device, local_rank)
+    if cfg.amp and device.type != "cuda":
+        logger.warning("--amp uses bf16 autocast on CUDA only; running float32 on %s", device)
+    seed_everything(cfg.seed + rank)
+    out_dir = cfg.resolved_output_dir()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    if cfg.demo and rank == 0:
+        from ssd_da.data.demo import ensure_demo_dataset
+
+        ensure_demo_dataset(Path(cfg.data_root).parent)
+    dist_utils.barrier()
+    return device, out_dir, rank, world
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+    """Train SSD300 per ``cfg``; returns a summary dict (final/best mAP, iterations, timings)."""
+    device, out_dir, rank, world = prepare_run(cfg)
+    class_names = class_names_from_config(cfg)
+    train_set, test_set = build_datasets(cfg)
+    model = build_model(cfg, len(class_names) + 1, device)
+    state = make_train_state(cfg, model, device)
+    if resume:
+        restore(state, resume, cfg, class_names)
+    log = RunLog(out_dir / "log.jsonl", enabled=rank == 0)
+    loader = build_train_loader(train_set, cfg, state.iteration, rank, world,
+                                pin_memory=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=cfg.iters, initial=state.iteration, desc=f"train {cfg.backbone}",
+               disable=rank != 0, dynamic_ncols=True)
+    state.model.train()
+    start, tick, seen, last_map = time.perf_counter(), time.perf_counter(), 0, float("nan")
+    for images, targets in loader:
+        losses = train_step(state, images, targets, cfg, device)
+        seen += images.shape[0] * world
+        bar.update(1)
+        it = state.iteration
+        if it % cfg.log_every == 0 or it == cfg.iters:
+            rate = seen / max(time.perf_counter() - tick, 1e-9)
+            lr = state.optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            log.write({"iter": it, "lr": lr, "images_per_s": rate, **losses})
+            tick, seen = time.perf_counter(), 0
+        if rank == 0 and (it % cfg.ckpt_every == 0 or it == cfg.iters):
+            save_checkpoint(checkpoint_dict(state, cfg, class_names), out_dir / "last.pth")
+        if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iters:
+            last_map = run_evaluation(state, test_set, class_names, cfg, device, out_dir, log)
+    bar.close()
+    return finish_run(state, cfg, out_dir, device, start, last_map)
+
+
+def finish_run(state: TrainState, cfg: Config, out_dir: Path, device: torch.device,
+               start: float, last_map: float) -> dict[str, Any]:
+    """Curves PNG and a summary (rank 0), then tear down the process group."""
+    summary = {
+        "backbone": cfg.backbone, "iterations": state.iteration, "final_map": last_map,
+        "best_map": state.best_map, "metric": cfg.metric, "wall_time_s": time.perf_counter() - start,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
+                           if device.type == "cuda" else None),
+        "output_dir": str(out_dir),
+    }
+    if dist_utils.is_main_process():
+        from ssd_da.engine.plots import plot_training_curves
+
+        plot_training_curves(out_dir / "log.jsonl", out_dir / "curves.png")
+        with open(out_dir / "summary.json", "w") as fh:
+            json.dump(summary, fh, indent=2)
+    dist_utils.barrier()
+    dist_utils.cleanup()
+    return summary

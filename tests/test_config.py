@@ -1,0 +1,42 @@
+"""Config: paper defaults, YAML + key=value precedence, clear errors."""
+from __future__ import annotations
+
+import pytest
+
+from ssd_da.config import Config, load_config
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_paper_recipe():
+    cfg = Config()
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (32, 1e-3, 0.9, 5e-4)
+    assert (cfg.iters, cfg.lr_steps, cfg.lr_gamma) == (120_000, [80_000, 100_000], 0.1)
+    assert cfg.train_split == "voc07_trainval+voc12_trainval" and cfg.test_split == "voc07_test"
+    assert cfg.metric == "voc07" and cfg.image_size == 300
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("lr: 0.01\niters: 50\nclasses: [a, b]\n")
+    cfg = load_config(path, ["iters=70", "lr_steps=[10,20]", "amp=true", "classes=c,d"])
+    assert cfg.lr == 0.01 and cfg.iters == 70 and cfg.lr_steps == [10, 20] and cfg.amp is True
+    assert cfg.classes == ["c", "d"]
+    assert load_config(None, ["lr=1"]).lr == 1.0 and isinstance(load_config(None, ["lr=1"]).lr, float)
+
+
+@pytest.mark.parametrize("items, message", [
+    (["learning_rate=0.1"], "unknown config key 'learning_rate'.*valid keys:.*lr"),
+    (["iters=many"], "'iters' must be int"),
+    (["amp=maybe"], "'amp' must be true or false"),
+    (["lr"], "key=value"),
+])
+def test_bad_overrides_are_clear(items, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, items)
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
+    assert load_config(ROOT / "configs/voc0712.yaml") == Config()

@@ -1,0 +1,151 @@
+"""Training loop: exact resume, non-finite loss handling, the sampler, DDP on CPU (gloo)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd_da.config import load_config
+from ssd_da.engine.checkpoint import load_checkpoint
+from ssd_da.engine.data import ResumableTrainSampler
+from ssd_da.engine.trainer import NonFiniteLossError, lr_factor, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory) -> Path:
+    """A small synthetic VOC tree (the demo generator, few images) shared by this module."""
+    from ssd_da.data.demo import ensure_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    ensure_demo_dataset(root, num_train=8, num_test=4, seed=1)
+    return root / "VOCdevkit"
+
+
+def tiny_cfg(data_root: Path, out: Path, **kw):
+    items = {
+        "demo": False, "data_root": str(data_root), "train_split": "voc07_trainval",
+        "test_split": "voc07_test", "backbone": "da_resnet18", "pretrained": "none",
+        "batch_size": 2, "iters": 4, "lr": 0.01, "lr_steps": [3], "warmup_iters": 2,
+        "eval_every": 0, "ckpt_every": 1, "log_every": 1, "workers": 0, "eval_batch_size": 4,
+        "output_dir": str(out),
+    }
+    items.update(kw)
+    from ssd_da.data.demo import DEMO_CLASSES
+
+    items.setdefault("classes", list(DEMO_CLASSES))
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in items.items()])
+
+
+def losses_of(run_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {r["iter"]: r["loss"] for r in recs if "loss" in r}
+
+
+def test_lr_schedule_by_hand():
+    cfg = load_config(None, ["warmup_iters=10", "warmup_factor=0.5", "lr_steps=[20,30]"])
+    assert lr_factor(0, cfg) == pytest.approx(0.5)
+    assert lr_factor(5, cfg) == pytest.approx(0.75)  # halfway from 0.5 to 1
+    assert lr_factor(10, cfg) == 1.0
+    assert lr_factor(19, cfg) == 1.0
+    assert lr_factor(20, cfg) == pytest.approx(0.1)
+    assert lr_factor(30, cfg) == pytest.approx(0.01)
+
+
+def test_sampler_shards_one_permutation_and_resumes():
+    full = list(ResumableTrainSampler(10, batch_size=2, seed=3, start_iter=0, total_iters=7))
+    # 5 batches per epoch: the first 5 iterations are one permutation of the 10 images.
+    assert sorted(i for i, _ in full[:10]) == list(range(10))
+    tail = list(ResumableTrainSampler(10, batch_size=2, seed=3, start_iter=3, total_iters=7))
+    assert tail == full[6:]
+    ranks = [list(ResumableTrainSampler(10, 2, 3, 0, 2, rank=r, world_size=2)) for r in (0, 1)]
+    idx = [i for r in ranks for i, _ in r]
+    assert sorted(idx) == sorted(set(idx)) and len(idx) == 8  # disjoint shards, whole batches
+    with pytest.raises(ValueError, match="batch-size"):
+        ResumableTrainSampler(3, batch_size=4, seed=0, start_iter=0, total_iters=1)
+
+
+def test_resume_continues_exactly(tiny_demo, tmp_path):
+    straight = train(tiny_cfg(tiny_demo, tmp_path / "a", iters=4))
+    first = train(tiny_cfg(tiny_demo, tmp_path / "b", iters=2))
+    assert first["iterations"] == 2
+    resumed = train(tiny_cfg(tiny_demo, tmp_path / "b", iters=4), resume=tmp_path / "b/last.pth")
+    assert resumed["iterations"] == 4
+    la, lb = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
+    assert set(la) == {1, 2, 3, 4} and set(lb) == {1, 2, 3, 4}
+    for it in la:
+        assert lb[it] == pytest.approx(la[it], rel=1e-6, abs=1e-6), it
+    wa = load_checkpoint(tmp_path / "a/last.pth")["model"]
+    wb = load_checkpoint(tmp_path / "b/last.pth")["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert (tmp_path / "a/curves.png").stat().st_size > 1000
+    assert (tmp_path / "a/best.pth").exists() and (tmp_path / "a/config.yaml").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(tiny_demo, tmp_path, monkeypatch):
+    from ssd_da.models import ssd as ssd_module
+
+    real_forward, calls = ssd_module.SSD300.forward, {"n": 0}
+
+    def poisoned(self, images, targets=None, original_sizes=None):
+        out = real_forward(self, images, targets, original_sizes)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(ssd_module.SSD300, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="iteration 3"):
+        train(tiny_cfg(tiny_demo, tmp_path / "nan", iters=5))
+    ckpt = load_checkpoint(tmp_path / "nan/last.pth")
+    assert ckpt["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_other_architecture(tiny_demo, tmp_path):
+    train(tiny_cfg(tiny_demo, tmp_path / "r18", iters=1))
+    from ssd_da.engine.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="resnet18"):
+        train(tiny_cfg(tiny_demo, tmp_path / "r34", iters=2, backbone="resnet34"),
+              resume=tmp_path / "r18/last.pth")
+
+
+def test_cli_nan_exit_code_and_unknown_backbone(tiny_demo, tmp_path):
+    cmd = [sys.executable, str(ROOT / "tools/train.py"), "--backbone", "nope_resnet50",
+           "--data-root", str(tiny_demo), "--output-dir", str(tmp_path / "x"), "pretrained=none",
+           "demo=false", "classes=[circle]"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 2
+    assert "nope_resnet50" in res.stderr and "da_resnet50" in res.stderr  # lists valid names
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tiny_demo, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29533", str(ROOT / "tools/train.py"), "--backbone", "resnet18",
+           "--data-root", str(tiny_demo), "--output-dir", str(out), "--device", "cpu",
+           "--iters", "2", "--batch-size", "2", "--workers", "0", "pretrained=none",
+           "train_split=voc07_trainval", "test_split=voc07_test", "classes=" + json.dumps(
+               list(__import__("ssd_da.data.demo", fromlist=["x"]).DEMO_CLASSES)),
+           "eval_every=0", "ckpt_every=1", "log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    train_iters = [r["iter"] for r in records if "loss" in r]
+    assert train_iters == [1, 2]  # rank 0 alone writes the log: one record per iteration
+    assert sum("map" in r for r in records) == 1  # one (sharded, gathered) final evaluation
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["iteration"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert math.isfinite(records[-1]["map"])
