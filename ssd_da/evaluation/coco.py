@@ -1,0 +1,131 @@
+"""COCO-style AP@[.5:.95] and AP50 of a VOC detection set, through pycocotools.
+
+An extra to the paper's VOC07 metric (section III reports only VOC 11-point mAP). The COCO
+objects are built in memory (no temporary files, no rounding through text) and pycocotools'
+printing is suppressed.
+
+Conventions, which make these numbers NOT comparable to :mod:`ssd_da.evaluation.voc`:
+* pycocotools uses continuous coordinates: boxes are converted from xyxy to xywh with
+  ``w = x2 - x1`` (no +1), and IoU and ``area`` are computed from those.
+* Difficult ground truths become ``iscrowd=1``. That is the only ignore mechanism COCOeval
+  honours (``evaluate`` overwrites any ``ignore`` field with ``iscrowd``). Detections matched to
+  them are ignored, as in VOC, but crowd IoU is intersection over DETECTION area, and a
+  detection prefers a regular ground truth over a crowd one when both pass the threshold.
+* At most 100 detections per image (the highest scoring) count, pycocotools' default.
+* Matching uses IoU >= t (VOC uses IoU > 0.5), and AP interpolates precision at 101 recalls.
+A metric that pycocotools cannot compute (it returns -1, e.g. no small objects for
+"AP_small", or no ground truth at all) is returned as nan, with a warning.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Order of COCOeval.stats for iouType="bbox" (pycocotools' summarize()).
+STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+
+
+def _xywh(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) xyxy -> (N, 4) xywh with pycocotools' continuous width ``x2 - x1``."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def _annotations(items: Sequence[Mapping], with_scores: bool) -> list[dict]:
+    """COCO annotation dicts (ids from 1: COCOeval treats id 0 as "unmatched")."""
+    anns = []
+    what = "detections" if with_scores else "annotations"
+    required = ("boxes", "labels", "scores") if with_scores else ("boxes", "labels")
+    for image_id, item in enumerate(items):
+        missing = [k for k in required if k not in item]
+        if missing:
+            raise ValueError(f"{what}[{image_id}] lacks {missing} (needs {list(required)})")
+        boxes = np.asarray(item["boxes"], dtype=np.float64)
+        if boxes.size and (boxes.ndim != 2 or boxes.shape[1] != 4):
+            raise ValueError(f"{what}[{image_id}]['boxes'] must have shape (N, 4), "
+                             f"got {boxes.shape}")
+        boxes = _xywh(boxes)
+        labels = np.asarray(item["labels"]).reshape(-1)
+        if len(labels) != len(boxes):
+            raise ValueError(f"{what}[{image_id}]: 'labels' has {len(labels)} entries, "
+                             f"'boxes' has {len(boxes)}")
+        if with_scores:
+            extra = np.asarray(item["scores"], dtype=np.float64).reshape(-1)
+            key = "score"
+        else:
+            extra = np.asarray(item.get("difficult", np.zeros(len(boxes), dtype=bool)),
+                               dtype=bool).reshape(-1)
+            key = "iscrowd"
+        if len(extra) != len(boxes):
+            source = "scores" if with_scores else "difficult"
+            raise ValueError(f"{what}[{image_id}]: {source!r} has {len(extra)} entries, "
+                             f"'boxes' has {len(boxes)}")
+        for box, label, value in zip(boxes.tolist(), labels.tolist(), extra.tolist()):
+            ann = {"id": len(anns) + 1, "image_id": image_id, "category_id": int(label),
+                   "bbox": box, "area": box[2] * box[3]}
+            ann[key] = float(value) if with_scores else int(value)
+            anns.append(ann)
+    return anns
+
+
+def _coco(images: list[dict], categories: list[dict], anns: list[dict]):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = {"images": images, "categories": categories, "annotations": anns}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def coco_metrics(detections: Sequence[Mapping], annotations: Sequence[Mapping],
+                 class_names: Sequence[str]) -> dict[str, float]:
+    """COCO box metrics of a detection set (same inputs as ``evaluate_voc``).
+
+    Args:
+        detections: one dict per image: ``boxes`` (K, 4) float xyxy pixels, ``scores`` (K,),
+            ``labels`` (K,) int in 1..C.
+        annotations: one dict per image: ``boxes`` (N, 4) xyxy, ``labels`` (N,), optional
+            ``difficult`` (N,) bool (mapped to ``iscrowd``).
+        class_names: the C class names; label i is ``class_names[i - 1]``.
+    Returns:
+        {"AP": AP@[.5:.95], "AP50": ..., and the other names of ``STAT_NAMES``}, in [0, 1],
+        nan where pycocotools has nothing to average (it reports -1).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if len(detections) != len(annotations):
+        raise ValueError(f"detections has {len(detections)} images but annotations has "
+                         f"{len(annotations)}; give one dict per image, in the same order")
+    images = [{"id": i} for i in range(len(annotations))]
+    categories = [{"id": i + 1, "name": str(n)} for i, n in enumerate(class_names)]
+    gt_anns = _annotations(annotations, with_scores=False)
+    dt_anns = _annotations(detections, with_scores=True)
+    for ann in gt_anns + dt_anns:
+        if not 1 <= ann["category_id"] <= len(categories):
+            raise ValueError(f"image {ann['image_id']}: label {ann['category_id']} is out of "
+                             f"range 1..{len(categories)}")
+    coco_gt = _coco(images, categories, gt_anns)
+    # Built like COCO.loadRes would, without its crash on an empty result list.
+    coco_dt = _coco(images, categories, dt_anns)
+    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = {}
+    for name, value in zip(STAT_NAMES, evaluator.stats.tolist()):
+        stats[name] = math.nan if value < 0 else float(value)
+    undefined = [n for n, v in stats.items() if math.isnan(v)]
+    if undefined:
+        logger.warning("pycocotools could not compute %s (nothing to average); reported as nan",
+                       ", ".join(undefined))
+    return stats

@@ -1,0 +1,197 @@
+"""Benchmarks of ssd_da, one subcommand each; results go to a section of docs/benchmarks.md.
+
+    python tools/benchmark.py metric            # evaluate_voc on 5,000 images x 20 classes
+
+To add a benchmark: write ``run_<name>(args) -> str`` returning the Markdown body of its
+section (use :func:`environment_lines` for the device lines), register it in
+:func:`get_args_parser` with ``set_defaults(func=run_<name>)``; :func:`main` writes the section
+between ``<!-- benchmark:<name> -->`` markers, replacing that section's previous result.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import os
+import platform
+import pstats
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ssd_da.evaluation.voc import evaluate_voc  # noqa: E402
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def environment_lines() -> list[str]:
+    """Markdown bullet lines describing where and when a benchmark ran."""
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    return [f"- date (UTC): {today}",
+            f"- device: {cpu_model()} ({os.cpu_count()} logical CPUs on the machine)",
+            f"- python {platform.python_version()}, numpy {np.__version__}"]
+
+
+def pin_to_one_core() -> str:
+    """Restrict this process and its BLAS/OpenMP pools to one core; returns what was done."""
+    done = []
+    if hasattr(os, "sched_setaffinity"):
+        core = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        done.append(f"affinity to CPU {core}")
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+        done.append("threadpoolctl limits 1")
+    except ImportError:  # numpy's element-wise ops are single-threaded anyway
+        done.append("threadpoolctl not installed")
+    return ", ".join(done)
+
+
+def synthetic_voc(num_images: int, num_classes: int, dets_per_image: int, seed: int
+                  ) -> tuple[list[dict], list[dict]]:
+    """A realistic evaluation workload: 1-4 gts per image (10 % difficult) in a 500x375 image,
+    10 jittered detections per gt (90 % with the right label) and random boxes to fill up
+    ``dets_per_image`` (as an SSD's post-NMS top-k output with a low score threshold)."""
+    rng = np.random.default_rng(seed)
+    n_gt = rng.integers(1, 5, num_images)
+    total = int(n_gt.sum())
+    wh = rng.uniform(20, 300, (total, 2))
+    xy = rng.uniform(0, 1, (total, 2)) * (np.array([500.0, 375.0]) - wh)
+    gt_boxes = np.round(np.concatenate([xy, xy + wh], 1))
+    gt_labels = rng.integers(1, num_classes + 1, total)
+    difficult = rng.random(total) < 0.1
+    hit = np.repeat(np.arange(total), 10)
+    size = np.tile(gt_boxes[hit, 2:] - gt_boxes[hit, :2], 2)
+    near = gt_boxes[hit] + rng.normal(0, 0.12, (len(hit), 4)) * size
+    near[:, 2:] = np.maximum(near[:, 2:], near[:, :2])
+    near_labels = np.where(rng.random(len(hit)) < 0.9, gt_labels[hit],
+                           rng.integers(1, num_classes + 1, len(hit)))
+    near_scores = rng.beta(4, 2, len(hit))
+    n_rand = dets_per_image * num_images - len(hit)
+    rxy = rng.uniform(0, 400, (n_rand, 2))
+    rand = np.concatenate([rxy, rxy + rng.uniform(10, 200, (n_rand, 2))], 1)
+    rand_labels = rng.integers(1, num_classes + 1, n_rand)
+    rand_scores = rng.beta(1, 6, n_rand)
+    gt_end, rand_end = np.cumsum(n_gt), np.cumsum(dets_per_image - 10 * n_gt)
+    detections, annotations = [], []
+    for i in range(num_images):
+        g = slice(gt_end[i] - n_gt[i], gt_end[i])
+        d = slice(10 * g.start, 10 * g.stop)
+        r = slice(rand_end[i] - (dets_per_image - 10 * n_gt[i]), rand_end[i])
+        annotations.append({"boxes": gt_boxes[g], "labels": gt_labels[g],
+                            "difficult": difficult[g]})
+        detections.append({"boxes": np.concatenate([near[d], rand[r]]),
+                           "scores": np.concatenate([near_scores[d], rand_scores[r]]),
+                           "labels": np.concatenate([near_labels[d], rand_labels[r]])})
+    return detections, annotations
+
+
+def run_metric(args: argparse.Namespace) -> str:
+    """Time evaluate_voc (VOC07 11-point) on one core: median of ``--repeats`` runs."""
+    if args.dets_per_image < 40 or args.images < 1 or args.repeats < 1:
+        raise SystemExit("metric needs --dets-per-image >= 40 (10 per gt, up to 4 gts), "
+                         f"--images >= 1 and --repeats >= 1; got {args.dets_per_image}, "
+                         f"{args.images}, {args.repeats}")
+    pinned = pin_to_one_core()
+    names = [VOC_CLASSES[i % 20] + ("" if i < 20 else str(i)) for i in range(args.classes)]
+    dets, anns = synthetic_voc(args.images, args.classes, args.dets_per_image, args.seed)
+    evaluate_voc(dets, anns, names)  # warm-up (imports, page faults)
+    times, cpu_times, result = [], [], None
+    for _ in range(args.repeats):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = evaluate_voc(dets, anns, names)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(evaluate_voc, dets, anns, names)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(15)
+    num_dets = sum(len(d["scores"]) for d in dets)
+    num_gts = sum(len(a["labels"]) for a in anns)
+    median, cpu_median = statistics.median(times), statistics.median(cpu_times)
+    print(f"evaluate_voc: median {median:.3f} s wall, {cpu_median:.3f} s CPU, of {args.repeats} "
+          f"({', '.join(f'{t:.3f}' for t in times)}); mAP {100 * result.map:.2f}")
+    return "\n".join([
+        "## metric: `evaluate_voc` (VOC07 11-point), CPU, one core",
+        "",
+        f"Synthetic workload (`tools/benchmark.py metric`, seed {args.seed}): {args.images} "
+        f"images, {args.classes} classes, {num_dets} detections ({args.dets_per_image} per "
+        f"image: 10 jittered per gt, the rest random), {num_gts} ground truths (1-4 per image, "
+        f"10 % difficult); its mAP is {100 * result.map:.2f}.",
+        "",
+        *environment_lines(),
+        f"- one core: {pinned}",
+        f"- **median {median:.3f} s** wall-clock of {args.repeats} runs "
+        f"({', '.join(f'{t:.3f}' for t in times)} s; process CPU time median "
+        f"{cpu_median:.3f} s), after one warm-up run; input validation and concatenation "
+        f"of the per-image dicts included",
+        f"- load average when it ran: {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
+        f"(other processes on the machine inflate wall-clock time)",
+    ])
+
+
+def write_section(doc: Path, name: str, body: str) -> None:
+    """Replace (or append) the section of benchmark ``name`` in the Markdown file ``doc``."""
+    begin, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
+    block = f"{begin}\n{body.strip()}\n{end}"
+    text = doc.read_text() if doc.exists() else (
+        "# Benchmarks\n\nWritten by `tools/benchmark.py <name>`; each section holds the latest "
+        "run of one benchmark. Re-run a benchmark to update its section.\n")
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md",
+                        help="Markdown file to write the result section to")
+    parser.add_argument("--no-write", action="store_true", help="print only, leave --doc alone")
+    sub = parser.add_subparsers(dest="name", required=True, metavar="BENCHMARK")
+    metric = sub.add_parser("metric", help="time evaluate_voc on a synthetic VOC-sized set")
+    metric.add_argument("--images", type=int, default=5000)
+    metric.add_argument("--classes", type=int, default=20)
+    metric.add_argument("--dets-per-image", type=int, default=100,
+                        help="detections per image (at least 40: 10 per gt, up to 4 gts)")
+    metric.add_argument("--repeats", type=int, default=3)
+    metric.add_argument("--seed", type=int, default=0)
+    metric.add_argument("--profile", action="store_true", help="print a cProfile summary")
+    metric.set_defaults(func=run_metric)
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    body = args.func(args)
+    if not args.no_write:
+        write_section(args.doc, args.name, body)
+        print(f"wrote section {args.name!r} of {args.doc}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
