@@ -1,0 +1,262 @@
+"""albumentations pipelines for SSD300: the training recipe of Liu et al. 2016 and the eval resize.
+
+Boxes travel as albumentations "pascal_voc" (absolute pixel xyxy), which is our 0-based pixel
+xyxy convention (docs/design.md); labels travel in the "labels" field and follow their boxes.
+albumentations (2.x) has no SSD zoom-out or min-IoU crop, so ``ZoomOut`` and ``MinIoURandomCrop``
+below implement them as DualTransforms. Inside a transform, albumentations hands boxes over
+normalised to the current image (x / W, y / H) with extra columns (encoded labels) after the
+first four; the transforms keep those columns and may drop rows.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+import albumentations as A
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# The zoom-out canvas is filled with the mean pixel, so it normalises to (about) zero.
+MEAN_PIXEL: tuple[float, float, float] = tuple(255.0 * m for m in IMAGENET_MEAN)  # type: ignore[assignment]
+
+# SSD sec 2.2 "Data augmentation": use the whole image (None), or a patch whose minimum IoU with
+# the objects is 0.1/0.3/0.5/0.7/0.9, or a random patch (0.0: no IoU constraint).
+SSD_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)
+
+
+def box_iou_with_rect(boxes: np.ndarray, rect: Sequence[float]) -> np.ndarray:
+    """IoU of (N, 4) xyxy boxes with one xyxy rectangle, continuous areas (no +1). Returns (N,)."""
+    ix1 = np.maximum(boxes[:, 0], rect[0])
+    iy1 = np.maximum(boxes[:, 1], rect[1])
+    ix2 = np.minimum(boxes[:, 2], rect[2])
+    iy2 = np.minimum(boxes[:, 3], rect[3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    area_r = (rect[2] - rect[0]) * (rect[3] - rect[1])
+    return inter / (area_b + area_r - inter)
+
+
+def box_centres_inside(boxes: np.ndarray, rect: Sequence[float]) -> np.ndarray:
+    """(N,) bool: box centre strictly inside the xyxy rectangle (ssd.pytorch's keep rule)."""
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    return (rect[0] < cx) & (cx < rect[2]) & (rect[1] < cy) & (cy < rect[3])
+
+
+def _to_pixels(bboxes: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Normalised albumentations boxes (N, 4+) -> (N, 4) float64 absolute pixels."""
+    height, width = shape[:2]
+    return bboxes[:, :4].astype(np.float64) * np.array([width, height, width, height])
+
+
+class ZoomOut(A.DualTransform):
+    """SSD's "zoom out" (expand): paste the image at a random place on a canvas up to
+    ``max_ratio`` times larger, filled with ``fill`` (SSD sec 3.6: creates small objects).
+
+    Boxes shift by the integer paste offset, as in ssd.pytorch's Expand. Output image shape:
+    (int(H * r), int(W * r), C) with r ~ U[1, max_ratio].
+    """
+
+    def __init__(self, max_ratio: float = 4.0, fill: Sequence[float] = MEAN_PIXEL, p: float = 0.5) -> None:
+        super().__init__(p=p)
+        if max_ratio < 1.0:
+            raise ValueError(f"ZoomOut max_ratio must be >= 1, got {max_ratio}")
+        self.max_ratio = float(max_ratio)
+        self.fill_value = tuple(float(f) for f in fill)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        ratio = self.py_random.uniform(1.0, self.max_ratio)
+        left = int(self.py_random.uniform(0.0, width * ratio - width))
+        top = int(self.py_random.uniform(0.0, height * ratio - height))
+        # The canvas must hold the image even when int() rounds width * ratio down.
+        out_w = max(int(width * ratio), left + width)
+        out_h = max(int(height * ratio), top + height)
+        return {"left": left, "top": top, "out_h": out_h, "out_w": out_w}
+
+    def apply(self, img: np.ndarray, left: int, top: int, out_h: int, out_w: int, **params: Any) -> np.ndarray:
+        fill = np.asarray(self.fill_value[: img.shape[2] if img.ndim == 3 else 1])
+        if np.issubdtype(img.dtype, np.integer):
+            fill = np.round(fill)
+        canvas = np.empty((out_h, out_w) + img.shape[2:], dtype=img.dtype)
+        canvas[...] = fill.astype(img.dtype)
+        canvas[top:top + img.shape[0], left:left + img.shape[1]] = img
+        return canvas
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, left: int, top: int, out_h: int, out_w: int,
+                        **params: Any) -> np.ndarray:
+        if not bboxes.size:
+            return bboxes
+        pixels = _to_pixels(bboxes, params["shape"]) + np.array([left, top, left, top])
+        out = bboxes.copy()
+        out[:, :4] = pixels / np.array([out_w, out_h, out_w, out_h])
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("max_ratio", "fill_value")
+
+
+class MinIoURandomCrop(A.DualTransform):
+    """SSD's patch sampling (Liu et al. 2016 sec 2.2; ssd.pytorch RandomSampleCrop).
+
+    Per call, pick one option of ``min_ious``: None keeps the whole image; a threshold t samples
+    up to ``max_trials`` patches with sides in [min_scale, 1] of the image's and aspect h/w in
+    [1/max_aspect, max_aspect], and accepts the first whose IoU with every ground-truth box is
+    >= t and that contains at least one box centre. Boxes whose centres fall outside the patch
+    are dropped (with their labels); the rest are clipped to it. If no trial succeeds the image
+    is left as it is (Caffe's SSD keeps the original image then). Unlike ssd.pytorch, whose test
+    ``min < t and max_iou < max`` never rejects when max_iou is inf, the threshold is enforced.
+
+    ``require_all=False`` (default) demands the threshold of at least one box, as the original
+    Caffe SSD (SatisfySampleConstraint) and torchvision's RandomIoUCrop do; ``require_all=True``
+    of every box (ssd.pytorch's intent, mmdetection). With two separated objects, thresholds >= 0.5 are rarely
+    satisfiable under ``require_all=True``, so those options then mostly keep the whole image.
+    """
+
+    def __init__(self, min_ious: Sequence[float | None] = SSD_MIN_IOUS, min_scale: float = 0.3,
+                 max_aspect: float = 2.0, max_trials: int = 50, require_all: bool = False,
+                 p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if len(min_ious) == 0:
+            raise ValueError("MinIoURandomCrop min_ious must hold at least one option (None or a float)")
+        if not 0.0 < min_scale <= 1.0 or max_aspect < 1.0 or max_trials < 1:
+            raise ValueError(f"MinIoURandomCrop needs 0 < min_scale <= 1, max_aspect >= 1, max_trials >= 1; "
+                             f"got {min_scale}, {max_aspect}, {max_trials}")
+        self.min_ious = tuple(min_ious)
+        self.min_scale = float(min_scale)
+        self.max_aspect = float(max_aspect)
+        self.max_trials = int(max_trials)
+        self.require_all = bool(require_all)
+
+    def _sample_rect(self, height: int, width: int) -> tuple[int, int, int, int] | None:
+        """One candidate patch (x1, y1, x2, y2) in integer pixels, or None if its aspect is out of range."""
+        w = self.py_random.uniform(self.min_scale * width, width)
+        h = self.py_random.uniform(self.min_scale * height, height)
+        if not 1.0 / self.max_aspect <= h / w <= self.max_aspect:
+            return None
+        left = self.py_random.uniform(0.0, width - w)
+        top = self.py_random.uniform(0.0, height - h)
+        return int(left), int(top), int(left + w), int(top + h)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        no_crop = {"crop": (0, 0, width, height)}
+        min_iou = self.min_ious[self.py_random.randrange(len(self.min_ious))]
+        bboxes = np.asarray(data.get("bboxes", np.zeros((0, 4))))
+        if min_iou is None or bboxes.size == 0:
+            return no_crop
+        boxes = _to_pixels(bboxes.reshape(len(bboxes), -1), params["shape"])
+        for _ in range(self.max_trials):
+            rect = self._sample_rect(height, width)
+            if rect is None or rect[2] <= rect[0] or rect[3] <= rect[1]:
+                continue
+            ious = box_iou_with_rect(boxes, rect)
+            if (ious.min() if self.require_all else ious.max()) < min_iou:
+                continue
+            if box_centres_inside(boxes, rect).any():
+                return {"crop": rect}
+        return no_crop
+
+    def apply(self, img: np.ndarray, crop: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        x1, y1, x2, y2 = crop
+        return img[y1:y2, x1:x2]
+
+    def apply_to_bboxes(self, bboxes: np.ndarray, crop: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+        height, width = params["shape"][:2]
+        if not bboxes.size or tuple(crop) == (0, 0, width, height):
+            return bboxes
+        boxes = _to_pixels(bboxes, params["shape"])
+        keep = box_centres_inside(boxes, crop)
+        x1, y1, x2, y2 = crop
+        clipped = np.clip(boxes[keep], [x1, y1, x1, y1], [x2, y2, x2, y2]) - np.array([x1, y1, x1, y1])
+        out = bboxes[keep].copy()
+        out[:, :4] = clipped / np.array([x2 - x1, y2 - y1, x2 - x1, y2 - y1])
+        return out
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_ious", "min_scale", "max_aspect", "max_trials", "require_all")
+
+
+def _photometric_distortion(channel_swap_p: float) -> list[A.BasicTransform]:
+    """The Caffe SSD "distort_param": brightness delta 32, contrast [0.5, 1.5], saturation
+    [0.5, 1.5], hue delta 18 degrees, each with p = 0.5; contrast either before or after the
+    colour changes (as in ssd.pytorch's PhotometricDistort); optional random channel order."""
+
+    def contrast() -> A.BasicTransform:
+        # alpha = 1 + U(-0.5, 0.5), beta = 0: a pure multiplication, as Caffe's contrast.
+        return A.RandomBrightnessContrast(brightness_limit=(0.0, 0.0), contrast_limit=(-0.5, 0.5), p=0.5)
+
+    def colour() -> list[A.BasicTransform]:
+        # ColorJitter's hue factor is a fraction of the colour circle: 18 / 360 = 0.05.
+        return [A.ColorJitter(brightness=(1.0, 1.0), contrast=(1.0, 1.0), saturation=(0.5, 1.5),
+                              hue=(0.0, 0.0), p=0.5),
+                A.ColorJitter(brightness=(1.0, 1.0), contrast=(1.0, 1.0), saturation=(1.0, 1.0),
+                              hue=(-0.05, 0.05), p=0.5)]
+
+    transforms: list[A.BasicTransform] = [
+        # beta = U(-32, 32) / 255 * 255: an additive brightness change of up to 32 grey levels.
+        A.RandomBrightnessContrast(brightness_limit=(-32 / 255, 32 / 255), contrast_limit=(0.0, 0.0), p=0.5),
+        A.OneOf([A.Sequential([contrast(), *colour()], p=1.0),
+                 A.Sequential([*colour(), contrast()], p=1.0)], p=1.0),
+    ]
+    if channel_swap_p > 0:
+        transforms.append(A.ChannelShuffle(p=channel_swap_p))
+    return transforms
+
+
+def seed_transform(transform: A.BaseCompose, seed: int) -> None:
+    """Make ``transform`` reproducible: one numpy and one Python generator, seeded with ``seed``,
+    shared by every child transform.
+
+    Use this rather than ``A.Compose(seed=...)``: in albumentations 2.0.x that gives every child
+    its own generator with the same seed, so e.g. the zoom-out and flip coin tosses coincide.
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def _bbox_params() -> A.BboxParams:
+    return A.BboxParams(format="pascal_voc", label_fields=["labels"])
+
+
+def _check_size(size: int) -> None:
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"transform size must be a positive int (e.g. 300 for SSD300), got {size!r}")
+
+
+def build_train_transform(size: int = 300, photometric: bool = True, channel_swap_p: float = 0.0,
+                          zoom_out_p: float = 0.5, max_zoom_out: float = 4.0,
+                          min_ious: Sequence[float | None] = SSD_MIN_IOUS, crop_require_all: bool = False,
+                          flip_p: float = 0.5, seed: int | None = None) -> A.Compose:
+    """SSD training augmentation (Liu et al. 2016 sec 2.2 and 3.6, ssd.pytorch SSDAugmentation):
+    photometric distortion, zoom-out up to 4x onto the mean pixel, min-IoU crop, horizontal
+    flip, resize to size x size, ImageNet normalisation, (3, size, size) float32 tensor.
+
+    Call as ``t(image=uint8 (H, W, 3), bboxes=(N, 4) xyxy pixels, labels=(N,))``; the returned
+    "bboxes" are xyxy pixels of the size x size image, "labels" the labels of the kept boxes.
+    ``seed`` (optional) makes the sequence of augmentations reproducible (see seed_transform).
+    """
+    _check_size(size)
+    transforms: list[A.BasicTransform] = _photometric_distortion(channel_swap_p) if photometric else []
+    transforms += [
+        ZoomOut(max_ratio=max_zoom_out, fill=MEAN_PIXEL, p=zoom_out_p),
+        MinIoURandomCrop(min_ious=min_ious, require_all=crop_require_all, p=1.0),
+        A.HorizontalFlip(p=flip_p),
+        A.Resize(size, size),
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
+        ToTensorV2(),
+    ]
+    compose = A.Compose(transforms, bbox_params=_bbox_params())
+    if seed is not None:
+        seed_transform(compose, seed)
+    return compose
+
+
+def build_eval_transform(size: int = 300) -> A.Compose:
+    """Resize to size x size, ImageNet normalisation, tensor; boxes scaled by (size/W, size/H)."""
+    _check_size(size)
+    return A.Compose([A.Resize(size, size),
+                      A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
+                      ToTensorV2()], bbox_params=_bbox_params())
