@@ -74,9 +74,11 @@ def test_perfect_detections_then_one_missing(demo_root, tmp_path, capsys):
 def test_save_detections_round_trip(demo_root, tmp_path):
     ids = (demo_root / "VOC2007/ImageSets/Main/test.txt").read_text().split()
     rng = np.random.default_rng(0)
-    dets = [{"boxes": np.sort(rng.uniform(0, 150, (3, 4)).reshape(3, 2, 2), axis=1).reshape(3, 4)[:, [0, 2, 1, 3]],
-             "scores": rng.uniform(size=3), "labels": rng.integers(1, len(DEMO_CLASSES) + 1, 3)}
-            for _ in ids]
+    dets = []
+    for _ in ids:
+        xy, wh = rng.uniform(0, 100, (3, 2)), rng.uniform(1, 50, (3, 2))
+        dets.append({"boxes": np.concatenate([xy, xy + wh], axis=1), "scores": rng.uniform(size=3),
+                     "labels": rng.integers(1, len(DEMO_CLASSES) + 1, 3)})
     recs = eval_voc.detections_to_records(dets, ids, DEMO_CLASSES)
     back = eval_voc.load_detection_file(_write(tmp_path, recs), ids, DEMO_CLASSES)
     for a, b in zip(dets, back):
