@@ -209,6 +209,17 @@ def run_evaluation(state: TrainState, test_set, class_names: list[str], cfg: Con
     return float(result.map)
 
 
+def validate_config(cfg: Config) -> None:
+    """Fail on a bad name before any data is read or folder written."""
+    from ssd_da.models.resnet import parse_backbone_name
+
+    parse_backbone_name(cfg.backbone)  # ValueError listing the valid backbones
+    if cfg.metric not in ("voc07", "area"):
+        raise ValueError(f"metric {cfg.metric!r} is not one of: voc07, area")
+    if cfg.iters <= 0 or cfg.batch_size <= 0:
+        raise ValueError(f"iters and batch_size must be positive, got {cfg.iters}, {cfg.batch_size}")
+
+
 def prepare_run(cfg: Config) -> tuple[torch.device, Path, int, int]:
     """Process group, device, seeds and the output folder. Returns (device, out_dir, rank, world)."""
     device = resolve_device(cfg.device, 0)
@@ -231,6 +242,7 @@ def prepare_run(cfg: Config) -> tuple[torch.device, Path, int, int]:
 
 def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     """Train SSD300 per ``cfg``; returns a summary dict (final/best mAP, iterations, timings)."""
+    validate_config(cfg)
     device, out_dir, rank, world = prepare_run(cfg)
     class_names = class_names_from_config(cfg)
     train_set, test_set = build_datasets(cfg)

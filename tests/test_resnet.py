@@ -1,0 +1,313 @@
+"""DA-ResNet backbones (parameter counts of the DA paper's Table II, layout, placement) and the
+pretrained-weight loader."""
+import logging
+from functools import lru_cache
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision
+
+from ssd_da.models.pretrained import infer_resnet_layout, load_pretrained, resolve_weights
+from ssd_da.models.resnet import BACKBONE_NAMES, BasicBlock, Bottleneck, build_resnet, \
+    parse_backbone_name
+
+# He et al. 2016, Table 1: blocks per stage, and each stage's output width (block expansion x).
+BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+WIDTHS = {18: (64, 128, 256, 512), 34: (64, 128, 256, 512),
+          50: (256, 512, 1024, 2048), 101: (256, 512, 1024, 2048)}
+PLAIN = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160}  # torchvision
+DA = {18: 11_689_672, 34: 21_797_992, 50: 25_557_352, 101: 44_549_820}     # PAPER_NOTES.md
+SE_PAPER_M = {18: 11.7766, 34: 21.9549, 50: 28.0720, 101: 49.2923}         # Table II, in M
+
+
+def _meta(name: str, **kw):
+    """Build on the meta device: shapes without memory or init, so counting is cheap."""
+    with torch.device("meta"):
+        return build_resnet(name, **kw)
+
+
+@lru_cache(maxsize=None)
+def _count(name: str) -> int:
+    return sum(p.numel() for p in _meta(name).parameters())
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+def test_parameter_counts_table2(depth):
+    assert _count(f"resnet{depth}") == PLAIN[depth]
+    assert _count(f"da_resnet{depth}") == DA[depth]
+    assert DA[depth] - PLAIN[depth] == 20 * sum(BLOCKS[depth])  # 8/16/16/33 blocks
+    se_extra = sum(n * 2 * c * (c // 16) for n, c in zip(BLOCKS[depth], WIDTHS[depth]))
+    assert _count(f"se_resnet{depth}") == PLAIN[depth] + se_extra
+    assert round((PLAIN[depth] + se_extra) / 1e6, 4) == SE_PAPER_M[depth]
+
+
+def test_se_resnet50_exact():
+    assert _count("se_resnet50") == 28_071_976
+
+
+@pytest.mark.parametrize("depth,blocks", [(18, 8), (34, 16), (50, 16), (101, 33)])
+def test_da_adds_twenty_per_block(depth, blocks):
+    model = _meta(f"da_resnet{depth}", num_classes=None)
+    found = [m for m in model.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    assert len(found) == blocks
+    assert all(sum(p.numel() for p in b.attn.parameters()) == 20 for b in found)
+    assert model.depth == depth
+
+
+def test_state_dict_names_match_torchvision():
+    ours = _meta("resnet50").state_dict()
+    with torch.device("meta"):
+        assert list(ours) == list(torchvision.models.resnet50().state_dict())
+    da_keys = [k for k in _meta("da_resnet50").state_dict() if ".attn." not in k]
+    assert da_keys == list(ours)
+
+
+def test_detector_form_and_out_channels():
+    model = _meta("resnet50", num_classes=None)
+    assert not hasattr(model, "fc") and not hasattr(model, "avgpool")
+    assert sum(p.numel() for p in model.parameters()) == PLAIN[50] - (2048 * 1000 + 1000)
+    assert model.out_channels == {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+    assert _meta("resnet18", num_classes=None).out_channels["layer2"] == 128
+    with pytest.raises(RuntimeError, match="forward_features"):
+        model(torch.zeros(1, 3, 32, 32, device="meta"))
+
+
+def test_forward_features_ssd300_sizes():
+    model = build_resnet("da_resnet18", num_classes=None).eval()
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 3, 300, 300))
+    assert {k: tuple(v.shape) for k, v in feats.items()} == {
+        "layer2": (1, 128, 38, 38), "layer3": (1, 256, 19, 19), "layer4": (1, 512, 10, 10)}
+
+
+_FORWARD_NAMES = [n for n in BACKBONE_NAMES if n.endswith(("resnet18", "resnet50"))] + \
+    ["resnet34", "resnet101"]
+
+
+@pytest.mark.parametrize("name", _FORWARD_NAMES)
+def test_forward_every_backbone(name):
+    torch.manual_seed(0)
+    model = build_resnet(name, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        feats = model.forward_features(x)
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+    for layer, size in (("layer2", 8), ("layer3", 4), ("layer4", 2)):
+        assert feats[layer].shape == (1, model.out_channels[layer], size, size)
+        assert torch.isfinite(feats[layer]).all()
+
+
+@pytest.mark.parametrize("name", ["da_resnet50", "cbam_resnet18"])
+def test_attention_sits_after_last_bn_before_addition(name):
+    model = build_resnet(name, num_classes=None).eval()
+    block = model.layer2[0]  # has a downsample shortcut
+    last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+    seen = {}
+    last_bn.register_forward_hook(lambda m, i, o: seen.__setitem__("bn", o.clone()))
+    block.attn.register_forward_hook(lambda m, i, o: seen.update(attn_in=i[0].clone(), attn=o))
+    x = torch.randn(1, block.conv1.in_channels, 8, 8)
+    with torch.no_grad():
+        out = block(x)
+        shortcut = block.downsample(x)
+    torch.testing.assert_close(seen["attn_in"], seen["bn"])
+    torch.testing.assert_close(out, torch.relu(seen["attn"] + shortcut))
+
+
+def test_init_is_torchvision_and_attention_keeps_its_own():
+    torch.manual_seed(0)
+    model = build_resnet("sge_resnet50", num_classes=None)
+    for block in model.modules():
+        if isinstance(block, Bottleneck):
+            assert torch.equal(block.attn.weight, torch.zeros(1, 64, 1, 1))
+            assert torch.equal(block.attn.bias, torch.ones(1, 64, 1, 1))
+            assert torch.equal(block.bn3.weight, torch.ones_like(block.bn3.weight))
+    # Kaiming normal, fan_out: std = sqrt(2 / (64 * 7 * 7)) = 0.02526 over 9408 weights.
+    assert abs(model.conv1.weight.std().item() / (2 / (64 * 49)) ** 0.5 - 1) < 0.05
+    # DA convs keep PyTorch's default init, |w| <= 1/sqrt(fan_in) = 1/3 for the 1->1 3x3 convs
+    # (Kaiming fan_out would give std 0.47 and exceed it).
+    da = build_resnet("da_resnet18", num_classes=None)
+    weights = torch.cat([b.attn.spatial.conv.weight.flatten() for b in da.modules()
+                         if isinstance(b, BasicBlock)])
+    assert weights.abs().max() <= 1 / 3
+
+
+def test_names_and_errors():
+    assert len(BACKBONE_NAMES) == 40 and "da_par_resnet101" in BACKBONE_NAMES
+    assert parse_backbone_name("da_cs_resnet50") == ("da_cs", 50)
+    assert parse_backbone_name("resnet18") == ("none", 18)
+    assert _meta("da_par_resnet18", num_classes=None).attention == "da_par"
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet152'.*'da_resnet50'"):
+        build_resnet("resnet152")
+    with pytest.raises(ValueError, match=r"unknown backbone 'foo_resnet50'.*'resnet18'"):
+        parse_backbone_name("foo_resnet50")
+    with pytest.raises(ValueError, match="num_classes must be a positive int or None"):
+        build_resnet("resnet18", num_classes=0)
+    with pytest.raises(ValueError, match=r"'none' takes no option"):
+        build_resnet("resnet18", channel_affine=True)
+    affine = _meta("da_resnet18", num_classes=None, channel_affine=True)
+    assert sum(p.numel() for p in affine.layer1[0].attn.parameters()) == 22
+
+
+# --------------------------------------------------------------------------------------------
+# pretrained.py
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tv50(tmp_path_factory):
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50().eval()
+    path = tmp_path_factory.mktemp("w") / "resnet50.pth"
+    torch.save(tv.state_dict(), path)
+    return tv, path
+
+
+@pytest.fixture(scope="module")
+def tv18(tmp_path_factory):
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18().eval()
+    path = tmp_path_factory.mktemp("w") / "resnet18.pth"
+    torch.save(tv.state_dict(), path)
+    return tv, path
+
+
+def test_load_into_da_resnet50(tv50):
+    tv, path = tv50
+    model = build_resnet("da_resnet50")
+    report = load_pretrained(model, path)
+    attn_keys = sorted(k for k in model.state_dict() if ".attn." in k)
+    assert report.missing == attn_keys and len(attn_keys) == 16 * 3  # 3 DA convs x 16 blocks
+    assert report.unexpected == []
+    torch.testing.assert_close(model.layer3[5].conv2.weight, tv.layer3[5].conv2.weight)
+
+
+@pytest.mark.parametrize("wrap", ["model", "state_dict", "module."])
+def test_wrapped_state_dicts(tv18, tmp_path, wrap):
+    tv, path = tv18
+    sd = torch.load(path)
+    if wrap == "module.":
+        sd = {f"module.{k}": v for k, v in sd.items()}
+    else:
+        sd = {wrap: sd, "iteration": 3}
+    torch.save(sd, tmp_path / "wrapped.pth")
+    model = build_resnet("da_resnet18")
+    report = load_pretrained(model, tmp_path / "wrapped.pth")
+    assert len(report.missing) == 8 * 3 and report.unexpected == []
+    torch.testing.assert_close(model.layer4[1].bn2.running_var, tv.layer4[1].bn2.running_var)
+
+
+def test_plain_resnet50_reproduces_torchvision(tv50):
+    tv, path = tv50
+    model = build_resnet("resnet50").eval()
+    assert load_pretrained(model, path).missing == []
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tv(x))
+
+
+def test_detector_form_reports_fc_unexpected(tv50, caplog):
+    _, path = tv50
+    model = build_resnet("da_resnet50", num_classes=None)
+    with caplog.at_level(logging.INFO, logger="ssd_da.models.pretrained"):
+        report = load_pretrained(model, path)
+    assert report.unexpected == ["fc.bias", "fc.weight"]
+    assert all(".attn." in k for k in report.missing)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_published_files_lack_num_batches_tracked(tv18, tmp_path):
+    _, path = tv18
+    sd = {k: v for k, v in torch.load(path).items() if not k.endswith("num_batches_tracked")}
+    torch.save(sd, tmp_path / "pub.pth")
+    report = load_pretrained(build_resnet("resnet18"), tmp_path / "pub.pth")
+    assert len(report.missing) == 20  # BN layers of ResNet18: 1 + 8 * 2 + 3 downsample
+    assert all(k.endswith("num_batches_tracked") for k in report.missing)
+
+
+@pytest.mark.parametrize("source,target,message", [
+    ("resnet18", "da_resnet50",
+     r"looks like a ResNet18 \(BasicBlock.*model is da_resnet50 \(depth 50"),
+    ("resnet34", "resnet50",
+     r"looks like a ResNet34 \(BasicBlock, blocks per stage \[3, 4, 6, 3\]"),
+    ("resnet50", "se_resnet18", r"looks like a ResNet50 \(Bottleneck.*depth 18"),
+])
+def test_other_depth_is_rejected(tv18, tv50, tmp_path, source, target, message):
+    if source == "resnet34":
+        path = tmp_path / "resnet34.pth"
+        torch.save(torchvision.models.resnet34().state_dict(), path)
+    else:
+        path = (tv18 if source == "resnet18" else tv50)[1]
+    # The check runs before any tensor is copied, so a meta-device target is enough.
+    with pytest.raises(ValueError, match=message):
+        load_pretrained(_meta(target, num_classes=None), path)
+
+
+def test_missing_key_shape_mismatch_and_bad_files(tv18, tmp_path):
+    _, path = tv18
+    sd = torch.load(path)
+    del sd["layer1.0.bn1.weight"]
+    torch.save(sd, tmp_path / "holey.pth")
+    model = build_resnet("da_resnet18")
+    with pytest.raises(ValueError, match=r"non-attention key.*layer1\.0\.bn1\.weight"):
+        load_pretrained(model, tmp_path / "holey.pth")
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "ten.pth")
+    with pytest.raises(ValueError, match=r"fc.weight: file \(10, 512\) vs model \(1000, 512\)"):
+        load_pretrained(model, tmp_path / "ten.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="expected a non-empty state dict"):
+        load_pretrained(model, tmp_path / "list.pth")
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read it as a weights file"):
+        load_pretrained(model, tmp_path / "junk.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_pretrained(model, tmp_path / "nope.pth")
+
+
+def test_infer_layout():
+    with torch.device("meta"):
+        sd50 = torchvision.models.resnet50().state_dict()
+        sd101 = torchvision.models.resnet101().state_dict()
+        sd18 = torchvision.models.resnet18().state_dict()
+    assert infer_resnet_layout(sd50) == ("Bottleneck", (3, 4, 6, 3), 50)
+    assert infer_resnet_layout(sd101) == ("Bottleneck", (3, 4, 23, 3), 101)
+    assert infer_resnet_layout(sd18) == ("BasicBlock", (2, 2, 2, 2), 18)
+    with pytest.raises(ValueError, match="does not look like a ResNet"):
+        infer_resnet_layout({"conv1.weight": torch.zeros(1)})
+
+
+def test_resolve_weights_names():
+    W50, W18 = torchvision.models.ResNet50_Weights, torchvision.models.ResNet18_Weights
+    assert resolve_weights(50, "DEFAULT") is W50.IMAGENET1K_V2
+    assert resolve_weights(50, "ResNet50_Weights.IMAGENET1K_V1") is W50.IMAGENET1K_V1
+    assert resolve_weights(18, "IMAGENET1K_V1") is W18.IMAGENET1K_V1
+    with pytest.raises(ValueError,
+                       match=r"unknown weights 'IMAGENET1K_V2' for ResNet18.*IMAGENET1K_V1"):
+        resolve_weights(18, "IMAGENET1K_V2")
+    with pytest.raises(ValueError, match="are for ResNet18, but the model is a ResNet50"):
+        resolve_weights(50, "ResNet18_Weights.IMAGENET1K_V1")
+
+
+def test_weights_name_download_is_mocked(monkeypatch, tmp_path):
+    """Named weights go through torch.hub (mocked here: tests never download)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    calls = []
+    tv18 = torchvision.models.resnet18()
+
+    def fake(url, **kw):
+        calls.append((url, kw))
+        return tv18.state_dict()
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake)
+    model = build_resnet("da_resnet18", num_classes=None)
+    report = load_pretrained(model, "DEFAULT")
+    assert calls[0][0] == torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    assert calls[0][1]["check_hash"] is True
+    assert report.unexpected == ["fc.bias", "fc.weight"]
+    torch.testing.assert_close(model.conv1.weight, tv18.conv1.weight)
+
+    def offline(url, **kw):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match=r"could not fetch .*resnet18-f37072fd\.pth.*local file"):
+        load_pretrained(model, "ResNet18_Weights.IMAGENET1K_V1")
