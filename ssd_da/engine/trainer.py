@@ -281,6 +281,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             tick, seen = time.perf_counter(), 0  # keep evaluation out of the logged rate
         step_start = time.perf_counter()
     bar.close()
+    if math.isnan(last_map) and state.iteration >= cfg.iters:
+        # Resumed from a last.pth that had already reached the end: still report its mAP.
+        last_map = run_evaluation(state, test_set, class_names, cfg, device, out_dir, log)
     return finish_run(state, cfg, out_dir, device, start, last_map, timing)
 
 

@@ -1,0 +1,1 @@
+"""Multi-seed ablations and attention comparisons (the DA paper, Tables I-III): runner, statistics, reports."""

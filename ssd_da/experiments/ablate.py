@@ -1,0 +1,363 @@
+"""Run a suite of backbones x seeds through the training entry point, resumably, and report.
+
+One folder per run, ``<root>/<backbone>/seed<k>/`` (the run's ``output_dir``), so a suite can be
+stopped and restarted at any time: a run whose ``summary.json`` records ``cfg.iters`` iterations
+is skipped, one with a ``last.pth`` but no finished summary continues from it (``--resume``), the
+rest start fresh. Runs go one after another in this process through ``train(cfg)``, or one per
+GPU as ``CUDA_VISIBLE_DEVICES=k python tools/train.py --config <run>/config.yaml`` subprocesses
+fed from a queue. The mAP of a run is its evaluation at the last iteration (``log.jsonl``), not
+the best one, which would be selected on the test set itself.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Empty, Queue
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from ssd_da.config import Config, apply_overrides, save_config
+from ssd_da.experiments.report import (RunRecord, format_markdown, plot_map_vs_params, summarize,
+                                       write_results_csv)
+from ssd_da.models.resnet import STAGES, parse_backbone_name
+
+logger = logging.getLogger(__name__)
+
+# Table I compares the orders of DA's two branches at depth 50; each branch alone is the usual
+# companion ablation. Tables II/III compare plain, SE, SGE, ECA and DA at each depth; CBAM is the
+# LGA paper's comparison module.
+SUITE_ATTENTIONS = {
+    "order": ("none", "da", "da_cs", "da_par", "da_s", "da_c"),
+    "attention": ("none", "se", "sge", "eca", "da", "cbam"),
+}
+DEFAULT_DEPTHS = {"order": (50,), "attention": (18, 34, 50, 101)}
+# Settings that do not change what a run learns: an existing run folder is reused when only
+# these differ from its saved config.yaml (``iters`` is checked against the summary instead).
+RESULT_NEUTRAL_FIELDS = frozenset({"workers", "device", "eval_batch_size", "log_every",
+                                   "ckpt_every", "eval_every", "iters", "output_dir"})
+DETECTOR_SIZE = 300  # SSD300; the trainer always builds the 300x300 model
+DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "train.py"
+TrainFn = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the suite: its backbone, seed and fully resolved config."""
+
+    backbone: str
+    seed: int
+    cfg: Config
+
+    @property
+    def out_dir(self) -> Path:
+        return self.cfg.resolved_output_dir()
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}/seed{self.seed}"
+
+
+@dataclass
+class RunOutcome:
+    """What happened to a run: "skipped" (finished earlier), "trained", "diverged" or "failed"."""
+
+    spec: RunSpec
+    status: str
+    message: str = ""
+
+
+def backbone_name(attention: str, depth: int) -> str:
+    return f"resnet{depth}" if attention == "none" else f"{attention}_resnet{depth}"
+
+
+def suite_backbones(suite: str, depths: Sequence[int] | None = None) -> list[str]:
+    """Backbone names of a suite, depth-major (``resnet50, da_resnet50, ...``)."""
+    if suite not in SUITE_ATTENTIONS:
+        raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITE_ATTENTIONS)}")
+    depths = tuple(depths) if depths else DEFAULT_DEPTHS[suite]
+    bad = [d for d in depths if d not in STAGES]
+    if bad:
+        raise ValueError(f"--depths: {bad} not available; valid depths: {sorted(STAGES)}")
+    return [backbone_name(a, d) for d in depths for a in SUITE_ATTENTIONS[suite]]
+
+
+def _escape_braces(path: Path) -> str:
+    """Config.output_dir is a format string ("{backbone}"); keep literal braces in ``path``."""
+    return str(path).replace("{", "{{").replace("}", "}}")
+
+
+def plan_runs(base: Config, backbones: Sequence[str], seeds: Sequence[int], root: Path) -> list[RunSpec]:
+    """Every (seed, backbone) pair, seed-major so the first seed of every backbone finishes
+    first and partial suites can already be compared."""
+    for kind, items in (("backbones", backbones), ("seeds", seeds)):
+        if not items:
+            raise ValueError(f"--{kind}: at least one is needed")
+        if len(set(items)) != len(items):
+            raise ValueError(f"--{kind}: duplicates in {list(items)}")
+    for name in backbones:
+        parse_backbone_name(name)  # ValueError listing the valid names
+    specs = []
+    for seed in seeds:
+        for name in backbones:
+            out = _escape_braces(Path(root) / name / f"seed{seed}")
+            cfg = apply_overrides(base, {"backbone": name, "seed": int(seed), "output_dir": out},
+                                  "ablation runner")
+            specs.append(RunSpec(name, int(seed), cfg))
+    return specs
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _check_saved_config(spec: RunSpec) -> None:
+    """Refuse to reuse a run folder trained with a different recipe (results would mix)."""
+    path = spec.out_dir / "config.yaml"
+    if not path.is_file():
+        return
+    with open(path) as fh:
+        saved = yaml.safe_load(fh) or {}
+    diffs = [f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in spec.cfg.to_dict().items()
+             if k not in RESULT_NEUTRAL_FIELDS and k in saved and saved[k] != v]
+    if diffs:
+        raise ValueError(f"{path}: the existing run used other settings ({'; '.join(diffs)}); "
+                         "use another --output-dir or remove that folder")
+
+
+def run_state(spec: RunSpec) -> tuple[str, Path | None]:
+    """("done", None), ("resume", last.pth) or ("new", None) for the run's folder."""
+    _check_saved_config(spec)
+    summary = _read_json(spec.out_dir / "summary.json")
+    iters = spec.cfg.iters
+    if summary is not None:
+        done = int(summary.get("iterations", -1))
+        if done == iters:
+            return "done", None
+        if done > iters:
+            raise ValueError(f"{spec.out_dir}: finished {done} iterations, more than --iters "
+                             f"{iters}; use another --output-dir or remove that folder")
+    last = spec.out_dir / "last.pth"
+    return ("resume", last) if last.is_file() else ("new", None)
+
+
+def final_evaluation(out_dir: Path, iteration: int) -> dict[str, Any] | None:
+    """The last evaluation record of ``log.jsonl`` at ``iteration`` (keys map, ap), if any."""
+    path = out_dir / "log.jsonl"
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if "map" in rec and rec.get("iter") == iteration:
+                found = rec
+    return found
+
+
+def _finished(spec: RunSpec) -> RunOutcome:
+    """Check a run that returned: full iterations and an evaluation at the last one."""
+    summary = _read_json(spec.out_dir / "summary.json")
+    iters = spec.cfg.iters
+    if summary is None or int(summary.get("iterations", -1)) != iters:
+        got = None if summary is None else summary.get("iterations")
+        return RunOutcome(spec, "failed", f"summary.json missing or at iteration {got}, not {iters}")
+    if final_evaluation(spec.out_dir, iters) is None:
+        # A run resumed from a last.pth already at its final iteration trains nothing and the
+        # trainer does not evaluate then; its mAP is unknown until the folder is rerun.
+        return RunOutcome(spec, "failed", f"no evaluation at iteration {iters} in log.jsonl; "
+                                          f"remove {spec.out_dir} to retrain it")
+    return RunOutcome(spec, "trained")
+
+
+def _train_in_process(spec: RunSpec, resume: Path | None, train_fn: TrainFn) -> RunOutcome:
+    from ssd_da.engine.trainer import NonFiniteLossError
+
+    try:
+        train_fn(spec.cfg, resume=resume)
+    except NonFiniteLossError as exc:  # a seed that diverges is a result, not a crash
+        return RunOutcome(spec, "diverged", str(exc))
+    return _finished(spec)
+
+
+def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script: Path) -> RunOutcome:
+    """tools/train.py on one GPU, fed the run's resolved config; its output goes to train.log."""
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = spec.out_dir / "config.yaml"
+    save_config(spec.cfg, config_path)  # train.py writes the same file again
+    cmd = [sys.executable, str(train_script), "--config", str(config_path)]
+    if resume is not None:
+        cmd += ["--resume", str(resume)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+    logger.info("[gpu %s] %s: %s", gpu, spec.name, " ".join(cmd))
+    with open(spec.out_dir / "train.log", "a") as log:
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc == 3:  # tools/train.py's exit status for a non-finite loss
+        return RunOutcome(spec, "diverged", f"non-finite loss; see {spec.out_dir / 'train.log'}")
+    if rc != 0:
+        return RunOutcome(spec, "failed", f"exit status {rc}; see {spec.out_dir / 'train.log'}")
+    return _finished(spec)
+
+
+def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str],
+                 train_script: Path) -> list[RunOutcome]:
+    """One worker thread per GPU takes the next job from a shared queue until it is empty."""
+    queue: Queue = Queue()
+    for job in jobs:
+        queue.put(job)
+    outcomes: dict[str, RunOutcome] = {}
+
+    def worker(gpu: str) -> None:
+        while True:
+            try:
+                spec, resume = queue.get_nowait()
+            except Empty:
+                return
+            try:
+                outcomes[spec.name] = _train_subprocess(spec, resume, gpu, train_script)
+            except OSError as exc:  # e.g. the script or the run folder cannot be opened
+                outcomes[spec.name] = RunOutcome(spec, "failed", f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [outcomes[spec.name] for spec, _ in jobs]
+
+
+def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
+              train_fn: TrainFn | None = None,
+              train_script: Path = DEFAULT_TRAIN_SCRIPT) -> list[RunOutcome]:
+    """Train every unfinished run; returns one outcome per spec, in order.
+
+    Args:
+        specs: from :func:`plan_runs`.
+        gpus: CUDA device ids; one ``tools/train.py`` subprocess per id at a time. None: in-process.
+        train_fn: in-process training function (default ``ssd_da.engine.trainer.train``).
+        train_script: tools/train.py, for the subprocess mode.
+    """
+    if gpus and specs and specs[0].cfg.device not in ("auto", "cuda"):
+        raise ValueError(f"--device {specs[0].cfg.device!r} cannot be combined with --gpus: each "
+                         "run sees its one GPU as cuda:0 (use --device auto or cuda)")
+    states = [run_state(spec) for spec in specs]  # every folder checked before anything trains
+    done = {s.name for s, (state, _) in zip(specs, states) if state == "done"}
+    jobs = [(s, resume) for s, (state, resume) in zip(specs, states) if state != "done"]
+    logger.info("%d runs: %d finished earlier, %d to resume, %d new", len(specs), len(done),
+                sum(r is not None for _, r in jobs), sum(r is None for _, r in jobs))
+    if gpus:
+        trained = _run_on_gpus(jobs, [str(g) for g in gpus], Path(train_script))
+    else:
+        if train_fn is None:
+            from ssd_da.engine.trainer import train as train_fn
+        trained = []
+        for spec, resume in jobs:
+            logger.info("%s: %s", spec.name, f"resuming from {resume}" if resume else "training")
+            trained.append(_train_in_process(spec, resume, train_fn))
+    by_name = {o.spec.name: o for o in trained}
+    return [RunOutcome(s, "skipped") if s.name in done else by_name[s.name] for s in specs]
+
+
+@functools.lru_cache(maxsize=None)
+def measure_detector(backbone: str, num_classes: int) -> tuple[int, int]:
+    """(params, FLOPs) of SSD300 on ``backbone`` at 300x300, torchstat rules (utils/flops.py),
+    network only (``head_outputs``; decoding and NMS count 0 under those rules anyway)."""
+    import torch
+
+    from ssd_da.models.ssd import build_ssd
+    from ssd_da.utils.flops import count_flops, count_params
+
+    shape = (1, 3, DETECTOR_SIZE, DETECTOR_SIZE)
+
+    def forward(model: torch.nn.Module, x: torch.Tensor) -> object:
+        return model.head_outputs(x)
+
+    try:  # the meta device: shapes only, no weights to initialise
+        with torch.device("meta"):
+            model = build_ssd(backbone, num_classes=num_classes)
+        return count_params(model), count_flops(model, shape, forward)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        logger.info("%s: meta device failed (%s); measuring on the CPU", backbone, exc)
+    model = build_ssd(backbone, num_classes=num_classes)
+    return count_params(model), count_flops(model, shape, forward)
+
+
+def collect_records(specs: Sequence[RunSpec], num_classes: int,
+                    measure: Callable[[str, int], tuple[int, int]] = measure_detector,
+                    ) -> tuple[list[RunRecord], dict[str, str]]:
+    """RunRecords of the finished runs, and {run name: why it is missing} for the others.
+
+    Raises:
+        ValueError: a run folder's config.yaml differs from the planned recipe.
+    """
+    records, missing, cache = [], {}, {}
+    for spec in specs:
+        _check_saved_config(spec)  # never report a folder trained with another recipe
+        summary = _read_json(spec.out_dir / "summary.json")
+        iters = spec.cfg.iters
+        ev = final_evaluation(spec.out_dir, iters) if summary else None
+        if summary is None or int(summary.get("iterations", -1)) != iters or ev is None:
+            missing[spec.name] = "not finished (no summary.json / final evaluation)"
+            continue
+        final = summary.get("final_map")
+        if final is not None and math.isfinite(final) and abs(final - ev["map"]) > 1e-9:
+            logger.warning("%s: summary final_map %s != log.jsonl mAP %s at iteration %d; using "
+                           "the log", spec.name, final, ev["map"], iters)
+        if spec.backbone not in cache:
+            cache[spec.backbone] = measure(spec.backbone, num_classes)
+        params, flops = cache[spec.backbone]
+        records.append(RunRecord(
+            spec.backbone, spec.seed, float(ev["map"]), {k: float(v) for k, v in ev["ap"].items()},
+            int(params), flops / 1e9, float(summary["train_images_per_s"]),
+            summary.get("peak_memory_mb"), float(summary["wall_time_s"])))
+    return records, missing
+
+
+def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int]) -> list[str]:
+    """The settings shared by every run, for the top of results.md."""
+    return [f"- {len(backbones)} backbone(s) x {len(seeds)} seed(s) {list(seeds)}; "
+            f"{base.iters} iterations, batch {base.batch_size}, lr {base.lr}, "
+            f"pretrained {base.pretrained!r}.",
+            f"- Data: train {base.train_split}, test {base.test_split} under {base.data_root}; "
+            f"metric {base.metric} mAP at the last iteration (not the best one, which would "
+            f"be picked on the test set)."]
+
+
+def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root: Path,
+                  class_names: Sequence[str], layout: str = "attention", level: float = 0.95,
+                  measure: Callable[[str, int], tuple[int, int]] = measure_detector,
+                  ) -> dict[str, Path]:
+    """results.csv, results.md and map_vs_params.png under ``root``; returns their paths."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    records, missing = collect_records(specs, len(class_names) + 1, measure)
+    for o in outcomes:
+        if o.status in ("diverged", "failed"):
+            missing[o.spec.name] = f"{o.status}: {o.message}"
+    paths = {"csv": root / "results.csv", "md": root / "results.md",
+             "png": root / "map_vs_params.png"}
+    write_results_csv(records, class_names, paths["csv"])
+    groups = summarize(records, level)
+    backbones = list(dict.fromkeys(s.backbone for s in specs))
+    seeds = list(dict.fromkeys(s.seed for s in specs))
+    notes = describe(specs[0].cfg, backbones, seeds) if specs else []
+    failures = [f"{name}: {why}" for name, why in missing.items()]
+    from ssd_da.data.voc import VOC_CLASSES
+
+    paper = list(class_names) == list(VOC_CLASSES)  # the paper's numbers are VOC07 test mAP
+    paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper))
+    plot_map_vs_params(groups, paths["png"], layout)
+    logger.info("%d of %d runs reported; %s", len(records), len(specs),
+                ", ".join(str(p) for p in paths.values()))
+    return paths

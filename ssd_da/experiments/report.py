@@ -1,0 +1,215 @@
+"""Results of a multi-seed suite: results.csv (one row per run), results.md (one row per backbone,
+laid out like the DA paper's Tables I-III) and map_vs_params.png.
+
+Units: the CSV keeps mAP and per-class AP as fractions (0..1, as the trainer logs them), params
+as an integer count and gflops as FLOPs / 1e9; the markdown shows mAP in percent like the paper.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from ssd_da.experiments.stats import Estimate, difference, mean_ci
+from ssd_da.models.resnet import parse_backbone_name
+
+__all__ = ["RunRecord", "BackboneSummary", "PAPER_MAP", "display_name", "summarize",
+           "write_results_csv", "read_results_csv", "format_markdown", "plot_map_vs_params"]
+
+# mAP (%) on VOC07 test printed by the DA paper: Table II (plain / SE / DA), Table III (SGE, ECA;
+# its DA-ResNet50 row reads "71.0" in the OCR text, a misprint of Table II's 77.0) and Table I
+# (orders of the two branches at depth 50).
+PAPER_MAP = {
+    "resnet18": 72.6, "se_resnet18": 72.9, "da_resnet18": 73.1,
+    "resnet34": 74.5, "se_resnet34": 74.8, "da_resnet34": 75.1,
+    "resnet50": 75.9, "se_resnet50": 76.5, "da_resnet50": 77.0,
+    "resnet101": 77.0, "se_resnet101": 77.6, "da_resnet101": 78.2,
+    "sge_resnet50": 76.3, "eca_resnet50": 76.8, "sge_resnet101": 77.4, "eca_resnet101": 78.0,
+    "da_cs_resnet50": 76.8, "da_par_resnet50": 76.6,
+}
+_PREFIX = {"none": "", "se": "SE-", "da": "DA-", "eca": "ECA-", "sge": "SGE-", "cbam": "CBAM-",
+           "da_cs": "DA(c>s)-", "da_par": "DA(s|c)-", "da_s": "DA(s)-", "da_c": "DA(c)-"}
+# Table I's wording for the branch orders (section III.C).
+_ORDER_LABEL = {"none": "", "da": "+spatial+channel", "da_cs": "+channel+spatial",
+                "da_par": "+spatial and channel in parallel", "da_s": "+spatial only",
+                "da_c": "+channel only"}
+CSV_FIXED = ("backbone", "seed", "map")
+CSV_TAIL = ("params", "gflops", "train_images_per_s", "peak_memory_mb", "wall_time_s")
+
+
+@dataclass
+class RunRecord:
+    """One finished run. ``map``/``ap`` are fractions (0..1); ``ap`` maps class name -> AP."""
+
+    backbone: str
+    seed: int
+    map: float
+    ap: dict[str, float]
+    params: int
+    gflops: float
+    train_images_per_s: float
+    peak_memory_mb: float | None
+    wall_time_s: float
+
+
+@dataclass
+class BackboneSummary:
+    """All seeds of one backbone; ``maps`` is seed -> mAP in percent."""
+
+    backbone: str
+    maps: dict[int, float]
+    params: int
+    gflops: float
+    ap: dict[str, list[float]] = field(default_factory=dict)  # class -> AP (%) per seed
+    estimate: Estimate | None = None
+    delta: Estimate | None = None  # against the plain ResNet of the same depth (pp)
+    baseline: str = ""
+
+
+def display_name(backbone: str, layout: str = "attention") -> str:
+    """``"se_resnet50"`` -> ``"SE-ResNet50"``; with layout "order", Table I's wording
+    (``"da_cs_resnet50"`` -> ``"ResNet50+channel+spatial"``)."""
+    attention, depth = parse_backbone_name(backbone)
+    if layout == "order" and attention in _ORDER_LABEL:
+        return f"ResNet{depth}{_ORDER_LABEL[attention]}"
+    return f"{_PREFIX.get(attention, attention + '-')}ResNet{depth}"
+
+
+def summarize(records: Sequence[RunRecord], level: float = 0.95) -> list[BackboneSummary]:
+    """Group runs by backbone (first-seen order); mean/std/CI of mAP and the paired difference
+    to ``resnet{depth}`` when that backbone is among the records."""
+    groups: dict[str, BackboneSummary] = {}
+    for r in records:
+        g = groups.setdefault(r.backbone, BackboneSummary(r.backbone, {}, r.params, r.gflops))
+        if r.seed in g.maps:
+            raise ValueError(f"two results for {r.backbone} seed {r.seed}")
+        g.maps[r.seed] = 100.0 * r.map
+        for cls, value in r.ap.items():
+            g.ap.setdefault(cls, []).append(100.0 * value)
+    for g in groups.values():
+        g.estimate = mean_ci(list(g.maps.values()), level)
+        g.baseline = f"resnet{parse_backbone_name(g.backbone)[1]}"
+        if g.baseline in groups and g.baseline != g.backbone:
+            g.delta = difference(g.maps, groups[g.baseline].maps, level)
+    return list(groups.values())
+
+
+def write_results_csv(records: Sequence[RunRecord], class_names: Sequence[str], path: Path) -> None:
+    """One row per run: backbone, seed, map, ap_<class>..., params, gflops, throughput, memory,
+    wall time. Empty cell for an unknown value (peak memory on CPU)."""
+    header = [*CSV_FIXED, *(f"ap_{c}" for c in class_names), *CSV_TAIL]
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for r in records:
+            tail = [r.params, repr(r.gflops), repr(r.train_images_per_s),
+                    "" if r.peak_memory_mb is None else repr(r.peak_memory_mb), repr(r.wall_time_s)]
+            writer.writerow([r.backbone, r.seed, repr(r.map),
+                             *(repr(r.ap.get(c, math.nan)) for c in class_names), *tail])
+
+
+def read_results_csv(path: Path) -> list[RunRecord]:
+    """Inverse of :func:`write_results_csv`."""
+    records = []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            mem = row["peak_memory_mb"]
+            records.append(RunRecord(
+                row["backbone"], int(row["seed"]), float(row["map"]),
+                {k[3:]: float(v) for k, v in row.items() if k.startswith("ap_")},
+                int(row["params"]), float(row["gflops"]), float(row["train_images_per_s"]),
+                float(mem) if mem else None, float(row["wall_time_s"])))
+    return records
+
+
+def _fmt_map(e: Estimate) -> str:
+    return f"{e.mean:.2f} ± {'n/a' if math.isnan(e.std) else f'{e.std:.2f}'}"
+
+
+def _fmt_delta(g: BackboneSummary, names: set[str]) -> str:
+    if g.backbone == g.baseline:
+        return "(baseline)"
+    if g.delta is None:
+        return f"n/a (no {g.baseline} results)" if g.baseline not in names else "n/a"
+    d = g.delta
+    if not d.has_interval:
+        return f"{d.mean:+.2f} [n/a]"
+    return f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" + (" ≈0" if d.includes_zero else "")
+
+
+def _paper(backbone: str) -> str:
+    return f"{PAPER_MAP[backbone]:.1f}" if backbone in PAPER_MAP else "-"
+
+
+def _main_table(groups: Sequence[BackboneSummary], layout: str, level: float,
+                paper: bool) -> list[str]:
+    names = {g.backbone for g in groups}
+    first = "Method" if layout == "order" else "Backbone"
+    pct = f"{100 * level:g}%"
+    lines = [f"| {first} | Params (M) | GFLOPs | mAP (%) mean ± std | n "
+             f"| Δ mAP vs plain ResNet [{pct} CI] |" + (" Paper mAP |" if paper else ""),
+             "|---|---:|---:|---:|---:|---|" + ("---:|" if paper else "")]
+    for g in groups:
+        lines.append(f"| {display_name(g.backbone, layout)} | {g.params / 1e6:.4f} "
+                     f"| {g.gflops:.4f} | {_fmt_map(g.estimate)} | {g.estimate.n} "
+                     f"| {_fmt_delta(g, names)} |" + (f" {_paper(g.backbone)} |" if paper else ""))
+    return lines
+
+
+def _ap_table(groups: Sequence[BackboneSummary], layout: str) -> list[str]:
+    classes = list(groups[0].ap) if groups else []
+    lines = ["| Backbone | " + " | ".join(classes) + " |",
+             "|---|" + "---:|" * len(classes)]
+    for g in groups:
+        cells = [f"{math.fsum(g.ap[c]) / len(g.ap[c]):.2f}" if g.ap.get(c) else "-" for c in classes]
+        lines.append(f"| {display_name(g.backbone, layout)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def format_markdown(groups: Sequence[BackboneSummary], layout: str = "attention",
+                    level: float = 0.95, notes: Sequence[str] = (),
+                    failures: Sequence[str] = (), paper: bool = True) -> str:
+    """results.md: the main table, per-class AP, the method notes and any runs left out.
+    ``paper``: add the paper's mAP column (only meaningful for runs on the 20 VOC classes)."""
+    title = ("Table I style: orders of the DA branches" if layout == "order"
+             else "Tables II/III style: backbones and attention modules")
+    pct = f"{100 * level:g}%"
+    out = [f"# Results: {title}", "", *notes, "", *_main_table(groups, layout, level, paper), "",
+           "- mAP: mean ± sample std (ddof=1) over seeds, in percent; n/a for one seed.",
+           "- Δ: difference to the plain ResNet of the same depth in percentage points; with "
+           "matched seeds the mean of the per-seed (paired) differences, otherwise the "
+           f"difference of means (Welch). [{pct} CI]: Student t interval, n-1 dof.",
+           f"- ≈0: the {pct} interval includes zero, so these seeds do not show a difference.",
+           "- Params/GFLOPs: the SSD300 detector as trained (this run's classes + background, "
+           "300x300, torchstat rules). The paper's Params/GFLOPs are the ImageNet classifier "
+           "at 224x224 (`tools/complexity.py --classifier`).",
+           *(["- Paper mAP: VOC07 test after VOC07+12 training with ImageNet weights; "
+              "comparable only under that protocol."] if paper else []),
+           "", "## Per-class AP (%), mean over seeds", "",
+           *_ap_table(groups, layout)]
+    if failures:
+        out += ["", "## Runs left out", "", *(f"- {f}" for f in failures)]
+    return "\n".join(out) + "\n"
+
+
+def plot_map_vs_params(groups: Sequence[BackboneSummary], path: Path, layout: str = "attention") -> None:
+    """mAP (mean, error bar = sample std; none for one seed) against detector params."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for g in groups:
+        std = 0.0 if math.isnan(g.estimate.std) else g.estimate.std
+        ax.errorbar(g.params / 1e6, g.estimate.mean, yerr=std, fmt="o", capsize=4)
+        ax.annotate(display_name(g.backbone, layout), (g.params / 1e6, g.estimate.mean),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("detector parameters (M)")
+    ax.set_ylabel("mAP (%), mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

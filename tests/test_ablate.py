@@ -1,0 +1,281 @@
+"""tools/ablate.py: t quantiles and intervals by hand, the report tables, a real 2 x 2 suite on a
+tiny synthetic VOC tree (skip finished runs, resume interrupted ones), and the one-run-per-GPU
+queue with a stand-in training script."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ssd_da.config import load_config
+from ssd_da.experiments import stats
+from ssd_da.experiments.ablate import (collect_records, plan_runs, run_state, run_suite, suite_backbones,
+                                       write_reports)
+from ssd_da.experiments.report import (RunRecord, display_name, format_markdown,
+                                       read_results_csv, summarize, write_results_csv)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import ablate as ablate_tool  # noqa: E402
+
+
+# ---------------------------------------------------------------- statistics, by hand
+def test_t_quantiles_match_tables_and_closed_forms():
+    # dof 1 is the Cauchy distribution: t = tan(pi (p - 1/2)); dof 2: t = (2p-1) / sqrt(2p(1-p)).
+    assert stats.t_quantile(0.975, 1) == pytest.approx(math.tan(0.475 * math.pi), rel=1e-9)
+    assert stats.t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-9)
+    for dof, table in ((1, 12.706), (2, 4.303), (4, 2.776), (30, 2.042)):
+        assert round(stats.t_quantile(0.975, dof), 3) == table
+    assert stats.t_quantile(0.995, 3) == pytest.approx(5.841, abs=1e-3)
+    assert stats.t_quantile(0.025, 4) == pytest.approx(-2.776, abs=1e-3)
+    assert stats.t_quantile(0.975, 100000) == pytest.approx(1.95996, abs=1e-4)  # -> normal
+    assert stats.student_t_cdf(0.0, 7) == 0.5
+    assert stats.student_t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + atan(1)/pi
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="degrees of freedom"):
+            stats.t_quantile(0.975, bad)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        stats.t_quantile(1.0, 3)
+
+
+def test_mean_ci_by_hand():
+    e = stats.mean_ci([2.0, 4.0])  # mean 3, s = sqrt(2), half = 12.706 * sqrt(2) / sqrt(2)
+    assert (e.mean, e.n) == (3.0, 2) and e.std == pytest.approx(math.sqrt(2))
+    assert (e.low, e.high) == pytest.approx((3 - 12.7062047, 3 + 12.7062047))
+    assert e.includes_zero is True
+    one = stats.mean_ci([5.0])
+    assert math.isnan(one.std) and not one.has_interval and one.includes_zero is None
+    with pytest.raises(ValueError, match="at least one"):
+        stats.mean_ci([])
+
+
+def test_paired_and_welch_differences_by_hand():
+    a, b = {0: 10.0, 1: 12.0, 2: 14.0}, {0: 9.0, 1: 10.0, 2: 13.0}
+    d = stats.difference(a, b)  # matched seeds: diffs 1, 2, 1; s = sqrt(1/3); half = t(2) / 3
+    assert d.method == "paired" and d.mean == pytest.approx(4 / 3)
+    assert d.std == pytest.approx(math.sqrt(1 / 3))
+    half = stats.t_quantile(0.975, 2) / 3
+    assert (d.low, d.high) == pytest.approx((4 / 3 - half, 4 / 3 + half))
+    assert d.includes_zero is True  # low = -0.101
+    # Unmatched (seeds 3..5 on one side): Welch. var/n = 4/3 and 13/9, se = 5/3, dof = 1250/313
+    # = 3.99, rounded down to 3 (conservative): half = t_0.975(3) * 5/3 = 5.3041.
+    w = stats.difference(a, {3: 9.0, 4: 10.0, 5: 13.0})
+    assert w.method == "welch" and w.mean == pytest.approx(4 / 3)
+    assert w.high - w.mean == pytest.approx(3.1824463 * 5 / 3, rel=1e-6)
+    tight = stats.difference({0: 3.0, 1: 4.0}, {0: 1.0, 1: 2.0})  # diffs 2, 2: s = 0
+    assert (tight.low, tight.high, tight.includes_zero) == (2.0, 2.0, False)
+
+
+# ---------------------------------------------------------------- report, by hand
+def _md_rows(text: str) -> dict[str, list[str]]:
+    """Main-table cells after the name column, keyed by the name column."""
+    lines = text.split("## Per-class")[0].splitlines()
+    return {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in lines if ln.startswith("| ") and "Backbone" not in ln}
+
+
+def _record(backbone: str, seed: int, m: float, params: int = 1_000_000) -> RunRecord:
+    return RunRecord(backbone, seed, m, {"a": m, "b": m / 2}, params, 1.5, 10.0, None, 60.0)
+
+
+def test_report_tables_by_hand(tmp_path):
+    records = [_record("resnet18", s, m) for s, m in enumerate((0.70, 0.72, 0.74))]
+    records += [_record("da_resnet18", s, m) for s, m in enumerate((0.71, 0.74, 0.75))]
+    records += [_record("se_resnet34", 0, 0.5)]  # one seed, no resnet34 in the suite
+    write_results_csv(records, ["a", "b"], tmp_path / "r.csv")
+    assert read_results_csv(tmp_path / "r.csv") == records
+    groups = summarize(records)
+    plain, da, se = groups
+    assert plain.estimate.mean == pytest.approx(72.0) and plain.estimate.std == pytest.approx(2.0)
+    assert da.delta.mean == pytest.approx(4 / 3)  # paired diffs 1, 2, 1 points
+    md = format_markdown(groups, paper=True)
+    rows = _md_rows(md)
+    assert rows["ResNet18"] == ["1.0000", "1.5000", "72.00 ± 2.00", "3", "(baseline)", "72.6"]
+    assert rows["DA-ResNet18"][2:5] == ["73.33 ± 2.08", "3", "+1.33 [-0.10, +2.77] ≈0"]
+    assert rows["SE-ResNet34"][2:5] == ["50.00 ± n/a", "1", "n/a (no resnet34 results)"]
+    assert "Paper mAP" not in format_markdown(groups, paper=False)
+    assert display_name("da_cs_resnet50", "order") == "ResNet50+channel+spatial"
+    assert display_name("eca_resnet101") == "ECA-ResNet101"
+    with pytest.raises(ValueError, match="two results"):
+        summarize(records + [_record("resnet18", 0, 0.1)])
+
+
+def test_suites_and_plan():
+    assert suite_backbones("order") == ["resnet50", "da_resnet50", "da_cs_resnet50",
+                                        "da_par_resnet50", "da_s_resnet50", "da_c_resnet50"]
+    names = suite_backbones("attention")
+    assert len(names) == 24 and names[:6] == ["resnet18", "se_resnet18", "sge_resnet18",
+                                              "eca_resnet18", "da_resnet18", "cbam_resnet18"]
+    with pytest.raises(ValueError, match="valid depths"):
+        suite_backbones("attention", [18, 20])
+    with pytest.raises(ValueError, match="valid suites"):
+        suite_backbones("tables")
+    specs = plan_runs(load_config(None, ["iters=3"]), ["resnet18", "da_resnet18"], [0, 4],
+                      Path("/tmp/x{y}"))
+    assert [s.name for s in specs] == ["resnet18/seed0", "da_resnet18/seed0",
+                                       "resnet18/seed4", "da_resnet18/seed4"]
+    assert specs[3].out_dir == Path("/tmp/x{y}/da_resnet18/seed4") and specs[3].cfg.seed == 4
+    with pytest.raises(ValueError, match="valid names"):
+        plan_runs(load_config(), ["resnet19"], [0], Path("/tmp/x"))
+
+
+# ---------------------------------------------------------------- a real suite, CPU
+@pytest.fixture(scope="module")
+def demo_devkit(tmp_path_factory) -> Path:
+    from ssd_da.data.demo import ensure_demo_dataset
+
+    root = tmp_path_factory.mktemp("ablate_demo")
+    ensure_demo_dataset(root, num_train=8, num_test=4, seed=1)
+    return root / "VOCdevkit"
+
+
+def _cli(devkit: Path, out: Path, *extra: str) -> int:
+    from ssd_da.data.demo import DEMO_CLASSES
+
+    argv = ["--data-root", str(devkit), "--classes", ",".join(DEMO_CLASSES),
+            "--train-split", "voc07_trainval", "--test-split", "voc07_test", "--iters", "2",
+            "--batch-size", "2", "--workers", "0", "--backbones", "resnet18,da_resnet18",
+            "--seeds", "2", "--output-dir", str(out), *extra, "pretrained=none", "eval_every=0"]
+    return ablate_tool.main(ablate_tool.get_args_parser().parse_args(argv))
+
+
+def test_suite_runs_reports_skips_and_resumes(demo_devkit, tmp_path, monkeypatch):
+    import ssd_da.engine.trainer as trainer
+
+    out = tmp_path / "abl"
+    assert _cli(demo_devkit, out) == 0
+    with open(out / "results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["backbone"], r["seed"]) for r in rows] == [
+        ("resnet18", "0"), ("da_resnet18", "0"), ("resnet18", "1"), ("da_resnet18", "1")]
+    assert set(rows[0]) >= {"ap_circle", "ap_ring", "params", "gflops", "wall_time_s"}
+    maps = {(r["backbone"], int(r["seed"])): 100 * float(r["map"]) for r in rows}
+    for r in rows:  # the CSV's mAP is the final evaluation logged by that run
+        log = (out / r["backbone"] / f"seed{r['seed']}" / "log.jsonl").read_text().splitlines()
+        assert float(r["map"]) == [json.loads(x) for x in log if '"map"' in x][-1]["map"]
+    # DA adds 9 + 9 + 2 bias-free conv weights per block, 8 blocks in ResNet18: 160 params; and
+    # 20 FLOPs per pixel of each block's map (75^2, 38^2, 19^2, 10^2, two blocks each): 301200.
+    p = {r["backbone"]: (int(r["params"]), float(r["gflops"])) for r in rows}
+    assert p["da_resnet18"][0] - p["resnet18"][0] == 160
+    assert round((p["da_resnet18"][1] - p["resnet18"][1]) * 1e9) == 40 * (75**2 + 38**2 + 19**2 + 100)
+    md = _md_rows((out / "results.md").read_text())
+    for name, key in (("ResNet18", "resnet18"), ("DA-ResNet18", "da_resnet18")):
+        mean, std = map(float, md[name][2].split(" ± "))
+        vals = [maps[(key, 0)], maps[(key, 1)]]
+        assert (mean, std, md[name][3]) == (round(np.mean(vals), 2), round(np.std(vals, ddof=1), 2), "2")
+    delta = float(re.match(r"([+-][\d.]+) \[", md["DA-ResNet18"][4]).group(1))
+    paired = np.mean([maps[("da_resnet18", s)] - maps[("resnet18", s)] for s in (0, 1)])
+    assert delta == round(paired, 2)
+    assert (out / "map_vs_params.png").stat().st_size > 1000
+
+    # Rerun: every run is finished, nothing trains, no run file is touched.
+    files = sorted(out.glob("*/seed*/*"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("train called on rerun"))
+    assert _cli(demo_devkit, out) == 0
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+    # Interrupted run (no summary.json): resumed from its last.pth, the others skipped.
+    run_dir = out / "da_resnet18" / "seed1"
+    (run_dir / "summary.json").unlink()
+    calls = []
+    monkeypatch.undo()
+    real_train = trainer.train
+
+    def spy(cfg, resume=None):
+        calls.append((cfg.backbone, cfg.seed, resume))
+        return real_train(cfg, resume=resume)
+
+    monkeypatch.setattr(trainer, "train", spy)
+    assert _cli(demo_devkit, out) == 0
+    assert calls == [("da_resnet18", 1, run_dir / "last.pth")]
+    assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 2
+    with open(out / "results.csv") as fh:
+        assert [float(r["map"]) for r in csv.DictReader(fh)] == [float(r["map"]) for r in rows]
+
+
+def test_cli_rejects_options_the_runner_owns(tmp_path, capsys):
+    base = ["--backbones", "resnet18", "--output-dir", str(tmp_path)]
+    cases = [(["--backbone", "resnet18", *base], "--backbone is set by the runner"),
+             (["--seed", "1", *base], "--seeds or --seed-list"),
+             (["--resume", "x.pth", *base], "resumes interrupted runs"),
+             (["--backbones", "resnet18"], "--output-dir DIR is required"),
+             ([*base, "--suite", "order"], "exactly one of --suite"),
+             ([*base, "--seeds", "2", "--seed-list", "1,2"], "not both"),
+             (["--suite", "attention", "--depths", "18,20", "--output-dir", str(tmp_path)],
+              "valid depths"),
+             ([*base, "backbone=resnet50"], "set by the runner")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            ablate_tool.main(ablate_tool.get_args_parser().parse_args(argv))
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_existing_run_with_other_settings_is_refused(tmp_path):
+    from ssd_da.config import save_config
+
+    spec = plan_runs(load_config(None, ["lr=0.01"]), ["resnet18"], [0], tmp_path)[0]
+    assert run_state(spec) == ("new", None)
+    spec.out_dir.mkdir(parents=True)
+    save_config(load_config(None, ["lr=0.02", "workers=9"]), spec.out_dir / "config.yaml")
+    with pytest.raises(ValueError, match=r"lr: saved 0.02, now 0.01"):
+        run_state(spec)
+    with pytest.raises(ValueError, match="other settings"):  # nor reported (--report-only)
+        collect_records([spec], num_classes=2)
+    (spec.out_dir / "summary.json").write_text(json.dumps({"iterations": 5}))
+    save_config(spec.cfg, spec.out_dir / "config.yaml")
+    with pytest.raises(ValueError, match="more than --iters"):
+        run_state(plan_runs(load_config(None, ["lr=0.01", "iters=4"]), ["resnet18"], [0], tmp_path)[0])
+
+
+# ---------------------------------------------------------------- one subprocess per GPU
+FAKE_TRAIN = textwrap.dedent("""
+    import json, os, sys, yaml
+    cfg = yaml.safe_load(open(sys.argv[sys.argv.index("--config") + 1]))
+    print("argv", sys.argv[1:], "gpu", os.environ["CUDA_VISIBLE_DEVICES"])
+    if cfg["backbone"] == "da_resnet18" and cfg["seed"] == 1:
+        sys.exit(3)  # tools/train.py's status for a non-finite loss
+    out = cfg["output_dir"]
+    m = 0.5 + 0.1 * cfg["seed"] + (0.05 if cfg["backbone"].startswith("da") else 0.0)
+    with open(os.path.join(out, "log.jsonl"), "a") as fh:
+        fh.write(json.dumps({"iter": cfg["iters"], "map": m, "ap": {"x": m}}) + "\\n")
+    json.dump({"iterations": cfg["iters"], "final_map": m, "train_images_per_s": 1.0,
+               "peak_memory_mb": 10.0, "wall_time_s": 2.0}, open(os.path.join(out, "summary.json"), "w"))
+""")
+
+
+def test_gpu_queue_runs_train_script_per_run(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    cfg = load_config(None, ["iters=7", "classes=[x]", "lr=0.004", "amp=true"])
+    specs = plan_runs(cfg, ["resnet18", "da_resnet18"], [0, 1, 2], tmp_path / "runs")
+    (specs[5].out_dir).mkdir(parents=True)
+    (specs[5].out_dir / "last.pth").write_bytes(b"")  # da_resnet18/seed2 was interrupted
+    outcomes = run_suite(specs, gpus=["0", "1"], train_script=script)
+    assert [o.status for o in outcomes] == ["trained"] * 3 + ["diverged", "trained", "trained"]
+    logs = {s.name: (s.out_dir / "train.log").read_text() for s in specs}
+    assert {re.search(r"gpu (\d)", t).group(1) for t in logs.values()} <= {"0", "1"}
+    assert "--resume" in logs["da_resnet18/seed2"] and "--resume" not in logs["resnet18/seed2"]
+    # tools/train.py gets the run's exact resolved config through --config.
+    train_tool = ablate_tool._load_train_tool()
+    args = train_tool.get_args_parser().parse_args(["--config", str(specs[5].out_dir / "config.yaml")])
+    assert train_tool.resolve_config(args) == specs[5].cfg
+    paths = write_reports(specs, outcomes, tmp_path / "runs", ["x"],
+                          measure=lambda b, n: (1000 + 20 * b.startswith("da"), 2 * 10**9))
+    md = _md_rows(paths["md"].read_text())
+    assert md["ResNet18"][2:4] == ["60.00 ± 10.00", "3"]
+    assert md["DA-ResNet18"][2:5] == ["65.00 ± 14.14", "2", "+5.00 [+5.00, +5.00]"]
+    assert "da_resnet18/seed1: diverged" in paths["md"].read_text()
+    assert run_suite(specs[:1], gpus=["0"], train_script=script)[0].status == "skipped"
+    other = plan_runs(cfg, ["resnet18"], [0], tmp_path / "other")
+    failed = run_suite(other, gpus=["0"], train_script=tmp_path / "missing.py")[0]
+    assert failed.status == "failed" and "exit status 2" in failed.message
+    with pytest.raises(ValueError, match="cannot be combined with --gpus"):
+        run_suite(plan_runs(load_config(None, ["device=cuda:1"]), ["resnet18"], [0], tmp_path), ["0"])

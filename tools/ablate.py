@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""The DA paper's ablations and attention comparisons over several seeds, with tables that show
+how sure each difference is (mean ± std, paired difference to the plain ResNet with a 95% t
+interval).
+
+    # Table I: orders of the spatial and channel branches (ResNet50), 3 seeds
+    python tools/ablate.py --suite order --seeds 3 --output-dir runs/table1
+    # Tables II/III: plain, SE, SGE, ECA, DA, CBAM at four depths, one run per GPU
+    python tools/ablate.py --suite attention --depths 18,34,50,101 --gpus 0,1,2,3 \\
+        --output-dir runs/table2
+    # any backbones, on the demo data, CPU
+    python tools/ablate.py --config configs/demo.yaml --backbones resnet18,da_resnet18 \\
+        --seed-list 0,5,9 --output-dir runs/demo_ablation iters=100
+
+Every tools/train.py option (--config, --iters, --lr, key=value, ...) is passed to every run.
+The runner owns --backbone, --seed and --resume; --output-dir DIR gets one folder per run,
+DIR/<backbone>/seed<k>/, and results.csv, results.md, map_vs_params.png at its top. Rerunning
+the same command skips finished runs and resumes interrupted ones.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("ssd_da") is None:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("ablate")
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+# Config keys the runner sets per run; giving them as key=value would be silently replaced.
+OWNED_KEYS = ("backbone", "seed", "output_dir")
+
+
+def _load_train_tool():
+    """tools/train.py as a module: its parser and config resolution are reused, not copied."""
+    spec = importlib.util.spec_from_file_location("ssd_da_tools_train", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parent = _load_train_tool().get_args_parser(add_help=False)
+    p = argparse.ArgumentParser(description=__doc__, parents=[parent],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("ablation")
+    g.add_argument("--suite", choices=("order", "attention"),
+                   help="order: Table I (resnet, da, da_cs, da_par, da_s, da_c); attention: "
+                        "Tables II/III (resnet, se, sge, eca, da, cbam) at each of --depths")
+    g.add_argument("--depths", type=_int_list,
+                   help="depths for --suite, e.g. 18,34,50,101 (default: 50 for order, "
+                        "18,34,50,101 for attention)")
+    g.add_argument("--backbones", type=_str_list, help="explicit list, e.g. resnet50,da_resnet50")
+    g.add_argument("--seeds", type=int, help="run seeds 0..N-1 (default 3)")
+    g.add_argument("--seed-list", dest="seed_list", type=_int_list, help="explicit seeds, e.g. 0,5,9")
+    g.add_argument("--gpus", type=_str_list,
+                   help="one tools/train.py subprocess per GPU id, e.g. 0,1,2,3 (default: "
+                        "runs one after another in this process)")
+    g.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    g.add_argument("--report-only", action="store_true",
+                   help="write the tables from the runs on disk; train nothing")
+    return p
+
+
+def _fail(message: str) -> None:
+    """A usage error the way argparse reports one: message on stderr, exit status 2."""
+    print(f"ablate.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_owned(args: argparse.Namespace) -> None:
+    from ssd_da.config import parse_key_values
+
+    for option, instead in (("backbone", "--backbones or --suite"),
+                            ("seed", "--seeds or --seed-list"),
+                            ("resume", "nothing: rerunning the command resumes interrupted runs")):
+        if getattr(args, option) is not None:
+            _fail(f"--{option} is set by the runner for each run; use {instead}")
+    if args.output_dir is None:
+        _fail("--output-dir DIR is required (runs go to DIR/<backbone>/seed<k>/)")
+    try:
+        keys = {k.replace("-", "_") for k in parse_key_values(args.overrides)}
+    except ValueError as exc:
+        _fail(str(exc))
+    owned = sorted(keys & set(OWNED_KEYS))
+    if owned:
+        _fail(f"override(s) {', '.join(owned)} are set by the runner; use --backbones/--suite, "
+              "--seeds/--seed-list and --output-dir")
+
+
+def _backbones_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    from ssd_da.experiments.ablate import suite_backbones
+
+    if (args.suite is None) == (args.backbones is None):
+        _fail("give exactly one of --suite {order,attention} and --backbones a,b,c")
+    if args.depths and args.suite is None:
+        _fail("--depths goes with --suite; list the backbones in --backbones instead")
+    if args.seeds is not None and args.seed_list is not None:
+        _fail("give either --seeds N or --seed-list a,b,c, not both")
+    if args.seeds is not None and args.seeds < 1:
+        _fail(f"--seeds must be >= 1, got {args.seeds}")
+    if not 0.0 < args.level < 1.0:
+        _fail(f"--level must lie strictly between 0 and 1, got {args.level}")
+    try:
+        backbones = suite_backbones(args.suite, args.depths) if args.suite else args.backbones
+    except ValueError as exc:
+        _fail(str(exc))
+    seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds or 3))
+    return backbones, seeds
+
+
+def main(args: argparse.Namespace) -> int:
+    """Plan, train (unless --report-only) and report. 0: every run finished; 1: some did not."""
+    from ssd_da.engine.data import class_names_from_config
+    from ssd_da.experiments.ablate import plan_runs, run_suite, write_reports
+
+    _check_owned(args)
+    backbones, seeds = _backbones_and_seeds(args)
+    root = Path(args.output_dir)
+    run_args = argparse.Namespace(**{**vars(args), "output_dir": None})
+    try:
+        base = _load_train_tool().resolve_config(run_args)
+        specs = plan_runs(base, backbones, seeds, root)
+        outcomes = [] if args.report_only else run_suite(specs, args.gpus, train_script=TRAIN_SCRIPT)
+        paths = write_reports(specs, outcomes, root, class_names_from_config(base),
+                              "order" if args.suite == "order" else "attention", args.level)
+    except (ValueError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    bad = [o for o in outcomes if o.status in ("diverged", "failed")]
+    for o in bad:
+        logger.error("%s %s: %s", o.spec.name, o.status, o.message)
+    counts = ", ".join(f"{sum(o.status == k for o in outcomes)} {k}"
+                       for k in ("skipped", "trained", "diverged", "failed"))
+    print(f"\n{len(specs)} runs ({counts if outcomes else 'report only'}); tables in "
+          f"{paths['md']}, {paths['csv']}, {paths['png']}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main(get_args_parser().parse_args()))
