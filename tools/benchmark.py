@@ -1,6 +1,7 @@
 """Benchmarks of ssd_da, one subcommand each; results go to a section of docs/benchmarks.md.
 
     python tools/benchmark.py metric            # evaluate_voc on 5,000 images x 20 classes
+    python tools/benchmark.py model --amp       # SSD300 train/inference images/s, peak memory
 
 To add a benchmark: write ``run_<name>(args) -> str`` returning the Markdown body of its
 section (use :func:`environment_lines` for the device lines), register it in
@@ -152,6 +153,50 @@ def run_metric(args: argparse.Namespace) -> str:
     ])
 
 
+def run_model(args: argparse.Namespace) -> str:
+    """SSD300 training-step and inference throughput on synthetic 300x300 batches."""
+    import torch
+
+    from ssd_da.models.ssd import build_ssd
+    from ssd_da.utils.speed import measure
+
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    for backbone in args.backbones.split(","):
+        for mode, batch in (("train", args.batch_size), ("inference", args.eval_batch_size)):
+            torch.manual_seed(0)
+            model = build_ssd(backbone, num_classes=21)
+            r = measure(model, mode, batch, device, args.steps, args.warmup, args.amp,
+                        args.channels_last)
+            mem = f"{r.peak_memory_mb:.0f}" if r.peak_memory_mb is not None else "n/a"
+            rows.append(f"| {backbone} | {mode} | {batch} | {r.images_per_s:.1f} | "
+                        f"{r.ms_per_batch:.1f} | {mem} |")
+            print(rows[-1], flush=True)
+            del model
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    import torchvision
+
+    return "\n".join([
+        f"## model: SSD300 throughput on {device.type.upper()}",
+        "",
+        f"`tools/benchmark.py model --backbones {args.backbones} --batch-size {args.batch_size}"
+        f"{' --amp' if args.amp else ''}{' --channels-last' if args.channels_last else ''}`: "
+        f"synthetic 300x300 batches, 21 classes, median of {args.steps} steps after "
+        f"{args.warmup} warm-up; train = forward, loss, backward and SGD step; inference = "
+        "forward with decoding and NMS. Data loading is not included.",
+        "",
+        f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}",
+        f"- device: {name}; torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"python {platform.python_version()}, {torch.get_num_threads()} CPU threads",
+        f"- precision: {'bf16 autocast' if args.amp and device.type == 'cuda' else 'float32'}",
+        "",
+        "| backbone | mode | batch | images/s | ms/batch | peak memory (MiB) |",
+        "|---|---|---:|---:|---:|---:|",
+        *rows,
+    ])
+
+
 def write_section(doc: Path, name: str, body: str) -> None:
     """Replace (or append) the section of benchmark ``name`` in the Markdown file ``doc``."""
     begin, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
@@ -183,6 +228,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     metric.add_argument("--seed", type=int, default=0)
     metric.add_argument("--profile", action="store_true", help="print a cProfile summary")
     metric.set_defaults(func=run_metric)
+    model = sub.add_parser("model", help="SSD300 train-step and inference images/s, peak memory")
+    model.add_argument("--backbones", default="resnet50,da_resnet50")
+    model.add_argument("--batch-size", type=int, default=32)
+    model.add_argument("--eval-batch-size", type=int, default=32)
+    model.add_argument("--steps", type=int, default=10)
+    model.add_argument("--warmup", type=int, default=3)
+    model.add_argument("--device", default="auto")
+    model.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    model.add_argument("--channels-last", action="store_true")
+    model.set_defaults(func=run_model)
     return parser
 
 
