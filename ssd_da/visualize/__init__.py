@@ -1,0 +1,1 @@
+"""Grad-CAM heatmaps of SSD300 detections (cam.py) and pictures of detections (draw.py)."""

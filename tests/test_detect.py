@@ -1,0 +1,155 @@
+"""tools/detect.py and the drawing helpers (ssd_da/visualize/draw.py), on CPU.
+
+detect.py's contract (one picture per image, a JSON equal to the model's output above --score)
+does not depend on what the model has learned, so a seeded, untrained resnet18-SSD300 serves;
+its softmax scores spread around 1/3, so a threshold between them keeps some and drops some.
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssd_da.data.voc import load_rgb
+from ssd_da.engine.checkpoint import save_checkpoint
+from ssd_da.models.ssd import build_ssd
+from ssd_da.visualize.cam import device_from_arg, predict_image
+from ssd_da.visualize.draw import (cam_figure, display_name, draw_detections, figure_size_px,
+                                   overlay_heatmap, save_figure)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import detect as detect_tool  # noqa: E402
+
+CLASSES = ["cat", "dog"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model, checkpoint path, [image paths]): two noise images of different sizes (PNG)."""
+    folder = tmp_path_factory.mktemp("detect")
+    torch.manual_seed(0)
+    model = build_ssd("resnet18", num_classes=len(CLASSES) + 1).eval()
+    ckpt = folder / "r18.pth"
+    save_checkpoint({"model": model.state_dict(), "backbone": "resnet18", "class_names": CLASSES,
+                     "config": {}, "iteration": 0}, ckpt)
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, (h, w) in (("a", (180, 240)), ("b", (320, 200))):
+        paths.append(folder / f"{name}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    return model, ckpt, paths
+
+
+def test_detect_writes_pictures_and_json(setup, tmp_path):
+    model, ckpt, paths = setup
+    expected = {str(p): predict_image(model, load_rgb(p)) for p in paths}
+    all_scores = np.concatenate([d["scores"] for d in expected.values()])
+    score = float(np.median(all_scores))  # some detections pass, some do not
+    out = tmp_path / "out"
+    args = detect_tool.get_args_parser().parse_args(
+        [*map(str, paths), "--checkpoint", str(ckpt), "--out", str(out), "--score", str(score),
+         "--device", "cpu"])
+    assert detect_tool.main(args) == 0
+    records = json.loads((out / "detections.json").read_text())
+    assert 0 < len(records) < len(all_scores)
+    for path in map(str, paths):
+        det = expected[path]
+        keep = det["scores"] >= score
+        mine = [r for r in records if r["image"] == path]
+        assert [r["label"] for r in mine] == [CLASSES[l - 1] for l in det["labels"][keep]]
+        # float32 model values survive the JSON round trip exactly (float64 holds them).
+        np.testing.assert_array_equal(np.float32([r["score"] for r in mine]), det["scores"][keep])
+        np.testing.assert_array_equal(np.float32([r["bbox"] for r in mine]).reshape(-1, 4),
+                                      det["boxes"][keep])
+        # The picture is the image with exactly those detections drawn, at the image's size.
+        image = load_rgb(path)
+        picture = load_rgb(out / (Path(path).stem + ".png"))
+        assert picture.shape == image.shape
+        drawn = draw_detections(image, det["boxes"][keep], det["labels"][keep],
+                                det["scores"][keep], CLASSES)
+        np.testing.assert_array_equal(picture, drawn)
+
+
+def test_detect_errors(setup, tmp_path, capsys):
+    _, ckpt, paths = setup
+    parse = detect_tool.get_args_parser().parse_args
+    other = tmp_path / "sub"
+    other.mkdir()
+    clash = other / paths[0].name
+    clash.write_bytes(paths[0].read_bytes())
+    assert detect_tool.main(parse([str(paths[0]), str(clash), "--checkpoint", str(ckpt),
+                                   "--out", str(tmp_path / "o")])) == 2
+    assert "a.png" in capsys.readouterr().err
+    assert detect_tool.main(parse([str(paths[0]), "--checkpoint", str(ckpt), "--out", "o",
+                                   "--score", "1.5"])) == 2
+    assert "--score" in capsys.readouterr().err
+    missing = tmp_path / "missing.jpg"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "detect.py"), str(missing),
+                           "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and f"image {missing} does not exist" in proc.stderr
+
+
+def test_display_name():
+    assert display_name("da_resnet50") == "DA-ResNet50-SSD"
+    assert display_name("resnet18") == "ResNet18-SSD"
+    assert display_name("se_resnet101") == "SE-ResNet101-SSD"
+    assert display_name("da_cs_resnet50") == "DA-CS-ResNet50-SSD"
+    assert display_name("vgg16") == "vgg16-SSD"
+
+
+def test_overlay_heatmap_by_hand():
+    image = np.full((2, 3, 3), 100, np.uint8)
+    # jet(0) = (0, 0, 0.5): 0.5 * 100 + 0.5 * (0, 0, 127.5) = (50, 50, 113.75) -> (50, 50, 114).
+    np.testing.assert_array_equal(overlay_heatmap(image, np.zeros((2, 3)))[0, 0], [50, 50, 114])
+    # jet(1) = (0.5, 0, 0) -> (114, 50, 50); alpha 0 gives the image back.
+    np.testing.assert_array_equal(overlay_heatmap(image, np.ones((2, 3)))[1, 2], [114, 50, 50])
+    np.testing.assert_array_equal(overlay_heatmap(image, np.ones((2, 3)), alpha=0.0), image)
+    with pytest.raises(ValueError, match="cam: shape"):
+        overlay_heatmap(image, np.zeros((3, 2)))
+
+
+def test_draw_detections_pixels():
+    image = np.zeros((50, 60, 3), np.uint8)
+    out = draw_detections(image, np.array([[10.0, 20.0, 40.0, 45.0]]), np.array([1]),
+                          np.array([0.9]), CLASSES)
+    assert out[30, 10].tolist() == [31, 119, 180]  # left edge, tab10 colour of class 1
+    assert out[45, 25].tolist() == [31, 119, 180]  # bottom edge
+    assert out[35, 25].tolist() == [0, 0, 0]  # inside the box, below the caption: untouched
+    assert image.max() == 0  # the input is not modified
+    with pytest.raises(ValueError, match=r"labels: must lie in 1..2.*\['cat', 'dog'\]"):
+        draw_detections(image, np.zeros((1, 4)), np.array([3]), np.array([0.5]), CLASSES)
+
+
+def test_cam_figure_layout():
+    assert figure_size_px(2, 3) == (900, 650)  # 3 x 3.0 in, 2 x 3.25 in, at 100 dpi
+    assert figure_size_px(1, 2, dpi=70) == (420, 227)  # 2.0 x 3.25 x 70 = 227.5, truncated
+    image = np.zeros((20, 30, 3), np.uint8)
+    fig = cam_figure([[(image, "a"), (image, "b")], [(image, "c"), (image, "d")]])
+    assert [ax.get_title() for ax in fig.axes] == ["a", "b", "c", "d"]
+    left_col, right_col = fig.axes[0].get_position(), fig.axes[1].get_position()
+    assert left_col.x1 <= 0.5 <= right_col.x0  # two columns, side by side
+    assert fig.axes[2].get_position().y1 <= 0.5 <= fig.axes[0].get_position().y0
+    buffer = io.BytesIO()
+    save_figure(cam_figure([[(image, "a"), (image, "b")]], dpi=70), buffer)
+    with Image.open(buffer) as png:
+        assert png.size == (420, 227)
+    with pytest.raises(ValueError, match="every row needs 2 panels"):
+        cam_figure([[(image, "a"), (image, "b")], [(image, "c")]])
+
+
+def test_device_from_arg():
+    assert device_from_arg("cpu") == torch.device("cpu")
+    assert device_from_arg("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=r"--device: 'gpu0' is not a device"):
+        device_from_arg("gpu0")
+    with pytest.raises(ValueError, match=r"--device: 'cuda:99' is not available"):
+        device_from_arg("cuda:99")

@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Grad-CAM heatmaps of SSD300 detections, one column per checkpoint (the DA paper's Figure 5).
+
+    python tools/gradcam.py img1.jpg img2.jpg --checkpoint runs/resnet50/best.pth \\
+        --checkpoint runs/da_resnet50/best.pth --out gradcam.png
+    python tools/gradcam.py img.jpg --checkpoint best.pth --class dog --score 0.3 --draw-boxes
+    python tools/gradcam.py img.jpg --checkpoint best.pth --box 48,240,195,371 --method eigencam
+
+The figure has one row per image: the original, then one heatmap overlay per checkpoint, titled
+with the backbone (e.g. "DA-ResNet50-SSD"), the method, the layer and the target. Targets:
+  --target top (default)  the highest-scoring detection;
+  --class NAME            every detection of NAME with score >= --score, together;
+  --box x1,y1,x2,y2       the detection (any class, score >= --score) overlapping that box most,
+                          in the image's pixels (0-based).
+The default layer is the last residual block of layer4 (backbone.layer4.2 of a ResNet50, the
+paper's "layer4 2"); --layer takes another module path, e.g. backbone.layer3.5. Detections
+from the 38x38 / 19x19 maps (small objects) do not depend on layer4: their maps come out empty,
+with a warning.
+Figure size: columns x 3.0 by rows x 3.25 inches at --dpi (default 100: 300 x 325 px a panel).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+logger = logging.getLogger("gradcam")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from ssd_da.visualize.cam import METHODS
+
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="a detector checkpoint; repeat for one column per checkpoint")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target", choices=["top"], default="top",
+                        help="top: the highest-scoring detection (default)")
+    target.add_argument("--class", dest="class_name", metavar="NAME",
+                        help="explain every detection of this class with score >= --score")
+    target.add_argument("--box", metavar="X1,Y1,X2,Y2",
+                        help="explain the detection overlapping this box (image pixels) most")
+    p.add_argument("--layer", help="target module path (default: backbone.layer4.<last block>)")
+    p.add_argument("--method", default="gradcam", choices=sorted(METHODS),
+                   help="CAM method (eigencam ignores the target)")
+    p.add_argument("--score", type=float, default=0.3,
+                   help="minimum detection score for --class, --box and --draw-boxes (default 0.3)")
+    p.add_argument("--draw-boxes", action="store_true",
+                   help="draw the detections with score >= --score on the overlays")
+    p.add_argument("--out", default="gradcam.png", help="output PNG (default gradcam.png)")
+    p.add_argument("--dpi", type=int, default=100, help="figure resolution (default 100)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    return p
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """"x1,y1,x2,y2" -> four floats with x2 > x1 and y2 > y1 (ValueError naming --box otherwise)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) \
+            or values[2] <= values[0] or values[3] <= values[1]:
+        raise ValueError(f"--box: expected x1,y1,x2,y2 with x2 > x1 and y2 > y1 (image pixels), "
+                         f"got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Fail before loading anything: missing files, bad numbers."""
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+    for path in args.checkpoint:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not 0.0 <= args.score <= 1.0:
+        raise ValueError(f"--score: must lie in [0, 1], got {args.score}")
+    if args.dpi < 10:
+        raise ValueError(f"--dpi: must be >= 10, got {args.dpi}")
+    if args.box is not None:
+        parse_box(args.box)
+
+
+def load_models(args: argparse.Namespace, device: Any) -> list[tuple[Any, dict, str]]:
+    """[(model, checkpoint, layer path)], checking --class and --layer against each checkpoint."""
+    from ssd_da.engine.checkpoint import load_detector
+    from ssd_da.visualize.cam import default_layer, resolve_layer
+
+    models = []
+    for path in args.checkpoint:
+        model, ckpt = load_detector(path, device)
+        names = list(ckpt["class_names"])
+        if args.class_name is not None and args.class_name not in names:
+            raise ValueError(f"--class: {args.class_name!r} is not a class of checkpoint {path}; "
+                             f"its classes: {names}")
+        layer = args.layer or default_layer(model)
+        try:
+            resolve_layer(model, layer)
+        except ValueError as exc:
+            raise ValueError(f"--layer (checkpoint {path}, {ckpt['backbone']}): {exc}") from exc
+        models.append((model, ckpt, layer))
+    return models
+
+
+def make_target(args: argparse.Namespace, class_names: Sequence[str]):
+    from ssd_da.visualize.cam import CamTarget
+
+    if args.class_name is not None:
+        return CamTarget("class", label=list(class_names).index(args.class_name) + 1)
+    if args.box is not None:
+        return CamTarget("box", box=parse_box(args.box))
+    return CamTarget("top")
+
+
+def panel(image: Any, model: Any, ckpt: dict, layer: str,
+          args: argparse.Namespace) -> tuple[Any, str]:
+    """(overlay image, title) of one image under one checkpoint."""
+    from ssd_da.visualize.cam import explain
+    from ssd_da.visualize.draw import display_name, draw_detections, overlay_heatmap
+
+    names = list(ckpt["class_names"])
+    result = explain(model, image, make_target(args, names), layer=layer, method=args.method,
+                     score_thresh=args.score, class_names=names)
+    overlay = overlay_heatmap(image, result.cam)
+    if args.draw_boxes:
+        det = result.detections
+        keep = det["scores"] >= args.score
+        overlay = draw_detections(overlay, det["boxes"][keep], det["labels"][keep],
+                                  det["scores"][keep], names)
+    target_text = "class-agnostic" if args.method == "eigencam" else result.target.description
+    logger.info("%s: %s %s at %s -> %s", ckpt["backbone"], args.method, target_text, layer,
+                ", ".join(f"{names[l - 1]} {s:.2f}" for l, s in
+                          zip(result.target.labels.tolist(), result.target.scores.tolist())))
+    where = layer.removeprefix("backbone.")
+    return overlay, f"{display_name(ckpt['backbone'])}\n{args.method} {where}: {target_text}"
+
+
+def main(args: argparse.Namespace) -> int:
+    """Exit code 0 on success, 2 on bad input (message on stderr)."""
+    try:
+        check_inputs(args)
+        from ssd_da.data.voc import load_rgb
+        from ssd_da.visualize.cam import device_from_arg
+        from ssd_da.visualize.draw import cam_figure, save_figure
+
+        models = load_models(args, device_from_arg(args.device))
+        rows = []
+        for path in args.images:
+            image = load_rgb(path)
+            rows.append([(image, Path(path).name)] + [panel(image, m, c, layer, args)
+                                                      for m, c, layer in models])
+        fig = cam_figure(rows, dpi=args.dpi)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_figure(fig, args.out)
+    except (ValueError, OSError) as exc:
+        # Bad input (CheckpointError is a ValueError, FileNotFoundError an OSError): exit code 2.
+        print(f"gradcam.py: error: {exc}", file=sys.stderr)
+        return 2
+    logger.info("wrote %s (%d rows x %d columns)", args.out, len(rows), 1 + len(models))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main(get_args_parser().parse_args()))
