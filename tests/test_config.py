@@ -40,3 +40,15 @@ def test_shipped_configs_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
     assert load_config(ROOT / "configs/voc0712.yaml") == Config()
+
+
+def test_yaml_floats_without_dot_and_syntax_errors(tmp_path):
+    path = tmp_path / "f.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5e-4\n")  # YAML 1.1 reads these as strings
+    cfg = load_config(path, ["momentum=9e-1"])
+    assert (cfg.lr, cfg.weight_decay, cfg.momentum) == (1e-3, 5e-4, 0.9)
+    path.write_text("lr: [1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(None, ["lr_steps=[1"])

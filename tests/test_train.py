@@ -80,6 +80,11 @@ def test_resume_continues_exactly(tiny_demo, tmp_path):
     assert resumed["iterations"] == 4
     la, lb = losses_of(tmp_path / "a"), losses_of(tmp_path / "b")
     assert set(la) == {1, 2, 3, 4} and set(lb) == {1, 2, 3, 4}
+    recs = [json.loads(x) for x in (tmp_path / "b/log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in recs if "loss" in r] == [1, 2, 3, 4]  # no duplicates on resume
+    # The logged lr is the one each step used: warmup 1/3 -> 1 over 2 iterations, x0.1 at 3.
+    lrs = [r["lr"] for r in recs if "loss" in r]
+    assert lrs == pytest.approx([0.01 / 3, 0.01 * (0.5 / 3 + 0.5), 0.01, 0.001])
     for it in la:
         assert lb[it] == pytest.approx(la[it], rel=1e-6, abs=1e-6), it
     wa = load_checkpoint(tmp_path / "a/last.pth")["model"]
@@ -109,6 +114,33 @@ def test_non_finite_loss_stops_and_keeps_last_good(tiny_demo, tmp_path, monkeypa
     ckpt = load_checkpoint(tmp_path / "nan/last.pth")
     assert ckpt["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_non_finite_gradient_stops_before_the_update(tiny_demo, tmp_path, monkeypatch):
+    from ssd_da.models import ssd as ssd_module
+
+    real_forward, calls = ssd_module.SSD300.forward, {"n": 0}
+
+    def poisoned(self, images, targets=None, original_sizes=None):
+        out = real_forward(self, images, targets, original_sizes)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 2:  # finite value (0 * sqrt(0) = 0), NaN gradient (0 * inf)
+                zero = self.head.classification_head.module_list[0].weight.sum() * 0
+                out["classification"] = out["classification"] + 0 * torch.sqrt(zero)
+        return out
+
+    monkeypatch.setattr(ssd_module.SSD300, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="gradient norm at iteration 2"):
+        train(tiny_cfg(tiny_demo, tmp_path / "g", iters=4))
+    ckpt = load_checkpoint(tmp_path / "g/last.pth")
+    assert ckpt["iteration"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_mistyped_pretrained_path_is_an_error(tiny_demo, tmp_path):
+    with pytest.raises(FileNotFoundError, match="typo.pth"):
+        train(tiny_cfg(tiny_demo, tmp_path / "p", iters=1, pretrained=str(tmp_path / "typo.pth")))
 
 
 def test_resume_refuses_other_architecture(tiny_demo, tmp_path):

@@ -101,8 +101,8 @@ def detections_to_records(detections: Sequence[dict[str, np.ndarray]], image_ids
     for img, det in zip(image_ids, detections):
         for box, score, label in zip(det["boxes"], det["scores"], det["labels"]):
             records.append({"image_id": img, "label": class_names[int(label) - 1],
-                            "score": round(float(score), 6),
-                            "bbox": [round(float(v) + 1.0, 2) for v in box]})
+                            "score": float(score),  # full precision: re-evaluating a saved
+                            "bbox": [float(v) + 1.0 for v in box]})  # file gives the same mAP
     return records
 
 
@@ -122,6 +122,7 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
     if class_names is not None and class_names != trained:
         raise EvalInputError(f"--classes {','.join(class_names)} differ from the classes "
                              f"{args.checkpoint} was trained on: {','.join(trained)}")
+    check_classes_match(args.data_root, args.split, trained, args.checkpoint)  # before inference
     size = int(ckpt.get("config", {}).get("image_size", 300))
     dataset = VOCDetection(args.data_root, args.split, class_names=trained,
                            transform=build_eval_transform(size), keep_difficult=True,
@@ -178,7 +179,6 @@ def main(args: argparse.Namespace) -> int:
         rate = None
         if args.checkpoint:
             dataset, class_names, detections, rate = run_model(args, class_names)
-            check_classes_match(args.data_root, args.split, class_names, args.checkpoint)
         else:
             class_names = class_names or list(VOC_CLASSES)
             dataset = VOCDetection(args.data_root, args.split, class_names=class_names,
@@ -189,16 +189,16 @@ def main(args: argparse.Namespace) -> int:
         annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
         gts = [{"boxes": a.boxes, "labels": a.labels, "difficult": a.difficult} for a in annotations]
         result = evaluate_voc(detections, gts, class_names, metric=args.metric)
-    except (EvalInputError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        coco = None
+        if not args.no_coco:
+            from ssd_da.evaluation.coco import coco_metrics
+
+            coco = coco_metrics(detections, gts, class_names)
+        report(result, coco, len(dataset), rate)
+        write_outputs(args, result, detections, [a.image_id for a in annotations], class_names)
+    except (EvalInputError, CheckpointError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2
-    coco = None
-    if not args.no_coco:
-        from ssd_da.evaluation.coco import coco_metrics
-
-        coco = coco_metrics(detections, gts, class_names)
-    report(result, coco, len(dataset), rate)
-    write_outputs(args, result, detections, [a.image_id for a in annotations], class_names)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssd_da.config import Config, apply_overrides, load_config  # noqa: E402
+from ssd_da.config import Config, apply_overrides, load_config, parse_key_values  # noqa: E402
 
 logger = logging.getLogger("train")
 
@@ -51,11 +51,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> Config:
     """Defaults, YAML, key=value, then explicit options. Resuming without --config starts from
     the checkpoint's own saved config so the run continues with the same recipe."""
-    config_path = args.config
-    if args.resume and not config_path:
-        resume_cfg = Path(args.resume).parent / "config.yaml"
-        config_path = str(resume_cfg) if resume_cfg.is_file() else None
-    cfg = load_config(config_path, args.overrides)
+    if args.resume and not args.config:
+        from ssd_da.engine.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(args.resume).get("config", {})
+        cfg = apply_overrides(Config(), saved, f"config saved in {args.resume}")
+        cfg = apply_overrides(cfg, parse_key_values(args.overrides), "command line")
+    else:
+        cfg = load_config(args.config, args.overrides)
     explicit = {k: getattr(args, k) for k in (*FIELD_OPTIONS, "amp", "sync_bn", "skip_bad")
                 if getattr(args, k) is not None}
     return apply_overrides(cfg, explicit, "command-line options")
@@ -71,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
         return 3
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+    except (ValueError, OSError, CheckpointError) as exc:
         logger.error("%s", exc)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

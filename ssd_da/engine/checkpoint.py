@@ -30,6 +30,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared like any output
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -69,11 +69,13 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, class_names: Sequence[s
     mine, rate = predict(model, dataset, device, batch_size, workers, amp,
                          indices=range(rank, len(dataset), world), progress=progress)
     merged: dict[int, dict[str, np.ndarray]] = {}
-    for part in dist_utils.all_gather_objects(mine):
-        merged.update(part)  # type: ignore[arg-type]
+    total_rate = 0.0
+    for part, part_rate in dist_utils.all_gather_objects((mine, rate)):  # type: ignore[misc]
+        merged.update(part)
+        total_rate += part_rate  # the shards run in parallel: their rates add up
     detections = [merged[i] for i in range(len(dataset))]
     annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
     gts = [{"boxes": a.boxes, "labels": a.labels, "difficult": a.difficult} if not isinstance(a, dict)
            else a for a in annotations]
     result = evaluate_voc(detections, gts, class_names, metric=metric)
-    return result, detections, rate
+    return result, detections, total_rate

@@ -16,9 +16,11 @@ def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
     path = Path(path)
     if path.exists():
         for line in path.read_text().splitlines():
-            if line.strip():
+            try:
                 rec = json.loads(line)
-                (evals if "map" in rec else train).append(rec)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write
+            (evals if "map" in rec else train).append(rec)
     return train, evals
 
 

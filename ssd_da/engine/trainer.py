@@ -41,7 +41,12 @@ class TrainState:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
@@ -68,12 +73,13 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn
     from ssd_da.models.ssd import build_ssd
 
     source = None if cfg.pretrained.lower() in ("", "none", "scratch") else cfg.pretrained
+    is_path = source is not None and ("/" in source or Path(source).suffix in (".pth", ".pt"))
     try:
         model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=source)
-    except (OSError, RuntimeError, ConnectionError) as exc:
-        # Offline machines cannot download torchvision weights; the brief's default is to train
-        # from scratch then rather than stop. A local file that fails to load still raises.
-        if source is not None and Path(source).exists():
+    except (OSError, RuntimeError) as exc:
+        # Offline machines cannot download torchvision weights: train from scratch then rather
+        # than stop. A local file (a mistyped path included) must load or the run stops.
+        if source is None or is_path:
             raise
         logger.warning("ImageNet weights %r unreachable (%s); training %s from scratch",
                        source, exc, cfg.backbone)
@@ -107,7 +113,7 @@ def rng_states() -> dict[str, Any]:
     states = {"python": random.getstate(), "numpy": np.random.get_state(),
               "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -116,7 +122,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def checkpoint_dict(state: TrainState, cfg: Config, class_names: list[str]) -> dict[str, Any]:
@@ -125,7 +131,7 @@ def checkpoint_dict(state: TrainState, cfg: Config, class_names: list[str]) -> d
         "class_names": class_names, "config": cfg.to_dict(), "iteration": state.iteration,
         "best_map": state.best_map, "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-        "rng": rng_states(),
+        "rng": rng_states(), "world_size": dist_utils.get_world_size(),
     }
 
 
@@ -144,6 +150,10 @@ def restore(state: TrainState, path: str | Path, cfg: Config, class_names: list[
     state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration, state.best_map = int(ckpt["iteration"]), float(ckpt["best_map"])
     set_rng_states(ckpt["rng"])
+    if ckpt.get("world_size", 1) != dist_utils.get_world_size():
+        logger.warning("--resume %s: saved with %d process(es), resumed with %d: the data order "
+                       "differs from the uninterrupted run", path, ckpt.get("world_size", 1),
+                       dist_utils.get_world_size())
     logger.info("resumed from %s at iteration %d", path, state.iteration)
 
 
@@ -152,6 +162,18 @@ class RunLog:
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
+
+    def truncate_after(self, iteration: int) -> None:
+        """Drop records past ``iteration`` (written after the checkpoint a run resumes from)."""
+        if self.enabled and self.path.exists():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["iter"] <= iteration:
+                        keep.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+            self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -176,15 +198,23 @@ def train_step(state: TrainState, images: torch.Tensor, targets: list[dict], cfg
             f"The last checkpoint on disk is the last good state.")
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
-    if cfg.grad_clip > 0:
-        state.scaler.unscale_(state.optimizer)
-        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.scaler.unscale_(state.optimizer)
+    # A finite loss can still give inf/NaN gradients; checking the norm (identical on every
+    # rank after DDP's all-reduce) keeps them out of the weights and so out of last.pth.
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteLossError(
+            f"non-finite gradient norm at iteration {state.iteration + 1}; stopping. "
+            f"The last checkpoint on disk is the last good state.")
+    lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
     state.iteration += 1
     out = {k: dist_utils.all_reduce_mean(v.detach()).item() for k, v in losses.items()}
     out["loss"] = sum(out.values())
+    out["lr"] = lr
     return out
 
 
@@ -192,6 +222,11 @@ def run_evaluation(state: TrainState, test_set, class_names: list[str], cfg: Con
                    device: torch.device, out_dir: Path, log: RunLog) -> float:
     """VOC mAP on the test split; writes best.pth when it improves (rank 0)."""
     model = unwrap(state.model)
+    if dist_utils.is_distributed():
+        # Without SyncBN each rank's running statistics drift apart; evaluate every shard with
+        # rank 0's, i.e. with the model that best.pth stores.
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
     result, _, rate = evaluate_model(model, test_set, class_names, device, cfg.eval_batch_size,
                                      cfg.workers, cfg.amp, cfg.metric,
                                      progress=dist_utils.is_main_process())
@@ -200,6 +235,8 @@ def run_evaluation(state: TrainState, test_set, class_names: list[str], cfg: Con
                "eval_images_per_s": rate})
     if dist_utils.is_main_process():
         logger.info("iteration %d: %s mAP %.2f%%", state.iteration, cfg.metric, 100 * result.map)
+        if state.iteration >= cfg.iters:
+            logger.info("final evaluation on %s:\n%s", cfg.test_split, result.table())
         if result.map > state.best_map:
             state.best_map = float(result.map)
             ckpt = checkpoint_dict(state, cfg, class_names)
@@ -216,8 +253,17 @@ def validate_config(cfg: Config) -> None:
     parse_backbone_name(cfg.backbone)  # ValueError listing the valid backbones
     if cfg.metric not in ("voc07", "area"):
         raise ValueError(f"metric {cfg.metric!r} is not one of: voc07, area")
-    if cfg.iters <= 0 or cfg.batch_size <= 0:
-        raise ValueError(f"iters and batch_size must be positive, got {cfg.iters}, {cfg.batch_size}")
+    for name in ("iters", "log_every", "ckpt_every", "eval_batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.warmup_iters < 0 or cfg.eval_every < 0:
+        raise ValueError("warmup_iters and eval_every must be >= 0")
+    if cfg.batch_size < 2:  # the 1x1 extra map's BatchNorm needs two values per channel
+        raise ValueError(f"batch_size must be at least 2 per process, got {cfg.batch_size}")
+    if cfg.image_size != 300:
+        raise ValueError(f"image_size must be 300 (SSD300's default boxes), got {cfg.image_size}")
+    if not all(isinstance(s, int) for s in cfg.lr_steps):
+        raise ValueError(f"lr_steps must be a list of iterations, got {cfg.lr_steps}")
 
 
 def prepare_run(cfg: Config) -> tuple[torch.device, Path, int, int]:
@@ -248,9 +294,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     train_set, test_set = build_datasets(cfg)
     model = build_model(cfg, len(class_names) + 1, device)
     state = make_train_state(cfg, model, device)
+    log = RunLog(out_dir / "log.jsonl", enabled=rank == 0)
     if resume:
         restore(state, resume, cfg, class_names)
-    log = RunLog(out_dir / "log.jsonl", enabled=rank == 0)
+        log.truncate_after(state.iteration)
     loader = build_train_loader(train_set, cfg, state.iteration, rank, world,
                                 pin_memory=device.type == "cuda")
     if device.type == "cuda":
@@ -269,16 +316,17 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
         it = state.iteration
         if it % cfg.log_every == 0 or it == cfg.iters:
             rate = seen / max(time.perf_counter() - tick, 1e-9)
-            lr = state.optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            log.write({"iter": it, "lr": lr, "images_per_s": rate, **losses})
+            bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{losses['lr']:.2e}",
+                            img_s=f"{rate:.1f}")
+            log.write({"iter": it, "images_per_s": rate, **losses})
             tick, seen = time.perf_counter(), 0
-        if rank == 0 and (it % cfg.ckpt_every == 0 or it == cfg.iters):
-            save_checkpoint(checkpoint_dict(state, cfg, class_names), out_dir / "last.pth")
         timing["train_s"] += time.perf_counter() - step_start
         if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iters:
             last_map = run_evaluation(state, test_set, class_names, cfg, device, out_dir, log)
             tick, seen = time.perf_counter(), 0  # keep evaluation out of the logged rate
+        # After the evaluation, so the best_map saved with last.pth is up to date on resume.
+        if rank == 0 and (it % cfg.ckpt_every == 0 or it == cfg.iters):
+            save_checkpoint(checkpoint_dict(state, cfg, class_names), out_dir / "last.pth")
         step_start = time.perf_counter()
     bar.close()
     if math.isnan(last_map) and state.iteration >= cfg.iters:
