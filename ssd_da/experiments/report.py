@@ -197,6 +197,7 @@ def format_markdown(groups: Sequence[BackboneSummary], layout: str = "attention"
 def plot_map_vs_params(groups: Sequence[BackboneSummary], path: Path, layout: str = "attention") -> None:
     """mAP (mean, error bar = sample std; none for one seed) against detector params."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,6 +209,9 @@ def plot_map_vs_params(groups: Sequence[BackboneSummary], path: Path, layout: st
         ax.annotate(display_name(g.backbone, layout), (g.params / 1e6, g.estimate.mean),
                     textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("detector parameters (M)")
+    # Attention adds a few hundred parameters: plain numbers, not an "+1.41e1" axis offset.
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
     ax.set_ylabel("mAP (%), mean ± std over seeds")
     ax.grid(alpha=0.3)
     fig.tight_layout()
