@@ -29,9 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from ssd_da.evaluation.voc import evaluate_voc  # noqa: E402
 
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor")
+from ssd_da.data.voc import VOC_CLASSES  # noqa: E402
 
 
 def cpu_model() -> str:

@@ -2,11 +2,12 @@
 (used by ``tools/benchmark.py model``; the figures go to docs/benchmarks.md, never to tests)."""
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
+
+from ssd_da.engine.inference import autocast_context
 
 
 @dataclass
@@ -37,12 +38,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def measure(model: torch.nn.Module, mode: str, batch: int, device: torch.device, steps: int,
             warmup: int, amp: bool = False, channels_last: bool = False) -> SpeedResult:
     """Median time per batch over ``steps`` after ``warmup`` (SGD step included in train mode)."""
@@ -61,13 +56,13 @@ def measure(model: torch.nn.Module, mode: str, batch: int, device: torch.device,
         _sync(device)
         start = time.perf_counter()
         if mode == "train":
-            with _autocast(device, amp):
+            with autocast_context(device, amp):
                 loss = sum(model(images, targets).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         else:
-            with torch.inference_mode(), _autocast(device, amp):
+            with torch.inference_mode(), autocast_context(device, amp):
                 model(images)
         _sync(device)
         if i >= warmup:
