@@ -43,7 +43,7 @@ class Config:
 
     # optimisation: SGD, lr 1e-3, momentum 0.9, weight decay 5e-4, batch 32, 120k iterations with
     # lr x0.1 at 80k and 100k (SSD paper, sec. 3.2), plus a linear warmup as in ssd.pytorch/lufficc.
-    batch_size: int = 32
+    batch_size: int = 32  # per process: under torchrun the global batch is N x batch_size
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4

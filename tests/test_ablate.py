@@ -201,6 +201,54 @@ def test_suite_runs_reports_skips_and_resumes(demo_devkit, tmp_path, monkeypatch
         assert [float(r["map"]) for r in csv.DictReader(fh)] == [float(r["map"]) for r in rows]
 
 
+def test_run_interrupted_mid_training_resumes_exactly(demo_devkit, tmp_path, monkeypatch):
+    import ssd_da.engine.trainer as trainer
+    from ssd_da.engine.checkpoint import load_checkpoint
+
+    one = ("--backbones", "resnet18", "--seeds", "1", "--iters", "3", "ckpt_every=1", "log_every=1")
+    ref, out = tmp_path / "ref", tmp_path / "cut"
+    assert _cli(demo_devkit, ref, *one) == 0  # uninterrupted
+
+    real_step, steps = trainer.train_step, {"n": 0}
+
+    def killed_at_third_step(*args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == 3:
+            raise KeyboardInterrupt  # as if the machine went away mid-run
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", killed_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        _cli(demo_devkit, out, *one)
+    run_dir = out / "resnet18" / "seed0"
+    assert load_checkpoint(run_dir / "last.pth")["iteration"] == 2
+    assert not (run_dir / "summary.json").exists()
+
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    calls, real_train = [], trainer.train
+
+    def spy(cfg, resume=None):
+        calls.append(resume)
+        return real_train(cfg, resume=resume)
+
+    monkeypatch.setattr(trainer, "train", spy)
+    assert _cli(demo_devkit, out, *one) == 0
+    assert calls == [run_dir / "last.pth"]
+    log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(x) for x in (ref / "resnet18/seed0/log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if "loss" in r] == [1, 2, 3]
+    assert [r["loss"] for r in log if "loss" in r] == [r["loss"] for r in ref_log if "loss" in r]
+    with open(out / "results.csv") as fh, open(ref / "results.csv") as gh:
+        row, ref_row = next(csv.DictReader(fh)), next(csv.DictReader(gh))
+    assert row["map"] == ref_row["map"]
+    # Speed and wall time cover the whole run (both sessions), not only the resumed part.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert float(row["train_images_per_s"]) == pytest.approx(summary["train_images_per_s"])
+    assert summary["train_images_per_s"] > 0 and summary["wall_time_s"] > 0
+    ckpt = load_checkpoint(run_dir / "last.pth")
+    assert ckpt["timing"]["images"] == 3 * 2  # 3 iterations of batch 2, over two sessions
+
+
 def test_cli_rejects_options_the_runner_owns(tmp_path, capsys):
     base = ["--backbones", "resnet18", "--output-dir", str(tmp_path)]
     cases = [(["--backbone", "resnet18", *base], "--backbone is set by the runner"),

@@ -20,7 +20,7 @@ from PIL import Image
 from ssd_da.data.voc import load_rgb
 from ssd_da.engine.checkpoint import save_checkpoint
 from ssd_da.models.ssd import build_ssd
-from ssd_da.visualize.cam import device_from_arg, predict_image
+from ssd_da.engine.inference import predict_image, resolve_device
 from ssd_da.visualize.draw import (cam_figure, display_name, draw_detections, figure_size_px,
                                    overlay_heatmap, save_figure)
 
@@ -115,6 +115,12 @@ def test_overlay_heatmap_by_hand():
     np.testing.assert_array_equal(overlay_heatmap(image, np.ones((2, 3)), alpha=0.0), image)
     with pytest.raises(ValueError, match="cam: shape"):
         overlay_heatmap(image, np.zeros((3, 2)))
+    for bad, got in ((image.astype(np.float32), "float32 array of shape"),
+                     (image[..., 0], r"uint8 array of shape \(2, 3\)"), (image.tolist(), "list")):
+        with pytest.raises(ValueError, match=r"image: expected an \(H, W, 3\) uint8 RGB array, got " + got):
+            overlay_heatmap(bad, np.zeros((2, 3)))
+        with pytest.raises(ValueError, match="image: expected"):
+            draw_detections(bad, np.zeros((0, 4)), np.zeros(0, int), np.zeros(0), CLASSES)
 
 
 def test_draw_detections_pixels():
@@ -146,10 +152,10 @@ def test_cam_figure_layout():
         cam_figure([[(image, "a"), (image, "b")], [(image, "c")]])
 
 
-def test_device_from_arg():
-    assert device_from_arg("cpu") == torch.device("cpu")
-    assert device_from_arg("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match=r"--device: 'gpu0' is not a device"):
-        device_from_arg("gpu0")
+        resolve_device("gpu0")
     with pytest.raises(ValueError, match=r"--device: 'cuda:99' is not available"):
-        device_from_arg("cuda:99")
+        resolve_device("cuda:99")

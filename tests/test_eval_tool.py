@@ -99,6 +99,10 @@ def _write(tmp_path: Path, recs) -> Path:
     ({"image_id": None, "label": "circle", "score": 0.5, "bbox": [5, 1, 1, 5]}, "x2 >= x1"),
     ({"image_id": None, "label": "circle", "score": 0.5, "bbox": [1, 1, 5]}, "4 finite numbers"),
     ({"image_id": None, "label": "circle", "bbox": [1, 1, 5, 5]}, "must have image_id, label"),
+    ({"image_id": None, "label": ["circle"], "score": 0.5, "bbox": [1, 1, 5, 5]}, "unknown label ['circle']"),
+    ({"image_id": None, "label": "circle", "score": True, "bbox": [1, 1, 5, 5]}, "score must be a finite"),
+    ({"image_id": None, "label": "circle", "score": 0.5, "bbox": [1, 1, True, 5]}, "4 finite numbers"),
+    ({"image_id": None, "label": "circle", "score": 0.5, "bbox": [1, 1, "5", 5]}, "4 finite numbers"),
 ])
 def test_bad_detection_files(demo_root, tmp_path, caplog, rec, message):
     ids = (demo_root / "VOC2007/ImageSets/Main/test.txt").read_text().split()
@@ -112,3 +116,74 @@ def test_classes_that_do_not_match_the_data(demo_root, tmp_path, caplog):
     path = _write(tmp_path, [])
     assert run(["--detections", str(path), "--data-root", str(demo_root), "--classes", "circle"]) == 2
     assert "does not know" in caplog.text and "circle" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained ResNet18 detector for the demo classes (its detections are arbitrary but
+    deterministic, which is all the plumbing below needs)."""
+    import torch
+
+    from ssd_da.engine.checkpoint import save_checkpoint
+    from ssd_da.models.ssd import build_ssd
+
+    torch.manual_seed(0)
+    model = build_ssd("resnet18", num_classes=len(DEMO_CLASSES) + 1)
+    path = tmp_path_factory.mktemp("evalckpt") / "r18.pth"
+    save_checkpoint({"model": model.state_dict(), "backbone": "resnet18",
+                     "class_names": list(DEMO_CLASSES), "config": {}, "iteration": 0}, path)
+    return path
+
+
+def test_checkpoint_inference_and_saved_detections(demo_root, checkpoint, tmp_path, capsys):
+    dets, res = tmp_path / "dets.json", tmp_path / "res.json"
+    args = ["--checkpoint", str(checkpoint), "--data-root", str(demo_root), "--split", "voc07_test",
+            "--device", "cpu", "--batch-size", "5", "--workers", "0", "--no-coco"]
+    assert run([*args, "--save-detections", str(dets), "--json", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "12 images; inference" in out and "images/s" in out
+    first = json.loads(res.read_text())
+    assert first["num_images"] == 12 and set(first["ap"]) == set(DEMO_CLASSES)
+    records = json.loads(dets.read_text())
+    assert records and {r["label"] for r in records} <= set(DEMO_CLASSES)
+    assert all(0.01 <= r["score"] <= 1 for r in records)  # the test-time score threshold
+    per_image = {}
+    for r in records:
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    assert max(per_image.values()) <= 200  # at most 200 detections per image
+    # The saved file evaluates, with no model, to the same numbers.
+    assert run(["--detections", str(dets), *common(demo_root), "--json", str(res), "--no-coco"]) == 0
+    second = json.loads(res.read_text())
+    assert second["map"] == pytest.approx(first["map"], abs=1e-12)
+    assert second["ap"] == pytest.approx(first["ap"], abs=1e-12)
+
+
+def test_checkpoint_classes_must_match(demo_root, checkpoint, tmp_path, caplog):
+    args = ["--checkpoint", str(checkpoint), "--data-root", str(demo_root), "--device", "cpu"]
+    assert run([*args, "--classes", "circle,square"]) == 2
+    assert "differ from the classes" in caplog.text and "r18.pth" in caplog.text
+    caplog.clear()
+    import torch
+
+    state = torch.load(checkpoint, weights_only=False)
+    state["class_names"] = list(DEMO_CLASSES[:-1]) + ["zebra"]
+    other = tmp_path / "other.pth"
+    torch.save(state, other)
+    assert run(["--checkpoint", str(other), "--data-root", str(demo_root), "--device", "cpu"]) == 2
+    assert "does not know" in caplog.text and DEMO_CLASSES[-1] in caplog.text
+    assert "--classes" not in caplog.text.split("does not know")[1]  # no hint it cannot follow
+
+
+def test_json_without_any_ground_truth_is_valid_json(tmp_path):
+    import argparse
+
+    from ssd_da.evaluation.voc import evaluate_voc
+
+    empty = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64)}
+    result = evaluate_voc([{**empty, "scores": np.zeros(0)}], [{**empty, "difficult": np.zeros(0, bool)}],
+                          ["a", "b"])
+    path = tmp_path / "r.json"
+    args = argparse.Namespace(save_detections=None, json=str(path), plots=None, metric="voc07")
+    eval_voc.write_outputs(args, result, [], ["x"], ["a", "b"])
+    assert json.loads(path.read_text()) == {"metric": "voc07_11point", "map": None,
+                                            "ap": {"a": None, "b": None}, "num_images": 1}

@@ -8,6 +8,7 @@ lie on the 10x10 (layer4) and smaller maps, which depend on layer4.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,9 @@ from PIL import Image
 
 from ssd_da.engine.checkpoint import load_detector, save_checkpoint
 from ssd_da.models.ssd import build_ssd
+from ssd_da.engine.inference import predict_image, preprocess
 from ssd_da.visualize.cam import (METHODS, AnchorScoreTarget, CamTarget, anchor_map_sizes,
-                                  block_paths, default_layer, explain, get_method, predict_image,
-                                  preprocess, resolve_layer)
+                                  block_paths, default_layer, explain, get_method, resolve_layer)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -198,9 +199,18 @@ def test_anchor_map_sizes_and_target_value_by_hand():
     assert float(value) == pytest.approx(np.log(1.5) + np.log(1 / 3), abs=1e-6)
 
 
-def test_cli_figure_for_two_checkpoints(trained, other_ckpt, tmp_path):
-    _, ckpt, _, paths = trained
+def test_cli_figure_for_two_checkpoints(trained, other_ckpt, tmp_path, monkeypatch):
+    from ssd_da.visualize import draw
+
+    _, ckpt, images, paths = trained
     out = tmp_path / "fig.png"
+    figures, real_save = [], draw.save_figure
+
+    def keep(fig, path):
+        figures.append(fig)
+        real_save(fig, path)
+
+    monkeypatch.setattr(draw, "save_figure", keep)
     args = gradcam_tool.get_args_parser().parse_args(
         [*map(str, paths), "--checkpoint", str(ckpt), "--checkpoint", str(other_ckpt),
          "--out", str(out), "--draw-boxes", "--device", "cpu"])
@@ -208,6 +218,20 @@ def test_cli_figure_for_two_checkpoints(trained, other_ckpt, tmp_path):
     # 2 images x (original + 2 checkpoints); a panel is 3.0 x 3.25 in at 100 dpi = 300 x 325 px.
     with Image.open(out) as fig:
         assert fig.size == (3 * 300, 2 * 325)
+    # Rows are images, columns original | first checkpoint | second, titled by backbone.
+    (fig,) = figures
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 6
+    for row, path in enumerate(paths):
+        original, first, second = titles[3 * row: 3 * row + 3]
+        assert original == path.name
+        assert re.fullmatch(r"ResNet18-SSD\ngradcam layer4\.1: (square|disc) [\d.]+ \(top\)", first)
+        assert re.fullmatch(r"DA-ResNet18-SSD\ngradcam layer4\.1: (cat|dog|disc) [\d.]+ \(top\)",
+                            second)
+        np.testing.assert_array_equal(fig.axes[3 * row].images[0].get_array(), images[row])
+    x0 = [ax.get_position().x0 for ax in fig.axes[:3]]
+    assert x0 == sorted(x0)  # the columns run left to right in that order
+    assert fig.axes[3].get_position().y1 <= fig.axes[0].get_position().y0  # image 2 below image 1
 
 
 def run_cli(capsys, *argv: str) -> str:

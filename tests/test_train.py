@@ -1,7 +1,9 @@
 """Training loop: exact resume, non-finite loss handling, the sampler, DDP on CPU (gloo)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -42,6 +44,29 @@ def tiny_cfg(data_root: Path, out: Path, **kw):
 
     items.setdefault("classes", list(DEMO_CLASSES))
     return load_config(None, [f"{k}={json.dumps(v)}" for k, v in items.items()])
+
+
+def _load_train_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def caplog_at_error():
+    """Records of ERROR level from any logger (the CLI logs its error through logging)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)
 
 
 def losses_of(run_dir: Path) -> dict[int, float]:
@@ -115,6 +140,20 @@ def test_non_finite_loss_stops_and_keeps_last_good(tiny_demo, tmp_path, monkeypa
     assert ckpt["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
+    # The command line turns it into exit code 3 with the step in the message.
+    calls["n"] = 0
+    tool = _load_train_tool()
+    cfg = tiny_cfg(tiny_demo, tmp_path / "nan_cli", iters=5)
+    argv = ["--data-root", str(tiny_demo), "--output-dir", str(tmp_path / "nan_cli"),
+            *(f"{k}={json.dumps(v)}" for k, v in cfg.to_dict().items()
+              if k in ("classes", "batch_size", "iters", "workers", "pretrained", "demo", "lr", "backbone",
+                       "train_split", "test_split", "log_every",
+                       "lr_steps", "warmup_iters", "eval_every", "ckpt_every"))]
+    with caplog_at_error() as records:
+        assert tool.main(tool.get_args_parser().parse_args(argv)) == 3
+    assert any("iteration 3" in r.getMessage() for r in records)
+    assert load_checkpoint(tmp_path / "nan_cli/last.pth")["iteration"] == 2
+
 
 def test_non_finite_gradient_stops_before_the_update(tiny_demo, tmp_path, monkeypatch):
     from ssd_da.models import ssd as ssd_module
@@ -143,6 +182,33 @@ def test_mistyped_pretrained_path_is_an_error(tiny_demo, tmp_path):
         train(tiny_cfg(tiny_demo, tmp_path / "p", iters=1, pretrained=str(tmp_path / "typo.pth")))
 
 
+@pytest.mark.parametrize("source", ["resnet18_imagenet.pth.tar", "weights.bin", "r18.pt"])
+def test_pretrained_that_is_neither_file_nor_weights_name_is_an_error(source, tmp_path,
+                                                                     monkeypatch):
+    from ssd_da.engine.trainer import build_model
+
+    monkeypatch.chdir(tmp_path)  # none of these names exists here
+    cfg = tiny_cfg(tmp_path, tmp_path / "o", backbone="resnet18", pretrained=source)
+    with pytest.raises(FileNotFoundError, match=source.replace(".", r"\.")):
+        build_model(cfg, 4, torch.device("cpu"))
+
+
+def test_unreachable_weights_name_falls_back_to_scratch(tmp_path, monkeypatch, caplog):
+    from ssd_da.engine.trainer import build_model
+    from ssd_da.models import pretrained
+
+    def offline(weights):
+        raise RuntimeError(f"could not fetch {weights} (offline)")
+
+    monkeypatch.setattr(pretrained, "_download", offline)
+    cfg = tiny_cfg(tmp_path, tmp_path / "o", backbone="resnet18", pretrained="IMAGENET1K_V1")
+    with caplog.at_level("WARNING"):
+        model = build_model(cfg, 4, torch.device("cpu"))
+    assert model.backbone.layer1[0].conv1.weight.shape == (64, 64, 3, 3)
+    assert any("unreachable" in r.getMessage() and "from scratch" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_resume_refuses_other_architecture(tiny_demo, tmp_path):
     train(tiny_cfg(tiny_demo, tmp_path / "r18", iters=1))
     from ssd_da.engine.checkpoint import CheckpointError
@@ -165,7 +231,7 @@ def test_cli_nan_exit_code_and_unknown_backbone(tiny_demo, tmp_path):
 def test_ddp_two_processes_gloo(tiny_demo, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", str(ROOT / "tools/train.py"), "--backbone", "resnet18",
+           "--master_port", str(_free_port()), str(ROOT / "tools/train.py"), "--backbone", "resnet18",
            "--data-root", str(tiny_demo), "--output-dir", str(out), "--device", "cpu",
            "--iters", "2", "--batch-size", "2", "--workers", "0", "pretrained=none",
            "train_split=voc07_trainval", "test_split=voc07_test", "classes=" + json.dumps(
@@ -181,3 +247,65 @@ def test_ddp_two_processes_gloo(tiny_demo, tmp_path):
     ckpt = load_checkpoint(out / "last.pth")
     assert ckpt["iteration"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
     assert math.isfinite(records[-1]["map"])
+    # The run ends by checking that both ranks hold bit-identical weights (it would exit non-zero
+    # otherwise, e.g. if the model were not wrapped in DDP and each rank stepped on its own shard).
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 4
+    assert "global batch 4" in res.stdout
+    assert res.stderr.count("voc07_trainval (") == 1  # INFO lines from rank 0 only
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _replica_worker(rank: int, port: int, diverge: bool, result_file: str) -> None:
+    import torch.distributed as dist
+
+    from ssd_da.engine.distributed import check_replicas_agree
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model[1].running_mean += rank  # buffers may differ (per-process BatchNorm statistics)
+    if diverge and rank == 1:
+        with torch.no_grad():
+            model[0].weight[0, 0] += 1e-7
+    try:
+        check_replicas_agree(model)
+        outcome = "agree"
+    except RuntimeError as exc:
+        outcome = str(exc)
+    Path(f"{result_file}.{rank}").write_text(outcome)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("diverge", [False, True])
+def test_check_replicas_agree_two_processes(diverge, tmp_path):
+    import torch.multiprocessing as mp
+
+    result = str(tmp_path / "r")
+    mp.spawn(_replica_worker, args=(_free_port(), diverge, result), nprocs=2)
+    outcomes = [Path(f"{result}.{r}").read_text() for r in (0, 1)]
+    if diverge:
+        assert all("replicas diverged" in o for o in outcomes)
+    else:
+        assert outcomes == ["agree", "agree"]
+
+
+def test_warmup_longer_than_the_schedule_is_reported(tmp_path, caplog):
+    from ssd_da.engine.trainer import validate_config
+
+    with caplog.at_level("WARNING", logger="ssd_da.engine.trainer"):
+        validate_config(tiny_cfg(tmp_path, tmp_path, iters=4, warmup_iters=2, lr_steps=[3]))
+        assert not caplog.records
+        validate_config(tiny_cfg(tmp_path, tmp_path, iters=300, warmup_iters=500, lr_steps=[220]))
+        validate_config(tiny_cfg(tmp_path, tmp_path, iters=300, warmup_iters=500, lr_steps=[]))
+    messages = [r.getMessage() for r in caplog.records]
+    assert "warmup_iters=500 runs past the first lr step (iteration 220)" in messages[0]
+    assert "warmup_iters=22" in messages[0]
+    assert "the end of training (iteration 300)" in messages[1]

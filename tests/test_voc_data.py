@@ -83,6 +83,28 @@ def test_degenerate_boxes_dropped_with_warning(tmp_path: Path, caplog: pytest.Lo
     assert len(warnings) == 2
     assert all(str(path) in w for w in warnings)
     assert "object #1 (cat)" in warnings[0] and "object #2 (dog)" in warnings[1]
+    # Evaluation sees every object as written, as the devkit does: (5, 5, 5, 9) is a 1-pixel-wide
+    # box in the devkit's inclusive convention, and the inverted dog is an object it cannot match.
+    gt = ann.ground_truth()
+    np.testing.assert_array_equal(gt["boxes"], [[4, 4, 4, 8], [8, 4, 3, 8], [1, 1, 7, 7]])
+    np.testing.assert_array_equal(gt["labels"], [1, 2, 2])
+    np.testing.assert_array_equal(gt["difficult"], [False, False, False])
+
+
+def test_devkit_ground_truth_changes_ap_like_the_devkit(tmp_path: Path) -> None:
+    from ssd_da.evaluation.voc import evaluate_voc
+
+    path = tmp_path / "thin.xml"
+    path.write_text(_xml([_obj("cat", (5, 5, 5, 9)), _obj("cat", (12, 2, 30, 28))]))
+    ann = parse_annotation(path, CLASSES)
+    assert len(ann.boxes) == 1  # training drops the zero-area box
+    dets = [{"boxes": np.array([[4, 4, 4, 8], [11, 1, 29, 27]], np.float32),
+             "scores": np.array([0.9, 0.8]), "labels": np.array([1, 1])}]
+    # Both detections match exactly: the devkit's AP is 1; with the 1-pixel box dropped the first
+    # detection would be a false positive (precision 1/2 at full recall, 11-point AP 0.5).
+    assert evaluate_voc(dets, [ann.ground_truth()], CLASSES).ap["cat"] == pytest.approx(1.0)
+    training_view = {"boxes": ann.boxes, "labels": ann.labels, "difficult": ann.difficult}
+    assert evaluate_voc(dets, [training_view], CLASSES).ap["cat"] == pytest.approx(0.5)
 
 
 def test_box_outside_image_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -92,6 +114,11 @@ def test_box_outside_image_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureF
         ann = parse_annotation(path, CLASSES)
     np.testing.assert_array_equal(ann.boxes, [[1, 1, 7, 7]])
     assert any("outside" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    # The devkit neither clips nor drops: evaluation keeps the box as written.
+    np.testing.assert_array_equal(ann.ground_truth()["boxes"], [[44, 4, 59, 8], [1, 1, 7, 7]])
+    clean = tmp_path / "clean.xml"
+    clean.write_text(_xml([_obj("cat", (2, 2, 8, 8))]))
+    assert parse_annotation(clean, CLASSES).devkit is None  # no second copy when nothing changed
 
 
 @pytest.mark.parametrize("xml, fragment", [
@@ -224,6 +251,18 @@ def test_missing_size_reads_real_image_size(tmp_path: Path) -> None:
     np.testing.assert_array_equal(ds.get_annotation(0).boxes, [[1, 1, 24, 19]])
 
 
+def test_unreadable_image_needed_for_size(tmp_path: Path) -> None:
+    year = tmp_path / "VOCdevkit" / "VOC2007"
+    _write_sample(year, "ok", _xml([_obj("cat", (2, 2, 8, 8))]), _rgb())
+    _write_sample(year, "bad", _xml([_obj("cat", (2, 2, 8, 8))], width=None), None)
+    (year / "JPEGImages" / "bad.jpg").write_bytes(b"not a jpeg")
+    _write_set(year, "test", ["ok", "bad"])
+    with pytest.raises(OSError, match=r"cannot read image .*bad\.jpg .*bad\.xml lacks"):
+        VOCDetection(tmp_path / "VOCdevkit", "voc07_test", CLASSES)
+    ds = VOCDetection(tmp_path / "VOCdevkit", "voc07_test", CLASSES, skip_bad=True)
+    assert ds.num_skipped == 1 and [a.image_id for a in ds.annotations] == ["ok"]
+
+
 def test_missing_image_and_bad_xml_raise_or_are_skipped(devkit: Path, caplog: pytest.LogCaptureFixture) -> None:
     v07 = devkit / "VOC2007"
     (v07 / "JPEGImages" / "07_b.jpg").unlink()
@@ -298,6 +337,10 @@ def test_bccd_counts_and_zero_area_boxes(caplog: pytest.LogCaptureFixture) -> No
     devkit = _bccd_root()
     classes = ("RBC", "WBC", "Platelets")
     totals = np.zeros(3, dtype=np.int64)
+    # Objects per class (RBC, WBC, Platelets) used for training (an independent regex count over the
+    # XML text, _regex_counts, agrees; the per-split sums add up to the README's 4,888 - 2). The
+    # two zero-area boxes are both RBCs in trainval, and evaluation keeps them (3350 RBCs).
+    expected = {"trainval": [3348, 301, 292], "test": [805, 71, 69]}
     for split, set_name, size in (("voc07_trainval", "trainval", 292), ("voc07_test", "test", 72)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ssd_da.data.voc"):
@@ -305,10 +348,13 @@ def test_bccd_counts_and_zero_area_boxes(caplog: pytest.LogCaptureFixture) -> No
         assert len(ds) == size and ds.num_skipped == 0
         labels = np.concatenate([ds.get_annotation(i).labels for i in range(len(ds))])
         counts = np.bincount(labels, minlength=4)[1:]
+        np.testing.assert_array_equal(counts, expected[set_name])
         np.testing.assert_array_equal(counts, _regex_counts(devkit, set_name, classes))
         totals += counts
         warned = sorted(r.getMessage().split("/")[-1].split(":")[0] for r in caplog.records)
         # Both zero-area boxes (00338: 504,337,504,337; 00343: 181,329,181,329) are in trainval.
         assert warned == (["BloodImage_00338.xml", "BloodImage_00343.xml"] if set_name == "trainval" else [])
+        gt_total = sum(len(ds.get_annotation(i).ground_truth()["labels"]) for i in range(len(ds)))
+        assert gt_total == len(labels) + len(warned)  # evaluation keeps them, as the devkit does
     # The BCCD README counts 4,888 boxes in all 364 images; two of them have zero area.
     assert totals.sum() == 4888 - 2

@@ -65,7 +65,7 @@ def detect_one(model: Any, path: str, class_names: list[str],
                score: float) -> tuple[Any, list[dict]]:
     """(picture (H, W, 3) uint8, JSON records) for one image file."""
     from ssd_da.data.voc import load_rgb
-    from ssd_da.visualize.cam import predict_image
+    from ssd_da.engine.inference import predict_image
     from ssd_da.visualize.draw import draw_detections
 
     image = load_rgb(path)
@@ -84,9 +84,9 @@ def main(args: argparse.Namespace) -> int:
         from PIL import Image
 
         from ssd_da.engine.checkpoint import load_detector
-        from ssd_da.visualize.cam import device_from_arg
+        from ssd_da.engine.inference import resolve_device
 
-        model, ckpt = load_detector(args.checkpoint, device_from_arg(args.device))
+        model, ckpt = load_detector(args.checkpoint, resolve_device(args.device))
         class_names = list(ckpt["class_names"])
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -55,6 +55,11 @@ def parse_classes(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
+def _is_number(value: Any) -> bool:
+    """A JSON number (true/false are not numbers here, although Python's bool is an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def load_detection_file(path: str | Path, image_ids: Sequence[str], class_names: Sequence[str]
                         ) -> list[dict[str, np.ndarray]]:
     """Read the JSON format above into per-image arrays (0-based boxes, labels 1..C)."""
@@ -76,15 +81,15 @@ def load_detection_file(path: str | Path, image_ids: Sequence[str], class_names:
         if img not in index:
             raise EvalInputError(f"{where}: image_id {img!r} is not in the split "
                                  f"({len(image_ids)} images, e.g. {', '.join(image_ids[:3])})")
-        if label not in label_of:
+        if not isinstance(label, str) or label not in label_of:
             raise EvalInputError(f"{where}: unknown label {label!r}; valid: {', '.join(class_names)}")
         ok = isinstance(box, list) and len(box) == 4 and all(
-            isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+            _is_number(v) and math.isfinite(v) for v in box)
         if not ok or box[2] < box[0] or box[3] < box[1]:
             raise EvalInputError(f"{where}: bbox must be 4 finite numbers [x1, y1, x2, y2] with "
                                  f"x2 >= x1 and y2 >= y1; got {box!r}")
         score = rec["score"]
-        if not isinstance(score, (int, float)) or not math.isfinite(score):
+        if not _is_number(score) or not math.isfinite(score):
             raise EvalInputError(f"{where}: score must be a finite number; got {score!r}")
         per_image[index[img]].append((*[v - 1.0 for v in box], float(score), label_of[label]))
     out = []
@@ -114,7 +119,7 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
     from ssd_da.data.voc import VOCDetection
     from ssd_da.engine.checkpoint import load_detector
     from ssd_da.engine.inference import predict
-    from ssd_da.engine.trainer import resolve_device
+    from ssd_da.engine.inference import resolve_device
 
     device = resolve_device(args.device)
     model, ckpt = load_detector(args.checkpoint, device)
@@ -122,7 +127,8 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
     if class_names is not None and class_names != trained:
         raise EvalInputError(f"--classes {','.join(class_names)} differ from the classes "
                              f"{args.checkpoint} was trained on: {','.join(trained)}")
-    check_classes_match(args.data_root, args.split, trained, args.checkpoint)  # before inference
+    check_classes_match(args.data_root, args.split, trained, args.checkpoint,  # before inference
+                        hint="evaluate it on a split of the data it was trained for")
     size = int(ckpt.get("config", {}).get("image_size", 300))
     dataset = VOCDetection(args.data_root, args.split, class_names=trained,
                            transform=build_eval_transform(size), keep_difficult=True,
@@ -148,14 +154,15 @@ def names_in_split(data_root: str, split: str) -> set[str]:
     return names
 
 
-def check_classes_match(data_root: str, split: str, class_names: Sequence[str], source: str) -> None:
+def check_classes_match(data_root: str, split: str, class_names: Sequence[str], source: str,
+                        hint: str = "pass --classes matching the data") -> None:
     """A model's classes must cover the dataset's: otherwise every AP would silently be n/a."""
     found = names_in_split(data_root, split)
     unknown = sorted(found - set(class_names))
     if unknown:
         raise EvalInputError(
             f"{data_root} split {split} has classes {', '.join(unknown)} that {source} does not "
-            f"know (its classes: {', '.join(class_names)}); pass --classes matching the data")
+            f"know (its classes: {', '.join(class_names)}); {hint}")
 
 
 def report(result, coco: dict[str, float] | None, num_images: int, rate: float | None) -> None:
@@ -187,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
             ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
             detections = load_detection_file(args.detections, ids, class_names)
         annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
-        gts = [{"boxes": a.boxes, "labels": a.labels, "difficult": a.difficult} for a in annotations]
+        gts = [a.ground_truth() for a in annotations]
         result = evaluate_voc(detections, gts, class_names, metric=args.metric)
         coco = None
         if not args.no_coco:
@@ -208,10 +215,13 @@ def write_outputs(args, result, detections, image_ids, class_names) -> None:
         Path(args.save_detections).write_text(json.dumps(recs))
         print(f"wrote {len(recs)} detections to {args.save_detections}")
     if args.json:
+        # JSON has no NaN: a class without ground truth (AP undefined) and the mAP of a split
+        # with no ground truth at all are written as null.
         ap = {c: (None if math.isnan(v) else float(v)) for c, v in result.ap.items()}
         payload = {"metric": "voc07_11point" if args.metric == "voc07" else "voc_area",
-                   "map": float(result.map), "ap": ap, "num_images": len(image_ids)}
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+                   "map": None if math.isnan(result.map) else float(result.map), "ap": ap,
+                   "num_images": len(image_ids)}
+        Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False))
     if args.plots:
         from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
 

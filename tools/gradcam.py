@@ -148,10 +148,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         check_inputs(args)
         from ssd_da.data.voc import load_rgb
-        from ssd_da.visualize.cam import device_from_arg
+        from ssd_da.engine.inference import resolve_device
         from ssd_da.visualize.draw import cam_figure, save_figure
 
-        models = load_models(args, device_from_arg(args.device))
+        models = load_models(args, resolve_device(args.device))
         rows = []
         for path in args.images:
             image = load_rgb(path)

@@ -3,7 +3,8 @@
 
     python tools/train.py --backbone da_resnet50                 # the paper's recipe, VOC07+12
     python tools/train.py --config configs/demo.yaml             # synthetic demo, CPU, minutes
-    torchrun --nproc_per_node 4 tools/train.py --backbone da_resnet50 --sync-bn
+    torchrun --nproc_per_node 4 tools/train.py --backbone da_resnet50 --batch-size 8 --sync-bn
+                                                  # --batch-size is per process: global 32
     python tools/train.py --resume runs/da_resnet50/last.pth     # continue exactly
 
 Precedence: Config defaults < --config YAML < trailing key=value overrides < explicit options.
@@ -84,10 +85,14 @@ def main(args: argparse.Namespace) -> int:
               f"{100 * summary['final_map']:.2f}%, best {100 * best:.2f}%"
               + (f"; peak GPU memory {summary['peak_memory_mb']:.0f} MiB"
                  if summary["peak_memory_mb"] else "")
+              + (f"; {summary['world_size']} processes x batch {cfg.batch_size} = global batch "
+                 f"{summary['global_batch_size']}" if summary["world_size"] > 1 else "")
               + f"\noutputs in {summary['output_dir']}/ (last.pth, best.pth, log.jsonl, curves.png)")
     return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under torchrun only rank 0 reports progress; the other ranks still print warnings and errors.
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.exit(main(get_args_parser().parse_args()))

@@ -55,8 +55,11 @@ class MissingSizeError(AnnotationError):
 class Annotation:
     """One parsed VOC annotation.
 
-    boxes: (N, 4) float32 xyxy, 0-based absolute pixels, clipped to the image.
-    labels: (N,) int64 in 1..C. difficult: (N,) bool. width/height: image size in pixels.
+    boxes: (N, 4) float32 xyxy, 0-based absolute pixels, clipped to the image, zero-area and
+    inverted boxes dropped (the training targets). labels: (N,) int64 in 1..C.
+    difficult: (N,) bool. width/height: image size in pixels.
+    devkit: None when the above are also the evaluation ground truth; otherwise (boxes, labels,
+    difficult) of every object as the VOC devkit reads it (see :meth:`ground_truth`).
     """
 
     boxes: np.ndarray
@@ -66,6 +69,17 @@ class Annotation:
     height: int
     filename: str
     image_id: str
+    devkit: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def ground_truth(self) -> dict[str, np.ndarray]:
+        """Evaluation ground truth, as the VOC devkit counts it: every top-level object of a
+        known class with its box as written (minus 1), neither clipped nor dropped. A box with
+        xmin == xmax is one pixel wide in the devkit's inclusive convention and counts as an
+        object there, so dropping it (as training must) would change AP. Returns ``{"boxes":
+        (M, 4) float32 xyxy 0-based, "labels": (M,) int64, "difficult": (M,) bool}``."""
+        boxes, labels, difficult = self.devkit if self.devkit is not None else (
+            self.boxes, self.labels, self.difficult)
+        return {"boxes": boxes, "labels": labels, "difficult": difficult}
 
 
 def _number(elem: ET.Element | None, what: str, xml_path: Path) -> float:
@@ -107,11 +121,13 @@ def _image_size(root: ET.Element, xml_path: Path, image_size: tuple[int, int] | 
 
 def _parse_objects(
     root: ET.Element, xml_path: Path, class_to_label: dict[str, int]
-) -> tuple[list[list[float]], list[int], list[bool]]:
-    """Top-level objects of a known class with non-degenerate boxes, in XML (1-based) coordinates."""
+) -> tuple[list[list[float]], list[int], list[bool], list[bool]]:
+    """Top-level objects of a known class in XML (1-based) coordinates: (boxes, labels,
+    difficult, proper), proper False for a zero-area or inverted box (left out of training)."""
     boxes: list[list[float]] = []
     labels: list[int] = []
     difficult: list[bool] = []
+    proper: list[bool] = []
     # findall("object") only returns direct children, so nested <part> boxes are never read
     # (VOC person objects carry head/hand/foot parts with bndboxes of their own).
     for k, obj in enumerate(root.findall("object"), start=1):
@@ -130,14 +146,15 @@ def _parse_objects(
         if name not in class_to_label:
             logger.debug("%s: object #%d has class %r not in class_names; skipped", xml_path, k, name)
             continue
-        if box[2] <= box[0] or box[3] <= box[1]:
-            logger.warning("%s: object #%d (%s) has a zero-area or inverted box %s; dropped",
+        proper.append(box[2] > box[0] and box[3] > box[1])
+        if not proper[-1]:
+            logger.warning("%s: object #%d (%s) has a zero-area or inverted box %s; left out of "
+                           "training (evaluation keeps it, as the VOC devkit does)",
                            xml_path, k, name, tuple(box))
-            continue
         boxes.append(box)
         labels.append(class_to_label[name])
         difficult.append(is_difficult)
-    return boxes, labels, difficult
+    return boxes, labels, difficult, proper
 
 
 def parse_annotation(
@@ -153,7 +170,8 @@ def parse_annotation(
         image_size: (height, width) of the real image, used only when ``<size>`` is missing or zero.
 
     Returns:
-        Annotation with boxes (N, 4) float32 xyxy 0-based pixels clipped to (0..w-1, 0..h-1).
+        Annotation with boxes (N, 4) float32 xyxy 0-based pixels clipped to (0..w-1, 0..h-1),
+        and the unclipped, undropped devkit ground truth (``Annotation.ground_truth()``).
 
     Raises:
         AnnotationError: unparsable XML, missing/non-numeric bndbox coordinate, missing name.
@@ -165,21 +183,24 @@ def parse_annotation(
         raise AnnotationError(f"{xml_path}: malformed XML ({err})") from None
     height, width = _image_size(root, xml_path, image_size)
     class_to_label = {name: i + 1 for i, name in enumerate(class_names)}
-    boxes_l, labels_l, difficult_l = _parse_objects(root, xml_path, class_to_label)
-    boxes = np.asarray(boxes_l, dtype=np.float32).reshape(-1, 4) - 1.0
+    boxes_l, labels_l, difficult_l, proper_l = _parse_objects(root, xml_path, class_to_label)
+    raw = np.asarray(boxes_l, dtype=np.float32).reshape(-1, 4) - 1.0
     labels = np.asarray(labels_l, dtype=np.int64)
     difficult = np.asarray(difficult_l, dtype=np.bool_)
+    boxes = raw.copy()
     np.clip(boxes[:, 0::2], 0, width - 1, out=boxes[:, 0::2])
     np.clip(boxes[:, 1::2], 0, height - 1, out=boxes[:, 1::2])
     # A box lying entirely outside the image collapses to zero area once clipped.
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    for k in np.flatnonzero(~keep):
-        logger.warning("%s: box %d (label %d) lies outside the %dx%d image; dropped",
+    for k in np.flatnonzero(~keep & np.asarray(proper_l, dtype=np.bool_)):
+        logger.warning("%s: box %d (label %d) lies outside the %dx%d image; left out of training",
                        xml_path, int(k), int(labels[k]), width, height)
+    devkit = None if keep.all() and np.array_equal(raw, boxes) else (raw, labels, difficult)
     filename_elem = root.find("filename")
     filename = filename_elem.text.strip() if filename_elem is not None and filename_elem.text else ""
     return Annotation(boxes=boxes[keep], labels=labels[keep], difficult=difficult[keep],
-                      width=width, height=height, filename=filename, image_id=xml_path.stem)
+                      width=width, height=height, filename=filename, image_id=xml_path.stem,
+                      devkit=devkit)
 
 
 def resolve_split(data_root: str | Path, split: str) -> list[tuple[Path, str]]:
@@ -283,7 +304,7 @@ class VOCDetection(torch.utils.data.Dataset):
         for year_dir, image_id in resolve_split(self.data_root, split):
             try:
                 ann, image_path = self._load_one(year_dir, image_id)
-            except (AnnotationError, FileNotFoundError) as err:
+            except (AnnotationError, OSError) as err:  # OSError: missing or unreadable file
                 if not skip_bad:
                     raise
                 self.num_skipped += 1
@@ -311,8 +332,12 @@ class VOCDetection(torch.utils.data.Dataset):
             # No usable <size>: read the real size from the image header (no pixel decoding).
             image_path = find_image(year_dir, image_id)
             if image_path is not None:
-                with Image.open(image_path) as img:
-                    width, height = img.size
+                try:
+                    with Image.open(image_path) as img:
+                        width, height = img.size
+                except OSError as err:
+                    raise OSError(f"cannot read image {image_path} (needed for the size that "
+                                  f"{xml_path} lacks): {err}") from err
                 ann = parse_annotation(xml_path, self.class_names, image_size=(height, width))
         if image_path is None:
             raise FileNotFoundError(f"image for {xml_path} not found: expected "

@@ -1,6 +1,7 @@
 """torchrun / DistributedDataParallel helpers: nothing home-made beyond reading torchrun's env."""
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -62,6 +63,23 @@ def all_gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_replicas_agree(model: torch.nn.Module) -> None:
+    """RuntimeError unless every process holds bit-identical parameters, as DDP guarantees
+    (same initial weights broadcast by DDP, all-reduced gradients, same optimizer). Buffers
+    are left out: BatchNorm running statistics are per process unless SyncBatchNorm is on.
+    A no-op outside torchrun."""
+    if not is_distributed():
+        return
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = all_gather_objects(digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DistributedDataParallel replicas diverged: parameter digests per "
+                           f"rank {digests}")
 
 
 def cleanup() -> None:

@@ -2,12 +2,13 @@
 plain_train_net and torchvision's references/detection/train.py are the models)."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ssd_da.config import Config, save_config
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
 from ssd_da.engine.data import build_datasets, build_train_loader, class_names_from_config
-from ssd_da.engine.inference import autocast_context, evaluate_model
+from ssd_da.engine.inference import autocast_context, evaluate_model, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -36,20 +37,11 @@ class TrainState:
     scaler: torch.amp.GradScaler
     iteration: int = 0
     best_map: float = -1.0
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use cpu or auto")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
+    # Summed over every session of a resumed run, so the summary describes the whole run:
+    # train_s / images: the training loop (data loading in, evaluation out); wall_s: up to the
+    # last checkpoint (time lost after it in an interrupted session is not counted).
+    timing: dict[str, float] = field(default_factory=lambda: {"train_s": 0.0, "images": 0,
+                                                              "wall_s": 0.0})
 
 
 def seed_everything(seed: int) -> None:
@@ -70,16 +62,17 @@ def lr_factor(it: int, cfg: Config) -> float:
 
 def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
     """SSD300 on ``cfg.backbone``; ImageNet weights when reachable, else scratch with a warning."""
+    from ssd_da.models.pretrained import is_weights_name
     from ssd_da.models.ssd import build_ssd
 
     source = None if cfg.pretrained.lower() in ("", "none", "scratch") else cfg.pretrained
-    is_path = source is not None and ("/" in source or Path(source).suffix in (".pth", ".pt"))
     try:
         model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=source)
-    except (OSError, RuntimeError) as exc:
-        # Offline machines cannot download torchvision weights: train from scratch then rather
-        # than stop. A local file (a mistyped path included) must load or the run stops.
-        if source is None or is_path:
+    except RuntimeError as exc:
+        # Offline machines cannot download torchvision weights (load_pretrained raises
+        # RuntimeError then): train from scratch rather than stop. Anything that is not a
+        # weights name (a mistyped path included) must load or the run stops.
+        if source is None or Path(source).exists() or not is_weights_name(source):
             raise
         logger.warning("ImageNet weights %r unreachable (%s); training %s from scratch",
                        source, exc, cfg.backbone)
@@ -131,7 +124,7 @@ def checkpoint_dict(state: TrainState, cfg: Config, class_names: list[str]) -> d
         "class_names": class_names, "config": cfg.to_dict(), "iteration": state.iteration,
         "best_map": state.best_map, "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-        "rng": rng_states(), "world_size": dist_utils.get_world_size(),
+        "rng": rng_states(), "world_size": dist_utils.get_world_size(), "timing": dict(state.timing),
     }
 
 
@@ -149,6 +142,7 @@ def restore(state: TrainState, path: str | Path, cfg: Config, class_names: list[
     state.scheduler.load_state_dict(ckpt["scheduler"])
     state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration, state.best_map = int(ckpt["iteration"]), float(ckpt["best_map"])
+    state.timing.update(ckpt.get("timing", {}))
     set_rng_states(ckpt["rng"])
     if ckpt.get("world_size", 1) != dist_utils.get_world_size():
         logger.warning("--resume %s: saved with %d process(es), resumed with %d: the data order "
@@ -264,6 +258,14 @@ def validate_config(cfg: Config) -> None:
         raise ValueError(f"image_size must be 300 (SSD300's default boxes), got {cfg.image_size}")
     if not all(isinstance(s, int) for s in cfg.lr_steps):
         raise ValueError(f"lr_steps must be a list of iterations, got {cfg.lr_steps}")
+    first_drop = min([s for s in cfg.lr_steps if s > 0] + [cfg.iters])
+    if cfg.warmup_iters > first_drop:
+        # Legal, but a shortened schedule (--iters, lr_steps) that keeps the default warmup
+        # never trains at the full lr: say so rather than let it pass unnoticed.
+        logger.warning("warmup_iters=%d runs past %s (iteration %d): the lr never reaches "
+                       "lr=%g; pass e.g. warmup_iters=%d", cfg.warmup_iters,
+                       "the first lr step" if first_drop < cfg.iters else "the end of training",
+                       first_drop, cfg.lr, max(1, first_drop // 10))
 
 
 def prepare_run(cfg: Config) -> tuple[torch.device, Path, int, int]:
@@ -302,12 +304,27 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
                                 pin_memory=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    bar = tqdm(total=cfg.iters, initial=state.iteration, desc=f"train {cfg.backbone}",
-               disable=rank != 0, dynamic_ncols=True)
     state.model.train()
-    start, tick, seen, last_map = time.perf_counter(), time.perf_counter(), 0, float("nan")
-    # Throughput of the whole loop (data loading included, evaluation excluded).
-    timing, step_start = {"train_s": 0.0, "images": 0}, time.perf_counter()
+    wall = _wall_clock(state.timing["wall_s"])
+    evaluate = functools.partial(run_evaluation, state, test_set, class_names, cfg, device,
+                                 out_dir, log)
+    with tqdm(total=cfg.iters, initial=state.iteration, desc=f"train {cfg.backbone}",
+              disable=rank != 0, dynamic_ncols=True) as bar:
+        last_map = _train_loop(state, loader, cfg, device, bar, log, evaluate, wall,
+                               lambda: checkpoint_dict(state, cfg, class_names), out_dir)
+    if math.isnan(last_map) and state.iteration >= cfg.iters:
+        # Resumed from a last.pth that had already reached the end: still report its mAP.
+        last_map = evaluate()
+    return finish_run(state, cfg, out_dir, device, wall(), last_map)
+
+
+def _train_loop(state: TrainState, loader, cfg: Config, device: torch.device, bar: tqdm,
+                log: RunLog, evaluate, wall, make_checkpoint, out_dir: Path) -> float:
+    """Steps until the loader ends (at ``cfg.iters``): logging, periodic evaluation (returns
+    the last mAP, nan if none ran), ``last.pth``, and the run's timing in ``state.timing``."""
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    tick, seen, last_map = time.perf_counter(), 0, float("nan")
+    timing, step_start = state.timing, time.perf_counter()
     for images, targets in loader:
         losses = train_step(state, images, targets, cfg, device)
         seen += images.shape[0] * world
@@ -322,26 +339,34 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             tick, seen = time.perf_counter(), 0
         timing["train_s"] += time.perf_counter() - step_start
         if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iters:
-            last_map = run_evaluation(state, test_set, class_names, cfg, device, out_dir, log)
+            last_map = evaluate()
             tick, seen = time.perf_counter(), 0  # keep evaluation out of the logged rate
         # After the evaluation, so the best_map saved with last.pth is up to date on resume.
+        timing["wall_s"] = wall()
         if rank == 0 and (it % cfg.ckpt_every == 0 or it == cfg.iters):
-            save_checkpoint(checkpoint_dict(state, cfg, class_names), out_dir / "last.pth")
+            save_checkpoint(make_checkpoint(), out_dir / "last.pth")
         step_start = time.perf_counter()
-    bar.close()
-    if math.isnan(last_map) and state.iteration >= cfg.iters:
-        # Resumed from a last.pth that had already reached the end: still report its mAP.
-        last_map = run_evaluation(state, test_set, class_names, cfg, device, out_dir, log)
-    return finish_run(state, cfg, out_dir, device, start, last_map, timing)
+    return last_map
+
+
+def _wall_clock(offset: float):
+    """A function returning ``offset`` plus the seconds since this call."""
+    start = time.perf_counter()
+    return lambda: offset + time.perf_counter() - start
 
 
 def finish_run(state: TrainState, cfg: Config, out_dir: Path, device: torch.device,
-               start: float, last_map: float, timing: dict[str, float]) -> dict[str, Any]:
-    """Curves PNG and a summary (rank 0), then tear down the process group."""
+               wall_time_s: float, last_map: float) -> dict[str, Any]:
+    """Checks that DDP replicas agree, then curves PNG and a summary (rank 0), then tears down
+    the process group. Timings are for the whole run, all resumed sessions together."""
+    dist_utils.check_replicas_agree(unwrap(state.model))
+    timing = state.timing
     summary = {
         "backbone": cfg.backbone, "iterations": state.iteration, "final_map": last_map,
-        "best_map": state.best_map, "metric": cfg.metric, "wall_time_s": time.perf_counter() - start,
+        "best_map": state.best_map, "metric": cfg.metric, "wall_time_s": wall_time_s,
         "train_images_per_s": timing["images"] / max(timing["train_s"], 1e-9),
+        "world_size": dist_utils.get_world_size(),
+        "global_batch_size": cfg.batch_size * dist_utils.get_world_size(),
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                            if device.type == "cuda" else None),
         "output_dir": str(out_dir),

@@ -174,8 +174,8 @@ def _finished(spec: RunSpec) -> RunOutcome:
         got = None if summary is None else summary.get("iterations")
         return RunOutcome(spec, "failed", f"summary.json missing or at iteration {got}, not {iters}")
     if final_evaluation(spec.out_dir, iters) is None:
-        # A run resumed from a last.pth already at its final iteration trains nothing and the
-        # trainer does not evaluate then; its mAP is unknown until the folder is rerun.
+        # The trainer evaluates at the last iteration (also when resumed from a last.pth that
+        # had reached it); a log without that record was cut or edited by hand.
         return RunOutcome(spec, "failed", f"no evaluation at iteration {iters} in log.jsonl; "
                                           f"remove {spec.out_dir} to retrain it")
     return RunOutcome(spec, "trained")

@@ -180,7 +180,8 @@ def format_markdown(groups: Sequence[BackboneSummary], layout: str = "attention"
            "- mAP: mean ± sample std (ddof=1) over seeds, in percent; n/a for one seed.",
            "- Δ: difference to the plain ResNet of the same depth in percentage points; with "
            "matched seeds the mean of the per-seed (paired) differences, otherwise the "
-           f"difference of means (Welch). [{pct} CI]: Student t interval, n-1 dof.",
+           f"difference of means. [{pct} CI]: Student t interval, n-1 dof for n paired "
+           "differences; Welch-Satterthwaite dof (rounded down) for unpaired runs.",
            f"- ≈0: the {pct} interval includes zero, so these seeds do not show a difference.",
            "- Params/GFLOPs: the SSD300 detector as trained (this run's classes + background, "
            "300x300, torchstat rules). The paper's Params/GFLOPs are the ImageNet classifier "

@@ -152,6 +152,12 @@ def _allowed_missing(key: str) -> bool:
     return ".attn." in key or key.endswith("num_batches_tracked")
 
 
+def is_weights_name(source: str | Path) -> bool:
+    """True for a torchvision weights name ("DEFAULT", "ResNet50_Weights.IMAGENET1K_V1"), as
+    opposed to a file path; says nothing about whether the name exists for a depth."""
+    return isinstance(source, str) and bool(_WEIGHTS_NAME.match(source)) and os.sep not in source
+
+
 def load_pretrained(model: ResNet, source: str | Path) -> LoadReport:
     """Copy the weights of ``source`` into ``model`` (in place) and report what was not loaded.
 
@@ -167,7 +173,7 @@ def load_pretrained(model: ResNet, source: str | Path) -> LoadReport:
     path = Path(source)
     if path.is_file():
         label, raw = str(path), _read_file(path)
-    elif isinstance(source, str) and _WEIGHTS_NAME.match(source) and os.sep not in source:
+    elif is_weights_name(source):
         weights = resolve_weights(model.depth, source)
         label, raw = str(weights), _download(weights)
     else:

@@ -32,7 +32,6 @@ and give an empty map; a warning names the maps then (:func:`anchor_map_sizes`).
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -44,11 +43,11 @@ from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from torch import Tensor, nn
 from torchvision.ops import box_iou, clip_boxes_to_image
 
-from ssd_da.data.transforms import build_eval_transform
+from ssd_da.engine.inference import preprocess
 from ssd_da.models.ssd import SSD300_FEATURE_SIZES
 
 __all__ = ["METHODS", "TARGET_KINDS", "CamTarget", "ResolvedTarget", "CamResult", "get_method",
-           "preprocess", "device_from_arg", "predict_image", "block_paths", "default_layer",
+           "block_paths", "default_layer",
            "resolve_layer", "resolve_target", "anchor_map_sizes", "explain", "compute_cam",
            "AnchorScoreTarget"]
 
@@ -118,56 +117,6 @@ class CamResult:
     cam: np.ndarray
     target: ResolvedTarget
     detections: dict[str, np.ndarray]
-
-
-@functools.lru_cache(maxsize=4)
-def _eval_transform(size: int):
-    return build_eval_transform(size)
-
-
-def preprocess(image: np.ndarray, size: int = 300) -> Tensor:
-    """(H, W, 3) uint8 RGB -> (1, 3, size, size) float32, resized and ImageNet-normalised by
-    the evaluation pipeline (``build_eval_transform``), so CAMs and pictures see what
-    evaluation sees."""
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-            or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) \
-            else type(image).__name__
-        raise ValueError(f"image: expected an (H, W, 3) uint8 RGB array, got {desc}")
-    out = _eval_transform(size)(image=image, bboxes=np.zeros((0, 4), np.float32),
-                                labels=np.zeros((0,), np.int64))
-    return out["image"].unsqueeze(0).float()
-
-
-def device_from_arg(name: str) -> torch.device:
-    """``--device`` value -> torch.device: "auto" is cuda when available, else cpu; ValueError
-    for a malformed name or a CUDA device this machine does not have."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: {name!r} is not a device; "
-                         "valid: auto, cpu, cuda, cuda:<index>")
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"--device: {name!r} is not available here "
-                         f"({torch.cuda.device_count()} CUDA device(s)); use --device cpu")
-    return device
-
-
-@torch.no_grad()
-def predict_image(model: nn.Module, image: np.ndarray) -> dict[str, np.ndarray]:
-    """Detections of one (H, W, 3) uint8 image,
-    ``model(preprocess(image), original_sizes=[(H, W)])`` as numpy: ``boxes`` (K, 4) xyxy in
-    original pixels, 0-based; ``scores`` (K,) descending; ``labels`` (K,) in 1..C.
-    Puts the model in eval mode."""
-    model.eval()
-    x = preprocess(image, model.image_size).to(model.default_boxes.device)
-    det = model(x, original_sizes=[tuple(image.shape[:2])])[0]
-    return {k: v.cpu().numpy() for k, v in det.items()}
 
 
 def block_paths(model: nn.Module) -> list[str]:

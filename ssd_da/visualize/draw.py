@@ -47,10 +47,10 @@ def _check_image(image: np.ndarray, name: str = "image") -> None:
     if isinstance(image, np.ndarray):
         if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
             return
-        got = f"{image.dtype} {image.shape}"
+        got = f"{image.dtype} array of shape {image.shape}"
     else:
         got = type(image).__name__
-        raise ValueError(f"{name}: expected an (H, W, 3) uint8 RGB array, got {got}")
+    raise ValueError(f"{name}: expected an (H, W, 3) uint8 RGB array, got {got}")
 
 
 def overlay_heatmap(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5,
