@@ -221,7 +221,8 @@ def test_run_interrupted_mid_training_resumes_exactly(demo_devkit, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         _cli(demo_devkit, out, *one)
     run_dir = out / "resnet18" / "seed0"
-    assert load_checkpoint(run_dir / "last.pth")["iteration"] == 2
+    first = load_checkpoint(run_dir / "last.pth")
+    assert first["iteration"] == 2 and first["timing"]["images"] == 2 * 2
     assert not (run_dir / "summary.json").exists()
 
     monkeypatch.setattr(trainer, "train_step", real_step)
@@ -245,8 +246,13 @@ def test_run_interrupted_mid_training_resumes_exactly(demo_devkit, tmp_path, mon
     summary = json.loads((run_dir / "summary.json").read_text())
     assert float(row["train_images_per_s"]) == pytest.approx(summary["train_images_per_s"])
     assert summary["train_images_per_s"] > 0 and summary["wall_time_s"] > 0
-    ckpt = load_checkpoint(run_dir / "last.pth")
-    assert ckpt["timing"]["images"] == 3 * 2  # 3 iterations of batch 2, over two sessions
+    timing = load_checkpoint(run_dir / "last.pth")["timing"]
+    assert timing["images"] == 3 * 2  # 3 iterations of batch 2, over two sessions
+    # The second session added its time to the first's rather than starting from zero.
+    assert timing["train_s"] > first["timing"]["train_s"] > 0
+    assert timing["wall_s"] > first["timing"]["wall_s"] > 0
+    assert summary["train_images_per_s"] == pytest.approx(6 / timing["train_s"])
+    assert summary["wall_time_s"] >= timing["wall_s"]
 
 
 def test_cli_rejects_options_the_runner_owns(tmp_path, capsys):
@@ -327,3 +333,15 @@ def test_gpu_queue_runs_train_script_per_run(tmp_path):
     assert failed.status == "failed" and "exit status 2" in failed.message
     with pytest.raises(ValueError, match="cannot be combined with --gpus"):
         run_suite(plan_runs(load_config(None, ["device=cuda:1"]), ["resnet18"], [0], tmp_path), ["0"])
+
+
+def test_describe_reports_the_weights_actually_used():
+    from ssd_da.config import load_config
+    from ssd_da.experiments.ablate import describe
+
+    cfg = load_config(None, ["pretrained=IMAGENET1K_V1", "iters=10"])
+    assert "pretrained 'IMAGENET1K_V1'." in describe(cfg, ["resnet18"], [0], ["IMAGENET1K_V1"])[0]
+    line = describe(cfg, ["resnet18", "da_resnet18"], [0],
+                    ["IMAGENET1K_V1", "none (IMAGENET1K_V1 unreachable)"])[0]
+    assert line.endswith("pretrained 'IMAGENET1K_V1' asked, backbone weights used: IMAGENET1K_V1 "
+                         "in 1 run(s); none (IMAGENET1K_V1 unreachable) in 1 run(s).")

@@ -203,7 +203,8 @@ def test_unreachable_weights_name_falls_back_to_scratch(tmp_path, monkeypatch, c
     monkeypatch.setattr(pretrained, "_download", offline)
     cfg = tiny_cfg(tmp_path, tmp_path / "o", backbone="resnet18", pretrained="IMAGENET1K_V1")
     with caplog.at_level("WARNING"):
-        model = build_model(cfg, 4, torch.device("cpu"))
+        model, init = build_model(cfg, 4, torch.device("cpu"))
+    assert init == "none (IMAGENET1K_V1 unreachable)"
     assert model.backbone.layer1[0].conv1.weight.shape == (64, 64, 3, 3)
     assert any("unreachable" in r.getMessage() and "from scratch" in r.getMessage()
                for r in caplog.records)
@@ -271,6 +272,7 @@ def _replica_worker(rank: int, port: int, diverge: bool, result_file: str) -> No
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model.register_parameter("scale", torch.nn.Parameter(torch.tensor(1.0)))  # 0-dim
     model[1].running_mean += rank  # buffers may differ (per-process BatchNorm statistics)
     if diverge and rank == 1:
         with torch.no_grad():
@@ -305,7 +307,12 @@ def test_warmup_longer_than_the_schedule_is_reported(tmp_path, caplog):
         assert not caplog.records
         validate_config(tiny_cfg(tmp_path, tmp_path, iters=300, warmup_iters=500, lr_steps=[220]))
         validate_config(tiny_cfg(tmp_path, tmp_path, iters=300, warmup_iters=500, lr_steps=[]))
+        # Step k uses lr_factor(k), full only from k = warmup_iters: equal is already too long.
+        validate_config(tiny_cfg(tmp_path, tmp_path, iters=300, warmup_iters=300, lr_steps=[]))
     messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3 and "warmup_iters=300 runs past the end" in messages[2]
+    assert lr_factor(299, tiny_cfg(tmp_path, tmp_path, iters=300, warmup_iters=300,
+                                   lr_steps=[])) < 1.0
     assert "warmup_iters=500 runs past the first lr step (iteration 220)" in messages[0]
     assert "warmup_iters=22" in messages[0]
     assert "the end of training (iteration 300)" in messages[1]

@@ -89,6 +89,14 @@ def test_degenerate_boxes_dropped_with_warning(tmp_path: Path, caplog: pytest.Lo
     np.testing.assert_array_equal(gt["boxes"], [[4, 4, 4, 8], [8, 4, 3, 8], [1, 1, 7, 7]])
     np.testing.assert_array_equal(gt["labels"], [1, 2, 2])
     np.testing.assert_array_equal(gt["difficult"], [False, False, False])
+    # The inverted dog counts as a dog nobody can find: an exact detection of the other dog
+    # reaches recall 1/2 at precision 1, so 11-point AP = 6/11 (t = 0, 0.1, ..., 0.5).
+    from ssd_da.evaluation.voc import evaluate_voc
+
+    # The second detection overlaps the real dog at IoU 24 / 65 < 0.5 and nothing else: an FP.
+    dets = [{"boxes": np.array([[1, 1, 7, 7], [2, 4, 9, 8]], np.float32),
+             "scores": np.array([0.9, 0.8]), "labels": np.array([2, 2])}]
+    assert evaluate_voc(dets, [gt], CLASSES).ap["dog"] == pytest.approx(6 / 11)
 
 
 def test_devkit_ground_truth_changes_ap_like_the_devkit(tmp_path: Path) -> None:

@@ -200,7 +200,11 @@ def main(args: argparse.Namespace) -> int:
         if not args.no_coco:
             from ssd_da.evaluation.coco import coco_metrics
 
-            coco = coco_metrics(detections, gts, class_names)
+            # COCO's continuous coordinates give a zero-width box zero area: it could never be
+            # matched there, so COCO sees the training view (clipped, degenerate boxes dropped).
+            coco = coco_metrics(detections, [{"boxes": a.boxes, "labels": a.labels,
+                                              "difficult": a.difficult} for a in annotations],
+                                class_names)
         report(result, coco, len(dataset), rate)
         write_outputs(args, result, detections, [a.image_id for a in annotations], class_names)
     except (EvalInputError, CheckpointError, ValueError, OSError) as exc:

@@ -83,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"\ndone: {summary['backbone']}, {summary['iterations']} iterations in "
               f"{summary['wall_time_s'] / 60:.1f} min; {summary['metric']} mAP final "
               f"{100 * summary['final_map']:.2f}%, best {100 * best:.2f}%"
+              + f"; backbone init {summary['backbone_init']}"
               + (f"; peak GPU memory {summary['peak_memory_mb']:.0f} MiB"
                  if summary["peak_memory_mb"] else "")
               + (f"; {summary['world_size']} processes x batch {cfg.batch_size} = global batch "

@@ -75,7 +75,7 @@ def check_replicas_agree(model: torch.nn.Module) -> None:
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digests = all_gather_objects(digest.hexdigest())
     if len(set(digests)) != 1:
         raise RuntimeError(f"DistributedDataParallel replicas diverged: parameter digests per "

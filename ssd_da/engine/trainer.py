@@ -40,6 +40,7 @@ class TrainState:
     # Summed over every session of a resumed run, so the summary describes the whole run:
     # train_s / images: the training loop (data loading in, evaluation out); wall_s: up to the
     # last checkpoint (time lost after it in an interrupted session is not counted).
+    backbone_init: str = "none"  # what build_model loaded; a resumed run keeps the first one's
     timing: dict[str, float] = field(default_factory=lambda: {"train_s": 0.0, "images": 0,
                                                               "wall_s": 0.0})
 
@@ -60,12 +61,16 @@ def lr_factor(it: int, cfg: Config) -> float:
     return factor
 
 
-def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """SSD300 on ``cfg.backbone``; ImageNet weights when reachable, else scratch with a warning."""
+def build_model(cfg: Config, num_classes: int, device: torch.device
+                ) -> tuple[torch.nn.Module, str]:
+    """SSD300 on ``cfg.backbone``; ImageNet weights when reachable, else scratch with a warning.
+    Returns ``(model, what its backbone was initialised from)``: the source, "none", or
+    "none (<source> unreachable)", so summaries report what happened, not what was asked."""
     from ssd_da.models.pretrained import is_weights_name
     from ssd_da.models.ssd import build_ssd
 
     source = None if cfg.pretrained.lower() in ("", "none", "scratch") else cfg.pretrained
+    init = source or "none"
     try:
         model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=source)
     except RuntimeError as exc:
@@ -77,12 +82,13 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn
         logger.warning("ImageNet weights %r unreachable (%s); training %s from scratch",
                        source, exc, cfg.backbone)
         model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=None)
+        init = f"none ({source} unreachable)"
     if cfg.sync_bn and dist_utils.is_distributed():
         if device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:  # torch's SyncBatchNorm has no CPU kernel
             logger.warning("--sync-bn needs CUDA; keeping per-process BatchNorm on %s", device)
-    return model.to(device)
+    return model.to(device), init
 
 
 def make_train_state(cfg: Config, model: torch.nn.Module, device: torch.device) -> TrainState:
@@ -125,6 +131,7 @@ def checkpoint_dict(state: TrainState, cfg: Config, class_names: list[str]) -> d
         "best_map": state.best_map, "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
         "rng": rng_states(), "world_size": dist_utils.get_world_size(), "timing": dict(state.timing),
+        "backbone_init": state.backbone_init,
     }
 
 
@@ -143,6 +150,7 @@ def restore(state: TrainState, path: str | Path, cfg: Config, class_names: list[
     state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration, state.best_map = int(ckpt["iteration"]), float(ckpt["best_map"])
     state.timing.update(ckpt.get("timing", {}))
+    state.backbone_init = ckpt.get("backbone_init", state.backbone_init)
     set_rng_states(ckpt["rng"])
     if ckpt.get("world_size", 1) != dist_utils.get_world_size():
         logger.warning("--resume %s: saved with %d process(es), resumed with %d: the data order "
@@ -259,7 +267,7 @@ def validate_config(cfg: Config) -> None:
     if not all(isinstance(s, int) for s in cfg.lr_steps):
         raise ValueError(f"lr_steps must be a list of iterations, got {cfg.lr_steps}")
     first_drop = min([s for s in cfg.lr_steps if s > 0] + [cfg.iters])
-    if cfg.warmup_iters > first_drop:
+    if cfg.warmup_iters >= first_drop:  # step k uses lr_factor(k): full lr from k = warmup_iters
         # Legal, but a shortened schedule (--iters, lr_steps) that keeps the default warmup
         # never trains at the full lr: say so rather than let it pass unnoticed.
         logger.warning("warmup_iters=%d runs past %s (iteration %d): the lr never reaches "
@@ -294,8 +302,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     device, out_dir, rank, world = prepare_run(cfg)
     class_names = class_names_from_config(cfg)
     train_set, test_set = build_datasets(cfg)
-    model = build_model(cfg, len(class_names) + 1, device)
+    model, init = build_model(cfg, len(class_names) + 1, device)
     state = make_train_state(cfg, model, device)
+    state.backbone_init = init
     log = RunLog(out_dir / "log.jsonl", enabled=rank == 0)
     if resume:
         restore(state, resume, cfg, class_names)
@@ -365,7 +374,7 @@ def finish_run(state: TrainState, cfg: Config, out_dir: Path, device: torch.devi
         "backbone": cfg.backbone, "iterations": state.iteration, "final_map": last_map,
         "best_map": state.best_map, "metric": cfg.metric, "wall_time_s": wall_time_s,
         "train_images_per_s": timing["images"] / max(timing["train_s"], 1e-9),
-        "world_size": dist_utils.get_world_size(),
+        "backbone_init": state.backbone_init, "world_size": dist_utils.get_world_size(),
         "global_batch_size": cfg.batch_size * dist_utils.get_world_size(),
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                            if device.type == "cuda" else None),

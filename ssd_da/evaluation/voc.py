@@ -134,7 +134,10 @@ def _pair_iou(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
     inters = iw * ih
     union = ((det[:, 2] - det[:, 0] + 1.0) * (det[:, 3] - det[:, 1] + 1.0)
              + (gt[:, 2] - gt[:, 0] + 1.0) * (gt[:, 3] - gt[:, 1] + 1.0) - inters)
-    return inters / union
+    # An inverted ground truth (x2 < x1, kept because the devkit counts it) never intersects:
+    # IoU 0, where the devkit's 0 / union could be 0 / 0 = nan for a box of the same size.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(inters > 0.0, inters / union, 0.0)
 
 
 def _best_gt(det_img: np.ndarray, det_boxes: np.ndarray, gt_img: np.ndarray,
@@ -212,14 +215,19 @@ def _as_boxes(value: object, what: str) -> np.ndarray:
     return boxes
 
 
-def _check_boxes(boxes: np.ndarray, owner: np.ndarray, what: str) -> None:
-    """Finite, x2 >= x1, y2 >= y1; ``owner`` (N,) gives the image index for the error message."""
+def _check_boxes(boxes: np.ndarray, owner: np.ndarray, what: str,
+                 allow_inverted: bool = False) -> None:
+    """Finite, and x2 >= x1, y2 >= y1 unless ``allow_inverted`` (ground truth: the devkit
+    counts an inverted box as an object no detection can match); ``owner`` (N,) gives the
+    image index for the error message."""
     bad = ~np.isfinite(boxes).all(axis=1)
-    bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if not allow_inverted:
+        bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     if bad.any():
         k = int(np.argmax(bad))
+        rule = "" if allow_inverted else " with x2 >= x1 and y2 >= y1"
         raise ValueError(f"{what} of image {int(owner[k])}: box {boxes[k].tolist()} is not finite "
-                         f"xyxy with x2 >= x1 and y2 >= y1")
+                         f"xyxy{rule}")
 
 
 def _as_labels(value: object, num_classes: int, owner: np.ndarray, what: str) -> np.ndarray:
@@ -305,7 +313,7 @@ def evaluate_class(det_image_ids: np.ndarray, det_boxes: np.ndarray, det_scores:
     if not np.isfinite(scores).all():
         raise ValueError("det_scores must be finite")
     _check_boxes(det_boxes, det_img, "det_boxes")
-    _check_boxes(gt_boxes, gt_img, "gt_boxes")
+    _check_boxes(gt_boxes, gt_img, "gt_boxes", allow_inverted=True)
     # Image ids -> 0..n-1 (only equality matters), then the stable tie rule of the module doc.
     ids, index = np.unique(np.concatenate([det_img, gt_img]), return_inverse=True)
     det_img, gt_img = index[:len(det_img)], index[len(det_img):]
@@ -353,7 +361,7 @@ def evaluate_voc(detections: Sequence[Mapping], annotations: Sequence[Mapping],
         k = int(np.argmax(~np.isfinite(scores)))
         raise ValueError(f"detections[{int(det_img[k])}]['scores'] has a non-finite value")
     _check_boxes(det["boxes"], det_img, "detections boxes")
-    _check_boxes(gt["boxes"], gt_img, "annotations boxes")
+    _check_boxes(gt["boxes"], gt_img, "annotations boxes", allow_inverted=True)
     # Group by class with a stable sort (detections keep input order within a class), then
     # each class by descending score, stable: ties keep input order (module docstring).
     # Ground truths by class, then image (stable: annotation order within an image).

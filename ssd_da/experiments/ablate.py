@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
@@ -324,11 +325,17 @@ def collect_records(specs: Sequence[RunSpec], num_classes: int,
     return records, missing
 
 
-def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int]) -> list[str]:
-    """The settings shared by every run, for the top of results.md."""
+def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int],
+             inits: Sequence[str] = ()) -> list[str]:
+    """The settings shared by every run, for the top of results.md. ``inits``: each reported
+    run's ``backbone_init`` (summary.json), so a fallback to scratch is not hidden."""
+    counts = Counter(inits)
+    used = "; ".join(f"{k} in {n} run(s)" for k, n in counts.items())
+    pretrained = f"pretrained {base.pretrained!r}"
+    if counts and set(counts) != {base.pretrained}:
+        pretrained += f" asked, backbone weights used: {used}"
     return [f"- {len(backbones)} backbone(s) x {len(seeds)} seed(s) {list(seeds)}; "
-            f"{base.iters} iterations, batch {base.batch_size}, lr {base.lr}, "
-            f"pretrained {base.pretrained!r}.",
+            f"{base.iters} iterations, batch {base.batch_size}, lr {base.lr}, {pretrained}.",
             f"- Data: train {base.train_split}, test {base.test_split} under {base.data_root}; "
             f"metric {base.metric} mAP at the last iteration (not the best one, which would "
             f"be picked on the test set)."]
@@ -351,7 +358,9 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
     groups = summarize(records, level)
     backbones = list(dict.fromkeys(s.backbone for s in specs))
     seeds = list(dict.fromkeys(s.seed for s in specs))
-    notes = describe(specs[0].cfg, backbones, seeds) if specs else []
+    inits = [str((_read_json(s.out_dir / "summary.json") or {}).get("backbone_init", "unknown"))
+             for s in specs if (s.backbone, s.seed) in {(r.backbone, r.seed) for r in records}]
+    notes = describe(specs[0].cfg, backbones, seeds, inits) if specs else []
     failures = [f"{name}: {why}" for name, why in missing.items()]
     from ssd_da.data.voc import VOC_CLASSES
 
