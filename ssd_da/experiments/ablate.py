@@ -358,8 +358,10 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
     groups = summarize(records, level)
     backbones = list(dict.fromkeys(s.backbone for s in specs))
     seeds = list(dict.fromkeys(s.seed for s in specs))
-    inits = [str((_read_json(s.out_dir / "summary.json") or {}).get("backbone_init", "unknown"))
-             for s in specs if (s.backbone, s.seed) in {(r.backbone, r.seed) for r in records}]
+    reported = {(r.backbone, r.seed) for r in records}
+    summaries = [_read_json(s.out_dir / "summary.json") or {} for s in specs
+                 if (s.backbone, s.seed) in reported]
+    inits = [str(s["backbone_init"]) for s in summaries if "backbone_init" in s]  # older runs: none
     notes = describe(specs[0].cfg, backbones, seeds, inits) if specs else []
     failures = [f"{name}: {why}" for name, why in missing.items()]
     from ssd_da.data.voc import VOC_CLASSES
