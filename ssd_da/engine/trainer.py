@@ -37,10 +37,10 @@ class TrainState:
     scaler: torch.amp.GradScaler
     iteration: int = 0
     best_map: float = -1.0
+    backbone_init: str = "none"  # what build_model loaded; a resumed run keeps the first one's
     # Summed over every session of a resumed run, so the summary describes the whole run:
     # train_s / images: the training loop (data loading in, evaluation out); wall_s: up to the
     # last checkpoint (time lost after it in an interrupted session is not counted).
-    backbone_init: str = "none"  # what build_model loaded; a resumed run keeps the first one's
     timing: dict[str, float] = field(default_factory=lambda: {"train_s": 0.0, "images": 0,
                                                               "wall_s": 0.0})
 
