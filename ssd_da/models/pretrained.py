@@ -5,8 +5,9 @@ Sources: a local file (a torchvision-style state dict, or a dict holding one und
 ``"IMAGENET1K_V1"`` / ``"DEFAULT"`` for the model's depth), fetched through the torch.hub cache.
 
 Strict where it matters: the only model keys allowed to be missing from the file are attention
-keys (``.attn.`` in our blocks, ``end_attn.`` after layer4) and BN ``num_batches_tracked`` buffers (absent from
-torchvision's published files); a file of another ResNet depth, or with other shapes, is an error.
+keys (``.attn.`` in our blocks, ``end_attn.`` after layer4) and BN ``num_batches_tracked``
+buffers (absent from torchvision's published files); a file of another ResNet depth, or with other
+shapes, is an error.
 Keys of the file the model lacks (``fc.*`` for the detector form, attention keys of another
 variant) are reported and skipped.
 """
