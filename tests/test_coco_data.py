@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ssd_da.config import load_config
-from ssd_da.data.coco import CocoDetection, coco_class_names
+from ssd_da.data.coco import CocoDetection, UnknownCategoryError, coco_class_names
 from ssd_da.data.voc import AnnotationError
 from ssd_da.engine.data import build_datasets, class_names_from_config
 from ssd_da.engine.inference import coco_metrics_of, format_coco
@@ -74,10 +74,14 @@ def test_boxes_labels_crowd_and_empty_images(tmp_path: Path) -> None:
 
 
 def test_class_list_selects_categories(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    _sample_tree(tmp_path)
-    ds = CocoDetection(tmp_path, "val", class_names=["dog"])
+    json_path = _sample_tree(tmp_path)
+    # The other category's objects are an error unless left out on purpose (as for VOC).
+    with pytest.raises(UnknownCategoryError, match=rf"{json_path} has objects of categories not in "
+                                                   r"the class list \[dog\]: 'cat' x3 \(e.g. a.jpg\)"):
+        CocoDetection(tmp_path, "val", class_names=["dog"])
+    ds = CocoDetection(tmp_path, "val", class_names=["dog"], ignore_other_classes=True)
     assert ds.cat_ids == [7] and [len(a.labels) for a in ds.annotations] == [2, 0, 0]
-    assert "3 objects of categories not in the class list left out" in caplog.text
+    assert ds.other_class_counts == {"cat": 3} and "left out 3 object(s)" in caplog.text
     with pytest.raises(ValueError, match=r"categories: cat, dog"):
         CocoDetection(tmp_path, "val", class_names=["dog", "horse"])
     assert coco_class_names(tmp_path, "val") == ["cat", "dog"]

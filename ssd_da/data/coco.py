@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
 
-from ssd_da.data.voc import Annotation, AnnotationError, Transform, VOCDetection
+from ssd_da.data.images import check_image
+from ssd_da.data.voc import (Annotation, AnnotationError, Transform, UnknownClassError, VOCDetection,
+                             describe_other_classes)
 
 logger = logging.getLogger(__name__)
 
@@ -114,18 +115,6 @@ def coco_class_names(data_root: str | Path, split: str) -> list[str]:
     return category_names(load_coco_json(coco_paths(data_root, split)[0]))
 
 
-def _image_size(record: dict, path: Path) -> tuple[int, int]:
-    """(height, width) from the image record, else from the file's header."""
-    width, height = record.get("width"), record.get("height")
-    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
-        return height, width
-    try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except OSError as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
 def convert_image(record: dict, anns: Sequence[dict], label_of: dict[int, int],
                   size: tuple[int, int], where: str) -> Annotation:
     """One COCO image record and its annotations as an :class:`Annotation`.
@@ -161,6 +150,12 @@ def convert_image(record: dict, anns: Sequence[dict], label_of: dict[int, int],
                       devkit=(raw, labels_a, crowd_a))
 
 
+class UnknownCategoryError(UnknownClassError):
+    """Objects of categories not in the class list (``problem`` names them and an image each)."""
+
+    ADVICE = "add those categories to --classes, or pass --ignore-other-classes to leave them out"
+
+
 class CocoDetection(VOCDetection):
     """A COCO-format split as a detection dataset: same items, targets and ``Annotation`` s as
     :class:`~ssd_da.data.voc.VOCDetection` (whose image loading it shares); only where the
@@ -172,16 +167,18 @@ class CocoDetection(VOCDetection):
         data_root: DIR holding ``annotations/instances_<split>.json`` and ``<split>/``.
         split: e.g. "train2017".
         class_names: classes to use, all of them category names (default: every category, in
-            id order); objects of other categories are left out with a warning.
-        transform, keep_difficult: as VOCDetection (crowd objects are never training targets,
-            whatever ``keep_difficult`` says).
-        skip_bad: skip images listed in the JSON but missing or unreadable on disk (warned and
-            counted in ``num_skipped``) instead of raising FileNotFoundError naming them.
+            id order). Objects of other categories raise :class:`UnknownCategoryError` unless
+            ``ignore_other_classes`` (then they are left out and counted in ``other_class_counts``).
+        transform, keep_difficult, max_side: as VOCDetection (crowd objects are never training
+            targets, whatever ``keep_difficult`` says).
+        skip_bad: skip images listed in the JSON but missing or unreadable on disk (warned,
+            counted in ``num_skipped``) instead of raising OSError naming them.
     """
 
     def __init__(self, data_root: str | Path, split: str, class_names: Sequence[str] | None = None,
                  transform: Transform | None = None, keep_difficult: bool = False,
-                 skip_bad: bool = False) -> None:
+                 skip_bad: bool = False, ignore_other_classes: bool = False,
+                 max_side: int | None = None) -> None:
         json_path, image_dir = coco_paths(data_root, split)
         self.coco = load_coco_json(json_path)
         categories = category_names(self.coco)
@@ -195,41 +192,73 @@ class CocoDetection(VOCDetection):
         label_of = {cat: k + 1 for k, cat in enumerate(self.cat_ids)}
         self.data_root, self.split, self.class_names = Path(data_root), split, tuple(names)
         self.transform, self.keep_difficult = transform, keep_difficult
+        self.skip_bad, self.max_side = skip_bad, max_side
         self.annotations: list[Annotation] = []
         self.image_paths: list[Path] = []
         self.coco_ids: list[int] = []
-        self.num_skipped = 0
+        self.skipped: list[str] = []
         for record in self.coco.dataset["images"]:
             path = image_dir / str(record["file_name"])
             try:
-                if not os.path.isfile(path):
-                    raise FileNotFoundError(f"image {path} (id {record['id']}, listed in "
-                                            f"{json_path}) not found")
-                size = _image_size(record, path)
+                size = self._image_size(record, path, json_path)
             except OSError as err:
                 if not skip_bad:
                     raise
-                self.num_skipped += 1
+                self.skipped.append(str(err))
                 logger.warning("skipping bad sample: %s", err)
                 continue
             anns = self.coco.imgToAnns.get(record["id"], [])
-            self.annotations.append(convert_image(record, anns, label_of, size, f"{json_path} image {path.name}"))
+            self.annotations.append(convert_image(record, anns, label_of, size,
+                                                  f"{json_path} image {path.name}"))
             self.image_paths.append(path)
             self.coco_ids.append(record["id"])
-        self._log_summary(json_path, set(label_of))
+        self._check_other_categories(json_path, set(label_of), ignore_other_classes)
+        self._log_summary(json_path)
 
-    def _log_summary(self, json_path: Path, used: set[int]) -> None:
-        anns = self.coco.dataset["annotations"]
+    def _image_size(self, record: dict, path: Path, json_path: Path) -> tuple[int, int]:
+        """(height, width): the record's, else the file header's. The file must exist and its
+        header read (under ``skip_bad`` it must decode too); OSError naming it otherwise."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"image {path} (id {record['id']}, listed in {json_path}) not found")
+        try:
+            height, width = check_image(path, decode=self.skip_bad)
+        except OSError as err:
+            raise OSError(f"{err} (id {record['id']}, listed in {json_path})") from err
+        w, h = record.get("width"), record.get("height")
+        if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
+            return h, w
+        return height, width
+
+    def _check_other_categories(self, json_path: Path, used: set[int], ignore: bool) -> None:
+        """Objects (of the kept images) whose category is not in the class list: an error naming
+        them unless ``ignore``; counted in ``other_class_counts`` either way."""
+        other: dict[str, list[str]] = {}
+        for image_id, path in zip(self.coco_ids, self.image_paths):
+            for ann in self.coco.imgToAnns.get(image_id, []):
+                if ann["category_id"] not in used:
+                    other.setdefault(self.coco.cats[ann["category_id"]]["name"], []).append(path.name)
+        self.other_class_counts = {name: len(files) for name, files in other.items()}
+        if other and not ignore:
+            raise UnknownCategoryError(
+                f"{json_path} has objects of categories not in the class list "
+                f"[{', '.join(self.class_names)}]: {describe_other_classes(other, self.class_names)}",
+                self.other_class_counts)
+        if other:
+            logger.warning("%s: left out %d object(s) of categories not in the class list "
+                           "(--ignore-other-classes): %s", json_path, sum(self.other_class_counts.values()),
+                           ", ".join(f"{n} {k!r}" for k, n in sorted(self.other_class_counts.items())))
+
+    def _log_summary(self, json_path: Path) -> None:
         image_ids = set(self.coco.imgs)
-        orphans = sum(a["image_id"] not in image_ids for a in anns)
+        orphans = sum(a["image_id"] not in image_ids for a in self.coco.dataset["annotations"])
         if orphans:
             logger.warning("%s: %d annotations refer to image ids not in 'images'; ignored", json_path, orphans)
-        other = sum(a["category_id"] not in used for a in anns)
-        if other:
-            logger.warning("%s: %d objects of categories not in the class list left out", json_path, other)
+        listed = len(self.coco.dataset["images"])
         if self.num_skipped:
-            logger.warning("%s: skipped %d bad samples of %d", self.split, self.num_skipped,
-                           self.num_skipped + len(self.annotations))
+            logger.warning("%s: skipped %d bad samples of %d (--skip-bad)", json_path, self.num_skipped, listed)
+        if not self.annotations:
+            raise ValueError(f"{json_path}: none of the {listed} listed images is usable "
+                             f"({self.num_skipped} skipped as bad)")
         crowd = sum(int(a.ground_truth()["difficult"].sum()) for a in self.annotations)
         logger.info("%s (%s): %d images, %d objects for training, %d crowd", self.split,
                     self.data_root, len(self.annotations), sum(len(a.labels) for a in self.annotations),
