@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ssd_da.data.decode import EncodedImage, load_rgb  # noqa: F401 (load_rgb: public here too)
+
 logger = logging.getLogger(__name__)
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -254,17 +256,6 @@ def find_image(year_dir: str | Path, image_id: str, filename: str = "") -> Path 
     return None
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB, whatever its mode (L, P, RGBA, CMYK, ...)."""
-    try:
-        with Image.open(path) as img:
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-            return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
-    except (OSError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
 Transform = Callable[..., dict[str, Any]]
 
 
@@ -283,6 +274,7 @@ class VOCDetection(torch.utils.data.Dataset):
     ``transform`` is called as ``transform(image=uint8 (H, W, 3), bboxes=float32 (N, 4) xyxy
     pixels, labels=int64 (N,))`` and returns a dict with "image", "bboxes" and "labels", as an
     albumentations Compose with ``BboxParams(format="pascal_voc", label_fields=["labels"])`` does.
+    A transform with ``reads_encoded = True`` gets an undecoded ``EncodedImage`` instead.
     """
 
     def __init__(
@@ -356,8 +348,14 @@ class VOCDetection(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         ann = self.annotations[index]
-        image = load_rgb(self.image_paths[index])
-        height, width = image.shape[:2]
+        image: np.ndarray | EncodedImage
+        if getattr(self.transform, "reads_encoded", False):
+            # The transform decodes itself, at the scale it needs (ssd_da.data.augment).
+            image = EncodedImage.from_file(self.image_paths[index])
+            height, width = image.height, image.width
+        else:
+            image = load_rgb(self.image_paths[index])
+            height, width = image.shape[:2]
         boxes, labels = ann.boxes, ann.labels
         if not self.keep_difficult:
             boxes, labels = boxes[~ann.difficult], labels[~ann.difficult]
