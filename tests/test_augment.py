@@ -16,7 +16,8 @@ from ssd_da.data import augment as aug_mod
 from ssd_da.data.augment import (
     GeometryParams, PhotometricParams, SSDAugment, apply_photometric, render, transform_boxes,
 )
-from ssd_da.data.decode import EncodedImage, load_rgb
+from ssd_da.data.decode import EncodedImage
+from ssd_da.data.images import load_rgb
 from ssd_da.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, _bbox_params, build_eval_transform, reference_train_transforms,
     seed_transform,
@@ -237,6 +238,16 @@ def test_non_jpeg_files_decode_through_pil(tmp_path) -> None:
     assert out["image"].shape == (3, 300, 300)
     with pytest.raises(OSError, match="cannot read image"):
         EncodedImage.from_file(tmp_path / "missing.jpg")
+
+
+def test_truncated_jpeg_fails_as_with_pil(tmp_path) -> None:
+    path = tmp_path / "t.jpg"
+    Image.fromarray(_image(8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:-300])  # OpenCV would fill the missing rows with grey
+    encoded = EncodedImage.from_file(path)
+    assert not encoded.fast
+    with pytest.raises(OSError, match="t.jpg"):
+        encoded.decode(1)
 
 
 def test_huge_image_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

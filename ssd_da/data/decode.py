@@ -16,7 +16,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["EncodedImage", "REDUCTIONS", "load_rgb"]
+from ssd_da.data.images import load_rgb
+
+__all__ = ["EncodedImage", "REDUCTIONS"]
 
 # Reduction factor -> OpenCV flag for a DCT-scaled decode. IGNORE_ORIENTATION: VOC boxes refer to
 # the stored pixel grid, which PIL (load_rgb) returns as well; OpenCV would otherwise rotate the
@@ -24,17 +26,6 @@ __all__ = ["EncodedImage", "REDUCTIONS", "load_rgb"]
 _CV2_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
               8: cv2.IMREAD_REDUCED_COLOR_8}
 REDUCTIONS: tuple[int, ...] = tuple(sorted(_CV2_FLAGS))
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB, whatever its mode (L, P, RGBA, CMYK, ...)."""
-    try:
-        with Image.open(path) as img:
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-            return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
-    except (OSError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
 
 
 @dataclass
@@ -45,8 +36,10 @@ class EncodedImage:
         data: the file's bytes.
         height, width: the stored pixel grid's size (EXIF orientation is not applied).
         path: the file, for error messages.
-        fast: True for RGB or greyscale JPEGs, which OpenCV decodes (at any reduction) exactly
-            as PIL does; other files (PNG, CMYK JPEG, palettes) go through ``load_rgb``.
+        fast: True for RGB or greyscale JPEGs that end with the end-of-image marker, which
+            OpenCV decodes (at any reduction) exactly as PIL does; other files (PNG, CMYK JPEG,
+            palettes) go through ``load_rgb``, and so do JPEGs without the marker: OpenCV fills
+            a truncated JPEG with grey where PIL raises (or decodes one with trailing bytes).
     """
 
     data: bytes
@@ -63,8 +56,8 @@ class EncodedImage:
                 data = fh.read()
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
-                fast = img.format == "JPEG" and img.mode in ("RGB", "L")
-        except (OSError, ValueError) as err:
+                fast = img.format == "JPEG" and img.mode in ("RGB", "L") and data.endswith(b"\xff\xd9")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise OSError(f"cannot read image {path}: {err}") from err
         return cls(data, height, width, str(path), fast)
 
