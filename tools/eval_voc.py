@@ -235,18 +235,8 @@ def read_detections(args: argparse.Namespace, class_names: list[str] | None):
 def coco_figures(args: argparse.Namespace, dataset, detections) -> dict[str, float] | None:
     """pycocotools' figures: on a COCO split's own JSON, else on the VOC training view."""
     from ssd_da.engine.inference import coco_metrics_of
-    from ssd_da.evaluation.coco import coco_metrics
 
-    if args.no_coco:
-        return None
-    if hasattr(dataset, "coco"):
-        return coco_metrics_of(dataset, detections)
-    # COCO's continuous coordinates give a zero-width box zero area: it could never be matched
-    # there, so COCO sees the training view of VOC data (clipped, degenerate boxes dropped).
-    annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
-    return coco_metrics(detections, [{"boxes": a.boxes, "labels": a.labels,
-                                      "difficult": a.difficult} for a in annotations],
-                        list(dataset.class_names))
+    return None if args.no_coco else coco_metrics_of(dataset, detections)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -82,13 +82,19 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, class_names: Sequence[s
     return result, detections, total_rate
 
 
-def coco_metrics_of(dataset: Any, detections: Sequence[dict[str, np.ndarray]]) -> dict[str, float] | None:
-    """The official COCO metrics (pycocotools, against the dataset's own JSON) of detections
-    aligned with a COCO-format dataset (``ssd_da.data.coco.CocoDetection``); None for others."""
-    if not hasattr(dataset, "coco"):
-        return None
-    from ssd_da.evaluation.coco import coco_metrics_on_gt, coco_results
+def coco_metrics_of(dataset: Any, detections: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """pycocotools' metrics (``ssd_da.evaluation.coco.STAT_NAMES``: AP@[.5:.95], AP50, ...) of
+    detections aligned with ``dataset``: for a COCO-format dataset
+    (``ssd_da.data.coco.CocoDetection``) the official ones, against its own JSON; for VOC data
+    against the training view of its annotations (COCO's continuous coordinates give a zero-width
+    box zero area, so it could never be matched: boxes clipped, degenerate ones dropped)."""
+    from ssd_da.evaluation.coco import coco_metrics, coco_metrics_on_gt, coco_results
 
+    if not hasattr(dataset, "coco"):
+        annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
+        return coco_metrics(detections, [{"boxes": a.boxes, "labels": a.labels,
+                                          "difficult": a.difficult} for a in annotations],
+                            list(dataset.class_names))
     results = coco_results(detections, dataset.coco_ids, dataset.cat_ids)
     return coco_metrics_on_gt(dataset.coco, results, dataset.coco_ids, dataset.cat_ids)
 

@@ -235,7 +235,8 @@ def run_evaluation(state: TrainState, test_set, class_names: list[str], cfg: Con
                                               cfg.metric, progress=dist_utils.is_main_process())
     model.train()
     final = state.iteration >= cfg.iters
-    # COCO-format data: the official COCO metrics too, once, at the end (pycocotools is slow).
+    # pycocotools' metrics too, once, at the end (pycocotools is slow): the official ones on
+    # COCO-format data; on VOC data the LGA paper's mAP50 / mAP50-95 (results.md reports them).
     coco = coco_metrics_of(test_set, detections) if final and dist_utils.is_main_process() else None
     log.write({"iter": state.iteration, "map": result.map, "ap": result.ap,
                "eval_images_per_s": rate, **({"coco": coco} if coco else {})})
