@@ -1,11 +1,16 @@
 """One dataclass config whose defaults are the paper-era SSD300 VOC recipe.
 
 YAML files in ``configs/`` hold only the changes; ``key=value`` overrides on the command line
-come last. Only the ``build_*`` functions and the tools read this object: the modules themselves
-take explicit arguments (docs/design.md).
+come last; explicit command-line options (``--lr``) override all of them. Only the ``build_*``
+functions and the tools read this object: the modules themselves take explicit arguments
+(docs/design.md). This module also holds what every tool that takes a training recipe shares:
+the command-line options derived from the fields (:func:`add_config_arguments`), their
+resolution into a Config (:func:`resolve_config`) and the checks run before any work
+(:func:`validate_config`).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -13,6 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from ssd_da.models.names import parse_backbone_name
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +83,14 @@ def _field_types() -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(Config)}
 
 
+def _default(name: str) -> Any:
+    f = _field_types()[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Check a value against the field's default type; ints are accepted where floats are."""
-    f = _field_types()[name]
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = _default(name)
     if name == "classes":
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "voc")):
             return None
@@ -156,3 +167,71 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def save_config(cfg: Config, path: str | Path) -> None:
     with open(path, "w") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def validate_config(cfg: Config) -> None:
+    """Fail on a bad name or value before any data is read or folder written (ValueError
+    naming the field); warn about a legal but probably unintended schedule."""
+    parse_backbone_name(cfg.backbone)  # ValueError listing the valid backbones
+    if cfg.metric not in ("voc07", "area"):
+        raise ValueError(f"metric {cfg.metric!r} is not one of: voc07, area")
+    for name in ("iters", "log_every", "ckpt_every", "eval_batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.warmup_iters < 0 or cfg.eval_every < 0:
+        raise ValueError("warmup_iters and eval_every must be >= 0")
+    if cfg.batch_size < 2:  # the 1x1 extra map's BatchNorm needs two values per channel
+        raise ValueError(f"batch_size must be at least 2 per process, got {cfg.batch_size}")
+    if cfg.image_size != 300:
+        raise ValueError(f"image_size must be 300 (SSD300's default boxes), got {cfg.image_size}")
+    if not all(isinstance(s, int) for s in cfg.lr_steps):
+        raise ValueError(f"lr_steps must be a list of iterations, got {cfg.lr_steps}")
+    first_drop = min([s for s in cfg.lr_steps if s > 0] + [cfg.iters])
+    if cfg.warmup_iters >= first_drop:  # step k uses lr_factor(k): full lr from k = warmup_iters
+        # Legal, but a shortened schedule (--iters, lr_steps) that keeps the default warmup
+        # never trains at the full lr: say so rather than let it pass unnoticed.
+        logger.warning("warmup_iters=%d runs past %s (iteration %d): the lr never reaches "
+                       "lr=%g; pass e.g. warmup_iters=%d", cfg.warmup_iters,
+                       "the first lr step" if first_drop < cfg.iters else "the end of training",
+                       first_drop, cfg.lr, max(1, first_drop // 10))
+
+
+# Config fields that also have their own option (--data-root DIR); every field can be given as a
+# trailing key=value. Booleans become flags (--amp); types come from the fields' defaults.
+CLI_FIELDS: tuple[str, ...] = (
+    "backbone", "data_root", "train_split", "test_split", "classes", "iters", "batch_size", "lr",
+    "workers", "eval_every", "output_dir", "pretrained", "device", "seed", "metric",
+    "amp", "sync_bn", "skip_bad",
+)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config YAML``, one option per :data:`CLI_FIELDS` (default None: not given) and the
+    trailing ``key=value`` overrides, as :func:`resolve_config` reads them."""
+    parser.add_argument("--config", help="YAML file of Config overrides, e.g. configs/demo.yaml")
+    for name in CLI_FIELDS:
+        default, flag = _default(name), "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, action="store_true", default=None,
+                                help=f"set Config.{name} (default: {default})")
+        else:  # classes (a list or None) is given as "a,b,c"
+            kind = type(default) if isinstance(default, (int, float, str)) else str
+            parser.add_argument(flag, dest=name, type=kind, default=None,
+                                help=f"Config.{name} (default: {default!r})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="any Config field, e.g. lr_steps=[80000,100000] warmup_iters=1000")
+
+
+def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> Config:
+    """Defaults < ``--config`` YAML < ``key=value`` < explicit options.
+
+    ``saved``: the config stored in the checkpoint a run resumes from. Without ``--config`` it
+    replaces the defaults, so ``--resume last.pth`` alone continues with the run's own recipe."""
+    if saved is not None and not args.config:
+        source = f"config saved in {getattr(args, 'resume', None) or 'the checkpoint'}"
+        cfg = apply_overrides(Config(), saved, source)
+        cfg = apply_overrides(cfg, parse_key_values(args.overrides), "command line")
+    else:
+        cfg = load_config(args.config, args.overrides)
+    explicit = {k: getattr(args, k) for k in CLI_FIELDS if getattr(args, k, None) is not None}
+    return apply_overrides(cfg, explicit, "command-line options")

@@ -18,8 +18,8 @@ from ssd_da.config import load_config
 from ssd_da.experiments import stats
 from ssd_da.experiments.ablate import (collect_records, plan_runs, run_state, run_suite, suite_backbones,
                                        write_reports)
-from ssd_da.experiments.report import (RunRecord, display_name, format_markdown,
-                                       read_results_csv, summarize, write_results_csv)
+from ssd_da.experiments.report import (RunRecord, format_markdown, read_results_csv, summarize,
+                                       table_label, write_results_csv)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -101,8 +101,9 @@ def test_report_tables_by_hand(tmp_path):
     assert rows["DA-ResNet18"][2:5] == ["73.33 ± 2.08", "3", "+1.33 [-0.10, +2.77] ≈0"]
     assert rows["SE-ResNet34"][2:5] == ["50.00 ± n/a", "1", "n/a (no resnet34 results)"]
     assert "Paper mAP" not in format_markdown(groups, paper=False)
-    assert display_name("da_cs_resnet50", "order") == "ResNet50+channel+spatial"
-    assert display_name("eca_resnet101") == "ECA-ResNet101"
+    assert table_label("da_cs_resnet50", "order") == "ResNet50+channel+spatial"
+    assert table_label("da_cs_resnet50") == "DA(c>s)-ResNet50"
+    assert table_label("eca_resnet101", "order") == "ECA-ResNet101"
     with pytest.raises(ValueError, match="two results"):
         summarize(records + [_record("resnet18", 0, 0.1)])
 
@@ -318,9 +319,10 @@ def test_gpu_queue_runs_train_script_per_run(tmp_path):
     assert {re.search(r"gpu (\d)", t).group(1) for t in logs.values()} <= {"0", "1"}
     assert "--resume" in logs["da_resnet18/seed2"] and "--resume" not in logs["resnet18/seed2"]
     # tools/train.py gets the run's exact resolved config through --config.
-    train_tool = ablate_tool._load_train_tool()
-    args = train_tool.get_args_parser().parse_args(["--config", str(specs[5].out_dir / "config.yaml")])
-    assert train_tool.resolve_config(args) == specs[5].cfg
+    from ssd_da.config import resolve_config
+
+    args = ablate_tool.get_args_parser().parse_args(["--config", str(specs[5].out_dir / "config.yaml")])
+    assert resolve_config(args) == specs[5].cfg
     paths = write_reports(specs, outcomes, tmp_path / "runs", ["x"],
                           measure=lambda b, n: (1000 + 20 * b.startswith("da"), 2 * 10**9))
     md = _md_rows(paths["md"].read_text())

@@ -20,9 +20,11 @@ from PIL import Image
 from ssd_da.data.voc import load_rgb
 from ssd_da.engine.checkpoint import save_checkpoint
 from ssd_da.models.ssd import build_ssd
-from ssd_da.engine.inference import predict_image, resolve_device
-from ssd_da.visualize.draw import (cam_figure, display_name, draw_detections, figure_size_px,
-                                   overlay_heatmap, save_figure)
+from ssd_da.engine.inference import predict_image
+from ssd_da.utils.device import resolve_device
+from ssd_da.models.names import display_name
+from ssd_da.utils.figures import save_figure
+from ssd_da.visualize.draw import cam_figure, draw_detections, figure_size_px, overlay_heatmap
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -99,11 +101,11 @@ def test_detect_errors(setup, tmp_path, capsys):
 
 
 def test_display_name():
-    assert display_name("da_resnet50") == "DA-ResNet50-SSD"
-    assert display_name("resnet18") == "ResNet18-SSD"
-    assert display_name("se_resnet101") == "SE-ResNet101-SSD"
-    assert display_name("da_cs_resnet50") == "DA-CS-ResNet50-SSD"
-    assert display_name("vgg16") == "vgg16-SSD"
+    assert display_name("da_resnet50", detector=True) == "DA-ResNet50-SSD"
+    assert display_name("resnet18", detector=True) == "ResNet18-SSD"
+    assert display_name("se_resnet101") == "SE-ResNet101"
+    assert display_name("da_cs_resnet50", detector=True) == "DA(c>s)-ResNet50-SSD"
+    assert display_name("vgg16", detector=True) == "vgg16-SSD"  # unknown: as given
 
 
 def test_overlay_heatmap_by_hand():

@@ -20,7 +20,8 @@ from PIL import Image
 
 from ssd_da.engine.checkpoint import load_detector, save_checkpoint
 from ssd_da.models.ssd import build_ssd
-from ssd_da.engine.inference import predict_image, preprocess
+from ssd_da.data.transforms import preprocess
+from ssd_da.engine.inference import predict_image
 from ssd_da.visualize.cam import (METHODS, AnchorScoreTarget, CamTarget, anchor_map_sizes,
                                   block_paths, default_layer, explain, get_method, resolve_layer)
 
@@ -142,7 +143,7 @@ def test_top_target_is_the_first_detection(trained):
     result = explain(model, images[1], CamTarget("top"), class_names=CLASSES)
     det, target = result.detections, result.target
     assert target.anchors.shape == (1,)
-    assert target.labels[0] == det["labels"][0] and target.anchors[0] == det["anchors"][0]
+    assert target.labels[0] == det["labels"][0] and target.anchors[0] == det["default_box"][0]
     assert target.scores[0] == pytest.approx(float(det["scores"][0]), abs=1e-6)
     np.testing.assert_allclose(target.boxes[0], det["boxes"][0], atol=1e-3)
     # The detections are the model's own output, and each carries the default box behind it.
@@ -151,7 +152,7 @@ def test_top_target_is_the_first_detection(trained):
     np.testing.assert_array_equal(det["labels"], ref["labels"])
     with torch.no_grad():
         probs = torch.softmax(model.head_outputs(preprocess(images[1]))["cls_logits"][0], -1)
-    np.testing.assert_allclose(probs[det["anchors"], det["labels"]].numpy(), det["scores"],
+    np.testing.assert_allclose(probs[det["default_box"], det["labels"]].numpy(), det["scores"],
                                atol=1e-6)
 
 
@@ -200,17 +201,15 @@ def test_anchor_map_sizes_and_target_value_by_hand():
 
 
 def test_cli_figure_for_two_checkpoints(trained, other_ckpt, tmp_path, monkeypatch):
-    from ssd_da.visualize import draw
-
     _, ckpt, images, paths = trained
     out = tmp_path / "fig.png"
-    figures, real_save = [], draw.save_figure
+    figures, real_save = [], gradcam_tool.save_figure
 
     def keep(fig, path):
         figures.append(fig)
         real_save(fig, path)
 
-    monkeypatch.setattr(draw, "save_figure", keep)
+    monkeypatch.setattr(gradcam_tool, "save_figure", keep)
     args = gradcam_tool.get_args_parser().parse_args(
         [*map(str, paths), "--checkpoint", str(ckpt), "--checkpoint", str(other_ckpt),
          "--out", str(out), "--draw-boxes", "--device", "cpu"])

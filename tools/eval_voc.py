@@ -5,7 +5,8 @@
     python tools/eval_voc.py --detections dets.json --data-root data/VOCdevkit --split voc07_test
 
 Detection files are a JSON list of {"image_id": "000001", "label": "dog", "score": 0.93,
-"bbox": [x1, y1, x2, y2]} with boxes in the annotation XML's (1-based) pixel coordinates.
+"bbox": [x1, y1, x2, y2]} with boxes in the annotation XML's (1-based) pixel coordinates
+(ssd_da/evaluation/detection_file.py). Exit status 2 with a message on stderr for bad input.
 """
 from __future__ import annotations
 
@@ -14,18 +15,26 @@ import json
 import logging
 import math
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-logger = logging.getLogger("eval_voc")
+from ssd_da.data.transforms import build_eval_transform
+from ssd_da.data.voc import VOC_CLASSES, VOCDetection, resolve_split
+from ssd_da.engine.checkpoint import load_detector
+from ssd_da.engine.inference import predict
+from ssd_da.evaluation.coco import coco_metrics
+from ssd_da.evaluation.detection_file import load_detection_file, write_detection_file
+from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
+from ssd_da.evaluation.voc import VOCResult, evaluate_voc
+from ssd_da.utils.cli import report_error
+from ssd_da.utils.device import resolve_device
 
 
 class EvalInputError(ValueError):
-    """A bad detection file, class list or checkpoint/dataset mismatch (message says which)."""
+    """A class list or checkpoint that does not fit the dataset (message says which)."""
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -55,71 +64,9 @@ def parse_classes(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
-def _is_number(value: Any) -> bool:
-    """A JSON number (true/false are not numbers here, although Python's bool is an int)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def load_detection_file(path: str | Path, image_ids: Sequence[str], class_names: Sequence[str]
-                        ) -> list[dict[str, np.ndarray]]:
-    """Read the JSON format above into per-image arrays (0-based boxes, labels 1..C)."""
-    path = Path(path)
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EvalInputError(f"{path}: cannot read detections: {exc}") from exc
-    if not isinstance(records, list):
-        raise EvalInputError(f"{path}: expected a JSON list of detections")
-    index = {img: i for i, img in enumerate(image_ids)}
-    label_of = {c: i + 1 for i, c in enumerate(class_names)}
-    per_image: list[list[tuple]] = [[] for _ in image_ids]
-    for n, rec in enumerate(records):
-        where = f"{path}: detection #{n}"
-        if not isinstance(rec, dict) or not {"image_id", "label", "score", "bbox"} <= set(rec):
-            raise EvalInputError(f"{where} must have image_id, label, score and bbox; got {rec!r}")
-        img, label, box = str(rec["image_id"]), rec["label"], rec["bbox"]
-        if img not in index:
-            raise EvalInputError(f"{where}: image_id {img!r} is not in the split "
-                                 f"({len(image_ids)} images, e.g. {', '.join(image_ids[:3])})")
-        if not isinstance(label, str) or label not in label_of:
-            raise EvalInputError(f"{where}: unknown label {label!r}; valid: {', '.join(class_names)}")
-        ok = isinstance(box, list) and len(box) == 4 and all(
-            _is_number(v) and math.isfinite(v) for v in box)
-        if not ok or box[2] < box[0] or box[3] < box[1]:
-            raise EvalInputError(f"{where}: bbox must be 4 finite numbers [x1, y1, x2, y2] with "
-                                 f"x2 >= x1 and y2 >= y1; got {box!r}")
-        score = rec["score"]
-        if not _is_number(score) or not math.isfinite(score):
-            raise EvalInputError(f"{where}: score must be a finite number; got {score!r}")
-        per_image[index[img]].append((*[v - 1.0 for v in box], float(score), label_of[label]))
-    out = []
-    for dets in per_image:
-        arr = np.asarray(dets, dtype=np.float64).reshape(-1, 6)
-        out.append({"boxes": arr[:, :4], "scores": arr[:, 4], "labels": arr[:, 5].astype(np.int64)})
-    return out
-
-
-def detections_to_records(detections: Sequence[dict[str, np.ndarray]], image_ids: Sequence[str],
-                          class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """The inverse of load_detection_file: XML (1-based) coordinates, class names."""
-    records = []
-    for img, det in zip(image_ids, detections):
-        for box, score, label in zip(det["boxes"], det["scores"], det["labels"]):
-            records.append({"image_id": img, "label": class_names[int(label) - 1],
-                            "score": float(score),  # full precision: re-evaluating a saved
-                            "bbox": [float(v) + 1.0 for v in box]})  # file gives the same mAP
-    return records
-
-
 def run_model(args: argparse.Namespace, class_names: list[str] | None):
     """Inference with the checkpoint over the split; returns (dataset, class names, dets, img/s)."""
-    import torch
 
-    from ssd_da.data.transforms import build_eval_transform
-    from ssd_da.data.voc import VOCDetection
-    from ssd_da.engine.checkpoint import load_detector
-    from ssd_da.engine.inference import predict
-    from ssd_da.engine.inference import resolve_device
 
     device = resolve_device(args.device)
     model, ckpt = load_detector(args.checkpoint, device)
@@ -140,9 +87,7 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
 
 def names_in_split(data_root: str, split: str) -> set[str]:
     """Object class names present in the split's XML files (top-level objects only)."""
-    import xml.etree.ElementTree as ET
 
-    from ssd_da.data.voc import resolve_split
 
     names: set[str] = set()
     for year_dir, image_id in resolve_split(data_root, split):
@@ -165,7 +110,8 @@ def check_classes_match(data_root: str, split: str, class_names: Sequence[str], 
             f"know (its classes: {', '.join(class_names)}); {hint}")
 
 
-def report(result, coco: dict[str, float] | None, num_images: int, rate: float | None) -> None:
+def report(result: VOCResult, coco: dict[str, float] | None, num_images: int,
+           rate: float | None) -> None:
     print(result.table())
     if coco is not None:
         print(f"COCO-style (pycocotools): AP@[.5:.95] {100 * coco['AP']:.2f}  "
@@ -177,10 +123,6 @@ def report(result, coco: dict[str, float] | None, num_images: int, rate: float |
 
 
 def main(args: argparse.Namespace) -> int:
-    from ssd_da.data.voc import VOC_CLASSES, VOCDetection
-    from ssd_da.engine.checkpoint import CheckpointError
-    from ssd_da.evaluation.voc import evaluate_voc
-
     try:
         class_names = parse_classes(args.classes)
         rate = None
@@ -198,7 +140,6 @@ def main(args: argparse.Namespace) -> int:
         result = evaluate_voc(detections, gts, class_names, metric=args.metric)
         coco = None
         if not args.no_coco:
-            from ssd_da.evaluation.coco import coco_metrics
 
             # COCO's continuous coordinates give a zero-width box zero area: it could never be
             # matched there, so COCO sees the training view (clipped, degenerate boxes dropped).
@@ -207,17 +148,17 @@ def main(args: argparse.Namespace) -> int:
                                 class_names)
         report(result, coco, len(dataset), rate)
         write_outputs(args, result, detections, [a.image_id for a in annotations], class_names)
-    except (EvalInputError, CheckpointError, ValueError, OSError) as exc:
-        logger.error("%s", exc)
-        return 2
+    except (ValueError, OSError) as exc:  # EvalInputError, CheckpointError, DetectionFileError
+        return report_error("eval_voc.py", exc)
     return 0
 
 
-def write_outputs(args, result, detections, image_ids, class_names) -> None:
+def write_outputs(args: argparse.Namespace, result: VOCResult, detections: Sequence[dict],
+                  image_ids: Sequence[str], class_names: Sequence[str]) -> None:
+    """--save-detections, --json and --plots, whichever were asked for."""
     if args.save_detections:
-        recs = detections_to_records(detections, image_ids, class_names)
-        Path(args.save_detections).write_text(json.dumps(recs))
-        print(f"wrote {len(recs)} detections to {args.save_detections}")
+        count = write_detection_file(args.save_detections, detections, image_ids, class_names)
+        print(f"wrote {count} detections to {args.save_detections}")
     if args.json:
         # JSON has no NaN: a class without ground truth (AP undefined) and the mAP of a split
         # with no ground truth at all are written as null.
@@ -227,7 +168,6 @@ def write_outputs(args, result, detections, image_ids, class_names) -> None:
                    "num_images": len(image_ids)}
         Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False))
     if args.plots:
-        from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
 
         out = Path(args.plots)
         out.mkdir(parents=True, exist_ok=True)

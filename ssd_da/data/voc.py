@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +156,16 @@ def _parse_objects(
     return boxes, labels, difficult, proper
 
 
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) xyxy 0-based pixels -> (a clipped copy inside (0..width-1, 0..height-1), (N,) bool
+    keep mask of the boxes with positive area after clipping). A box lying entirely outside the
+    image collapses to zero area and is not kept; inverted and zero-area boxes neither."""
+    boxes = boxes.copy()
+    np.clip(boxes[:, 0::2], 0, width - 1, out=boxes[:, 0::2])
+    np.clip(boxes[:, 1::2], 0, height - 1, out=boxes[:, 1::2])
+    return boxes, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
 def parse_annotation(
     xml_path: str | Path,
     class_names: Sequence[str],
@@ -187,11 +196,7 @@ def parse_annotation(
     raw = np.asarray(boxes_l, dtype=np.float32).reshape(-1, 4) - 1.0
     labels = np.asarray(labels_l, dtype=np.int64)
     difficult = np.asarray(difficult_l, dtype=np.bool_)
-    boxes = raw.copy()
-    np.clip(boxes[:, 0::2], 0, width - 1, out=boxes[:, 0::2])
-    np.clip(boxes[:, 1::2], 0, height - 1, out=boxes[:, 1::2])
-    # A box lying entirely outside the image collapses to zero area once clipped.
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, keep = clip_boxes(raw, width, height)
     for k in np.flatnonzero(~keep & np.asarray(proper_l, dtype=np.bool_)):
         logger.warning("%s: box %d (label %d) lies outside the %dx%d image; left out of training",
                        xml_path, int(k), int(labels[k]), width, height)
@@ -362,10 +367,7 @@ class VOCDetection(torch.utils.data.Dataset):
             # The XML's <size> disagrees with the file; keep the boxes inside the real image.
             logger.warning("%s is %dx%d but its annotation says %dx%d; clipping boxes to the image",
                            self.image_paths[index], width, height, ann.width, ann.height)
-            boxes = boxes.copy()
-            np.clip(boxes[:, 0::2], 0, width - 1, out=boxes[:, 0::2])
-            np.clip(boxes[:, 1::2], 0, height - 1, out=boxes[:, 1::2])
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, keep = clip_boxes(boxes, width, height)
             boxes, labels = boxes[keep], labels[keep]
         if self.transform is None:
             image_t = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
@@ -391,20 +393,3 @@ def detection_collate(
         raise ValueError(f"images in a batch must share one shape to be stacked, got {sorted(shapes)}; "
                          f"use a transform that resizes (build_train_transform / build_eval_transform)")
     return torch.stack(images, dim=0), [target for _, target in batch]
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` giving each worker (and each epoch) its own augmentation stream.
-
-    albumentations transforms keep private generators; forked workers would otherwise inherit
-    identical copies and draw the same augmentations. ``torch.initial_seed()`` in a worker is the
-    loader's per-epoch base seed + worker_id, so it differs across workers and epochs.
-    """
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset if info is not None else None
-    while dataset is not None and not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset  # torch.utils.data.Subset and similar wrappers
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_state"):
-        seed = torch.initial_seed() % 2**32
-        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))

@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ssd_da.config import Config
+from ssd_da.data.demo import DEMO_CLASSES
+from ssd_da.data.transforms import build_eval_transform, build_train_transform
 from ssd_da.data.voc import VOC_CLASSES, VOCDetection, detection_collate
 
 logger = logging.getLogger(__name__)
@@ -26,8 +28,6 @@ def class_names_from_config(cfg: Config) -> list[str]:
     if cfg.classes:
         return list(cfg.classes)
     if cfg.demo:
-        from ssd_da.data.demo import DEMO_CLASSES
-
         return list(DEMO_CLASSES)
     return list(VOC_CLASSES)
 
@@ -99,8 +99,6 @@ class SeededDataset(Dataset):
 
 def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None, VOCDetection]:
     """The training set (augmented, difficult objects dropped by default) and the test set."""
-    from ssd_da.data.transforms import build_eval_transform, build_train_transform
-
     names = class_names_from_config(cfg)
     train_set = None
     if train:

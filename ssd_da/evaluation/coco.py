@@ -25,6 +25,8 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +78,7 @@ def _annotations(items: Sequence[Mapping], with_scores: bool) -> list[dict]:
     return anns
 
 
-def _coco(images: list[dict], categories: list[dict], anns: list[dict]):
-    from pycocotools.coco import COCO
-
+def _coco(images: list[dict], categories: list[dict], anns: list[dict]) -> COCO:
     coco = COCO()
     coco.dataset = {"images": images, "categories": categories, "annotations": anns}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -100,8 +100,6 @@ def coco_metrics(detections: Sequence[Mapping], annotations: Sequence[Mapping],
         {"AP": AP@[.5:.95], "AP50": ..., and the other names of ``STAT_NAMES``}, in [0, 1],
         nan where pycocotools has nothing to average (it reports -1).
     """
-    from pycocotools.cocoeval import COCOeval
-
     if len(detections) != len(annotations):
         raise ValueError(f"detections has {len(detections)} images but annotations has "
                          f"{len(annotations)}; give one dict per image, in the same order")
