@@ -1,4 +1,4 @@
-"""One dataclass config whose defaults are the paper-era SSD300 VOC recipe.
+"""One dataclass config whose defaults are the standard SSD300 VOC07+12 recipe.
 
 YAML files in ``configs/`` hold only the changes; ``key=value`` overrides on the command line
 come last; explicit command-line options (``--lr``) override all of them. Only the ``build_*``
@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Config:
-    """Training and evaluation settings. Defaults: SSD300 on VOC07+12 (Liu et al. 2016, sec. 3.1
-    and 3.2; the DA paper, sec. III, trains the same recipe on its ResNet backbones)."""
+    """Training and evaluation settings. Defaults: SSD300 on VOC07+12 with the recipe of the
+    ssd.pytorch / lufficc SSD codebases. The DA paper states no recipe of its own (section III
+    names only SSD, VOC and 300x300), so these are ours, not the paper's (docs/method.md)."""
 
     # model
     backbone: str = "da_resnet50"
@@ -35,7 +36,6 @@ class Config:
     # "none". If the named weights cannot be reached (offline) training starts from scratch with
     # a warning, so the default never blocks a run.
     pretrained: str = "IMAGENET1K_V1"
-    image_size: int = 300
     sync_bn: bool = False
 
     # data
@@ -119,12 +119,22 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+# Fields that configs saved by earlier versions may hold, with the one value they could take:
+# accepted silently with that value (so old runs resume), an error with any other.
+RETIRED_FIELDS: dict[str, Any] = {"image_size": 300}  # SSD300's input side, now a constant
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
     """Return a copy of ``cfg`` with ``overrides`` applied; unknown keys name the valid ones."""
     known = _field_types()
     changes = {}
     for key, value in overrides.items():
         key = key.replace("-", "_")
+        if key in RETIRED_FIELDS and key not in known:
+            if value != RETIRED_FIELDS[key]:
+                raise ValueError(f"{source}: {key} is fixed at {RETIRED_FIELDS[key]} (SSD300) and "
+                                 f"no longer a config key; got {value!r}")
+            continue
         if key not in known:
             valid = ", ".join(sorted(known))
             raise ValueError(f"{source}: unknown config key {key!r}; valid keys: {valid}")
@@ -182,8 +192,6 @@ def validate_config(cfg: Config) -> None:
         raise ValueError("warmup_iters and eval_every must be >= 0")
     if cfg.batch_size < 2:  # the 1x1 extra map's BatchNorm needs two values per channel
         raise ValueError(f"batch_size must be at least 2 per process, got {cfg.batch_size}")
-    if cfg.image_size != 300:
-        raise ValueError(f"image_size must be 300 (SSD300's default boxes), got {cfg.image_size}")
     if not all(isinstance(s, int) for s in cfg.lr_steps):
         raise ValueError(f"lr_steps must be a list of iterations, got {cfg.lr_steps}")
     first_drop = min([s for s in cfg.lr_steps if s > 0] + [cfg.iters])

@@ -21,9 +21,7 @@ from ssd_da.experiments.ablate import (collect_records, plan_runs, run_state, ru
 from ssd_da.experiments.report import (RunRecord, format_markdown, read_results_csv, summarize,
                                        table_label, write_results_csv)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import ablate as ablate_tool  # noqa: E402
+import ablate as ablate_tool
 
 
 # ---------------------------------------------------------------- statistics, by hand
@@ -128,15 +126,6 @@ def test_suites_and_plan():
 
 
 # ---------------------------------------------------------------- a real suite, CPU
-@pytest.fixture(scope="module")
-def demo_devkit(tmp_path_factory) -> Path:
-    from ssd_da.data.demo import ensure_demo_dataset
-
-    root = tmp_path_factory.mktemp("ablate_demo")
-    ensure_demo_dataset(root, num_train=8, num_test=4, seed=1)
-    return root / "VOCdevkit"
-
-
 def _cli(devkit: Path, out: Path, *extra: str) -> int:
     from ssd_da.data.demo import DEMO_CLASSES
 
@@ -147,11 +136,12 @@ def _cli(devkit: Path, out: Path, *extra: str) -> int:
     return ablate_tool.main(ablate_tool.get_args_parser().parse_args(argv))
 
 
-def test_suite_runs_reports_skips_and_resumes(demo_devkit, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_suite_runs_reports_skips_and_resumes(tiny_devkit, tmp_path, monkeypatch):
     import ssd_da.engine.trainer as trainer
 
     out = tmp_path / "abl"
-    assert _cli(demo_devkit, out) == 0
+    assert _cli(tiny_devkit, out) == 0
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["backbone"], r["seed"]) for r in rows] == [
@@ -180,7 +170,7 @@ def test_suite_runs_reports_skips_and_resumes(demo_devkit, tmp_path, monkeypatch
     files = sorted(out.glob("*/seed*/*"))
     mtimes = [f.stat().st_mtime_ns for f in files]
     monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("train called on rerun"))
-    assert _cli(demo_devkit, out) == 0
+    assert _cli(tiny_devkit, out) == 0
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
     # Interrupted run (no summary.json): resumed from its last.pth, the others skipped.
@@ -195,20 +185,21 @@ def test_suite_runs_reports_skips_and_resumes(demo_devkit, tmp_path, monkeypatch
         return real_train(cfg, resume=resume)
 
     monkeypatch.setattr(trainer, "train", spy)
-    assert _cli(demo_devkit, out) == 0
+    assert _cli(tiny_devkit, out) == 0
     assert calls == [("da_resnet18", 1, run_dir / "last.pth")]
     assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 2
     with open(out / "results.csv") as fh:
         assert [float(r["map"]) for r in csv.DictReader(fh)] == [float(r["map"]) for r in rows]
 
 
-def test_run_interrupted_mid_training_resumes_exactly(demo_devkit, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_run_interrupted_mid_training_resumes_exactly(tiny_devkit, tmp_path, monkeypatch):
     import ssd_da.engine.trainer as trainer
     from ssd_da.engine.checkpoint import load_checkpoint
 
     one = ("--backbones", "resnet18", "--seeds", "1", "--iters", "3", "ckpt_every=1", "log_every=1")
     ref, out = tmp_path / "ref", tmp_path / "cut"
-    assert _cli(demo_devkit, ref, *one) == 0  # uninterrupted
+    assert _cli(tiny_devkit, ref, *one) == 0  # uninterrupted
 
     real_step, steps = trainer.train_step, {"n": 0}
 
@@ -220,7 +211,7 @@ def test_run_interrupted_mid_training_resumes_exactly(demo_devkit, tmp_path, mon
 
     monkeypatch.setattr(trainer, "train_step", killed_at_third_step)
     with pytest.raises(KeyboardInterrupt):
-        _cli(demo_devkit, out, *one)
+        _cli(tiny_devkit, out, *one)
     run_dir = out / "resnet18" / "seed0"
     first = load_checkpoint(run_dir / "last.pth")
     assert first["iteration"] == 2 and first["timing"]["images"] == 2 * 2
@@ -234,7 +225,7 @@ def test_run_interrupted_mid_training_resumes_exactly(demo_devkit, tmp_path, mon
         return real_train(cfg, resume=resume)
 
     monkeypatch.setattr(trainer, "train", spy)
-    assert _cli(demo_devkit, out, *one) == 0
+    assert _cli(tiny_devkit, out, *one) == 0
     assert calls == [run_dir / "last.pth"]
     log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     ref_log = [json.loads(x) for x in (ref / "resnet18/seed0/log.jsonl").read_text().splitlines()]

@@ -9,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import eval_voc  # noqa: E402
+import eval_voc
 
-from ssd_da.data.demo import DEMO_CLASSES, ensure_demo_dataset  # noqa: E402
-from ssd_da.evaluation.detection_file import detections_to_records, load_detection_file  # noqa: E402
+from ssd_da.data.demo import DEMO_CLASSES, ensure_demo_dataset
+from ssd_da.evaluation.detection_file import detections_to_records, load_detection_file
 
 
 @pytest.fixture(scope="module")
@@ -122,20 +120,9 @@ def test_classes_that_do_not_match_the_data(demo_root, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained ResNet18 detector for the demo classes (its detections are arbitrary but
-    deterministic, which is all the plumbing below needs)."""
-    import torch
-
-    from ssd_da.engine.checkpoint import save_checkpoint
-    from ssd_da.models.ssd import build_ssd
-
-    torch.manual_seed(0)
-    model = build_ssd("resnet18", num_classes=len(DEMO_CLASSES) + 1)
-    path = tmp_path_factory.mktemp("evalckpt") / "r18.pth"
-    save_checkpoint({"model": model.state_dict(), "backbone": "resnet18",
-                     "class_names": list(DEMO_CLASSES), "config": {}, "iteration": 0}, path)
-    return path
+def checkpoint(untrained_checkpoint) -> Path:
+    """An untrained ResNet18 detector for the demo classes."""
+    return untrained_checkpoint("resnet18", DEMO_CLASSES, 0)
 
 
 def test_checkpoint_inference_and_saved_detections(demo_root, checkpoint, tmp_path, capsys):

@@ -5,17 +5,14 @@ Expected values are worked out by hand in the comments; the Table II values are 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
-from pathlib import Path
 
+import complexity as complexity_tool
 import pytest
 import torch
 from torch import nn
 
 from ssd_da.utils.flops import count_flops, count_flops_per_module, count_params, module_flops
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class TinyNet(nn.Module):
@@ -142,14 +139,6 @@ def test_bad_input_size_names_the_argument():
 # ---------------------------------------------------------------- tools/complexity.py
 
 
-def _load_tool():
-    path = ROOT / "tools" / "complexity.py"
-    spec = importlib.util.spec_from_file_location("complexity_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _run_csv(tool, argv, capsys) -> dict[str, tuple[int, int]]:
     tool.main(tool.get_args_parser().parse_args(argv))
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
@@ -162,7 +151,7 @@ RESNET18_BLOCK_HW = [56 * 56] * 2 + [28 * 28] * 2 + [14 * 14] * 2 + [7 * 7] * 2
 
 
 def test_cli_csv_resnet18_and_da_difference_by_hand(capsys):
-    tool = _load_tool()
+    tool = complexity_tool
     counts = _run_csv(tool, ["--classifier", "--csv", "resnet18", "da_resnet18"], capsys)
     params, flops = counts["resnet18"]
     assert (round(params / 1e6, 4), round(flops / 1e9, 4)) == (11.6895, 1.8214)  # Table II
@@ -177,7 +166,7 @@ def test_cli_csv_resnet18_and_da_difference_by_hand(capsys):
 
 
 def test_cli_table_format(capsys):
-    tool = _load_tool()
+    tool = complexity_tool
     tool.main(tool.get_args_parser().parse_args(["--classifier", "resnet18"]))
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-3].split("|")[1:4] == [" Backbone ", " Params (M) ", " GFLOPs "]
@@ -185,7 +174,7 @@ def test_cli_table_format(capsys):
 
 
 def test_cli_unknown_backbone_exits_2_listing_names(capsys):
-    tool = _load_tool()
+    tool = complexity_tool
     with pytest.raises(SystemExit) as exc:
         tool.main(tool.get_args_parser().parse_args(["--classifier", "resnet18", "resnet99"]))
     assert exc.value.code == 2
@@ -210,7 +199,7 @@ class _FakeSSD(nn.Module):
 def test_cli_detector_counts_head_outputs_at_300_with_21_classes(capsys, monkeypatch):
     from ssd_da.models import complexity
 
-    tool = _load_tool()
+    tool = complexity_tool
     monkeypatch.setattr(complexity, "build_ssd", lambda name, num_classes: _FakeSSD(num_classes))
     complexity.measure_detector.cache_clear()
     counts = _run_csv(tool, ["--csv", "resnet18"], capsys)
@@ -237,7 +226,7 @@ TABLE_II = {
 
 @pytest.mark.slow
 def test_cli_reproduces_table_ii(capsys):
-    tool = _load_tool()
+    tool = complexity_tool
     counts = _run_csv(tool, ["--classifier", "--csv"], capsys)  # default: the 12 Table II rows
     assert list(counts) == list(TABLE_II)
     got = {n: (round(p / 1e6, 4), round(f / 1e9, 4)) for n, (p, f) in counts.items()}

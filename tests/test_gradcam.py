@@ -25,9 +25,7 @@ from ssd_da.engine.inference import predict_image
 from ssd_da.visualize.cam import (METHODS, AnchorScoreTarget, CamTarget, anchor_map_sizes,
                                   block_paths, default_layer, explain, get_method, resolve_layer)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import gradcam as gradcam_tool  # noqa: E402
+import gradcam as gradcam_tool
 
 CLASSES = ["square", "disc"]
 # (label, x1, y1, x2, y2) per image, in the 300x300 image's pixels.
@@ -91,14 +89,9 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def other_ckpt(tmp_path_factory) -> Path:
+def other_ckpt(untrained_checkpoint) -> Path:
     """An untrained da_resnet18 checkpoint with a different class list (3 classes)."""
-    torch.manual_seed(1)
-    model = build_ssd("da_resnet18", num_classes=4)
-    path = tmp_path_factory.mktemp("other") / "da.pth"
-    save_checkpoint({"model": model.state_dict(), "backbone": "da_resnet18",
-                     "class_names": ["cat", "dog", "disc"], "config": {}, "iteration": 0}, path)
-    return path
+    return untrained_checkpoint("da_resnet18", ["cat", "dog", "disc"], 1)
 
 
 def box_mean(cam: np.ndarray, box) -> float:
@@ -257,7 +250,7 @@ def test_cli_errors(trained, other_ckpt, capsys):
 
 def test_cli_missing_image_exit_code(trained, tmp_path):
     missing = tmp_path / "nope.jpg"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gradcam.py"), str(missing),
+    proc = subprocess.run([sys.executable, gradcam_tool.__file__, str(missing),
                            "--checkpoint", str(trained[1])], capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"image {missing} does not exist" in proc.stderr

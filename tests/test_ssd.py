@@ -196,6 +196,7 @@ def test_voc07_ap_helper_by_hand():
     assert _voc07_ap(dets, targets, 1) == pytest.approx((6 * 1.0 + 5 * 2 / 3) / 11)
 
 
+@pytest.mark.slow
 def test_overfit_one_batch_then_detect():
     torch.manual_seed(0)
     images, targets = _synthetic_batch()

@@ -29,6 +29,7 @@ import torchvision
 from ssd_da.data.voc import VOC_CLASSES
 from ssd_da.evaluation.voc import evaluate_voc
 from ssd_da.models.ssd import build_ssd
+from ssd_da.utils.cli import fail
 from ssd_da.utils.device import autocast_context, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +113,9 @@ def synthetic_voc(num_images: int, num_classes: int, dets_per_image: int, seed: 
 def run_metric(args: argparse.Namespace) -> str:
     """Time evaluate_voc (VOC07 11-point) on one core: median of ``--repeats`` runs."""
     if args.dets_per_image < 40 or args.images < 1 or args.repeats < 1:
-        raise SystemExit("metric needs --dets-per-image >= 40 (10 per gt, up to 4 gts), "
-                         f"--images >= 1 and --repeats >= 1; got {args.dets_per_image}, "
-                         f"{args.images}, {args.repeats}")
+        fail("benchmark.py", "metric needs --dets-per-image >= 40 (10 per gt, up to 4 gts), "
+             f"--images >= 1 and --repeats >= 1; got {args.dets_per_image}, {args.images}, "
+             f"{args.repeats}")
     pinned = pin_to_one_core()
     names = [VOC_CLASSES[i % 20] + ("" if i < 20 else str(i)) for i in range(args.classes)]
     dets, anns = synthetic_voc(args.images, args.classes, args.dets_per_image, args.seed)

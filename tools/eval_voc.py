@@ -76,9 +76,9 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
                              f"{args.checkpoint} was trained on: {','.join(trained)}")
     check_classes_match(args.data_root, args.split, trained, args.checkpoint,  # before inference
                         hint="evaluate it on a split of the data it was trained for")
-    size = int(ckpt.get("config", {}).get("image_size", 300))
     dataset = VOCDetection(args.data_root, args.split, class_names=trained,
-                           transform=build_eval_transform(size), keep_difficult=True,
+                           transform=build_eval_transform(model.image_size),
+                           keep_difficult=True,
                            skip_bad=args.skip_bad)
     with torch.inference_mode():
         dets, rate = predict(model, dataset, device, args.batch_size, args.workers, args.amp)

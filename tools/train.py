@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train SSD300 on PASCAL VOC (or any VOC-layout dataset) with an attention-ResNet backbone.
 
-    python tools/train.py --backbone da_resnet50                 # the paper's recipe, VOC07+12
+    python tools/train.py --backbone da_resnet50                 # standard recipe, VOC07+12
     python tools/train.py --config configs/demo.yaml             # synthetic demo, CPU, minutes
     torchrun --nproc_per_node 4 tools/train.py --backbone da_resnet50 --batch-size 8 --sync-bn
                                                   # --batch-size is per process: global 32

@@ -19,6 +19,7 @@ from ssd_da.config import Config
 from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.data.transforms import build_eval_transform, build_train_transform
 from ssd_da.data.voc import VOC_CLASSES, VOCDetection, detection_collate
+from ssd_da.models.ssd import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,10 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
     train_set = None
     if train:
         train_set = VOCDetection(cfg.data_root, cfg.train_split, class_names=names,
-                                 transform=build_train_transform(cfg.image_size),
+                                 transform=build_train_transform(IMAGE_SIZE),
                                  keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad)
     test_set = VOCDetection(cfg.data_root, cfg.test_split, class_names=names,
-                            transform=build_eval_transform(cfg.image_size),
+                            transform=build_eval_transform(IMAGE_SIZE),
                             keep_difficult=True, skip_bad=cfg.skip_bad)
     return train_set, test_set
 

@@ -115,27 +115,27 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
     last_log = (train_clock.seconds(), state.timing["images"])
     last_map = float("nan")
     state.model.train()
-    bar = tqdm(total=cfg.iters, initial=state.iteration, desc=f"train {cfg.backbone}",
-               disable=rank != 0, dynamic_ncols=True)
-    for images, targets in loader:
-        losses = train_step(state, images, targets, cfg, device)
-        state.timing["images"] += images.shape[0] * world
-        it = state.iteration
-        bar.update(1)
-        if it % cfg.log_every == 0 or it == cfg.iters:
-            now = (train_clock.seconds(), state.timing["images"])
-            rate = (now[1] - last_log[1]) / max(now[0] - last_log[0], 1e-9)
-            log.write({"iter": it, "images_per_s": rate, **losses})
-            bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{losses['lr']:.2e}",
-                            img_s=f"{rate:.1f}")
-            last_log = now
-        with train_clock.paused():  # evaluation and checkpoints are not training time
-            if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iters:
-                last_map = evaluate(state, test_set, class_names, cfg, device, out_dir, log)
-            state.timing.update(train_s=train_clock.seconds(), wall_s=wall_clock.seconds())
-            if rank == 0 and (it % cfg.ckpt_every == 0 or it == cfg.iters):
-                save_checkpoint(training_checkpoint(state, cfg, class_names), out_dir / "last.pth")
-    bar.close()
+    with tqdm(total=cfg.iters, initial=state.iteration, desc=f"train {cfg.backbone}",
+              disable=rank != 0, dynamic_ncols=True) as bar:
+        for images, targets in loader:
+            losses = train_step(state, images, targets, cfg, device)
+            state.timing["images"] += images.shape[0] * world
+            it = state.iteration
+            bar.update(1)
+            if it % cfg.log_every == 0 or it == cfg.iters:
+                now = (train_clock.seconds(), state.timing["images"])
+                rate = (now[1] - last_log[1]) / max(now[0] - last_log[0], 1e-9)
+                log.write({"iter": it, "images_per_s": rate, **losses})
+                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{losses['lr']:.2e}",
+                                img_s=f"{rate:.1f}")
+                last_log = now
+            with train_clock.paused():  # evaluation and checkpoints are not training time
+                if (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iters:
+                    last_map = evaluate(state, test_set, class_names, cfg, device, out_dir, log)
+                state.timing.update(train_s=train_clock.seconds(), wall_s=wall_clock.seconds())
+                if rank == 0 and (it % cfg.ckpt_every == 0 or it == cfg.iters):
+                    save_checkpoint(training_checkpoint(state, cfg, class_names),
+                                    out_dir / "last.pth")
     if math.isnan(last_map) and state.iteration >= cfg.iters:
         # Resumed from a last.pth that had already reached the end: still report its mAP.
         last_map = evaluate(state, test_set, class_names, cfg, device, out_dir, log)

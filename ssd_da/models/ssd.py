@@ -44,11 +44,12 @@ from ssd_da.models.pretrained import load_pretrained
 from ssd_da.models.resnet import backbone_features, build_resnet
 from ssd_da.models.ssd_loss import check_targets, ssd_loss
 
-__all__ = ["SSD300", "build_ssd", "SSD300_ASPECT_RATIOS", "SSD300_SCALES", "SSD300_STEPS",
+__all__ = ["SSD300", "build_ssd", "IMAGE_SIZE", "SSD300_ASPECT_RATIOS", "SSD300_SCALES", "SSD300_STEPS",
            "SSD300_FEATURE_SIZES", "DEFAULT_EXTRA_CHANNELS"]
 
 logger = logging.getLogger(__name__)
 
+IMAGE_SIZE = 300  # SSD300: the default boxes and the six map sizes below are defined for it
 SSD300_ASPECT_RATIOS: list[list[int]] = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
 SSD300_SCALES: list[float] = [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05]
 SSD300_STEPS: list[int] = [8, 16, 32, 64, 100, 300]
