@@ -45,7 +45,10 @@ class Config:
     classes: list[str] | None = None  # None: the 20 VOC classes
     demo: bool = False  # generate the synthetic demo dataset under data_root on first use
     keep_difficult: bool = False  # difficult objects in training targets (never in evaluation)
-    skip_bad: bool = False
+    skip_bad: bool = False  # skip samples with a malformed XML or a missing/undecodable image
+    # Objects whose class is not in the class list are an error (a typo, "Dog" for "dog"), unless
+    # this is true: then they are left out and counted (e.g. --classes dog,cat on full VOC).
+    ignore_other_classes: bool = False
     workers: int = 4
 
     # optimisation: SGD, lr 1e-3, momentum 0.9, weight decay 5e-4, batch 32, 120k iterations with
@@ -209,8 +212,17 @@ def validate_config(cfg: Config) -> None:
 CLI_FIELDS: tuple[str, ...] = (
     "backbone", "data_root", "train_split", "test_split", "classes", "iters", "batch_size", "lr",
     "workers", "eval_every", "output_dir", "pretrained", "device", "seed", "metric",
-    "amp", "sync_bn", "skip_bad",
+    "amp", "sync_bn", "skip_bad", "ignore_other_classes",
 )
+# What the flags do (the other options' help is the field name and its default).
+_FLAG_HELP = {
+    "amp": "bf16 autocast on GPU",
+    "sync_bn": "SyncBatchNorm across processes under torchrun",
+    "skip_bad": "skip samples with a malformed XML or a missing, unreadable or undecodable image "
+                "(each named in a warning, and counted)",
+    "ignore_other_classes": "leave out objects of classes not in the class list (counted per "
+                            "class); without it they stop the run",
+}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -221,7 +233,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default, flag = _default(name), "--" + name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, dest=name, action="store_true", default=None,
-                                help=f"set Config.{name} (default: {default})")
+                                help=_FLAG_HELP.get(name, f"set Config.{name}"))
         else:  # classes (a list or None) is given as "a,b,c"
             kind = type(default) if isinstance(default, (int, float, str)) else str
             parser.add_argument(flag, dest=name, type=kind, default=None,

@@ -307,8 +307,10 @@ def test_training_loader_augments_per_sample_whatever_the_workers(tmp_path: Path
 
     year = tmp_path / "VOCdevkit" / "VOC2007"
     noise = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    _write_sample(year, "n", _xml([_obj("cat", (5, 5, 30, 30))], 50, 40), Image.fromarray(noise), ext=".png")
-    _write_set(year, "trainval", ["n", "n"])  # one image, listed twice
+    for image_id in ("n1", "n2"):  # the same picture twice: worker 0 gets item 0, worker 1 item 1
+        _write_sample(year, image_id, _xml([_obj("cat", (5, 5, 30, 30))], 50, 40), Image.fromarray(noise),
+                      ext=".png")
+    _write_set(year, "trainval", ["n1", "n2"])
     ds = VOCDetection(tmp_path / "VOCdevkit", "voc07_trainval", CLASSES, transform=build_train_transform(32))
 
     def first_batch(workers: int) -> torch.Tensor:

@@ -27,7 +27,8 @@ from typing import NoReturn
 
 from ssd_da.config import add_config_arguments, parse_key_values, resolve_config
 from ssd_da.engine.data import class_names_from_config
-from ssd_da.experiments.ablate import plan_runs, run_suite, suite_backbones, write_reports
+from ssd_da.experiments.ablate import (check_gpus, plan_runs, run_suite, suite_backbones,
+                                       write_reports)
 from ssd_da.utils.cli import fail, report_error
 
 logger = logging.getLogger("ablate")
@@ -118,6 +119,11 @@ def main(args: argparse.Namespace) -> int:
     2: bad input (message on stderr)."""
     _check_owned(args)
     backbones, seeds = _backbones_and_seeds(args)
+    if args.gpus and not args.report_only:
+        try:
+            check_gpus(args.gpus)
+        except ValueError as exc:
+            _fail(str(exc))
     root = Path(args.output_dir)
     run_args = argparse.Namespace(**{**vars(args), "output_dir": None})
     try:

@@ -32,7 +32,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    """0 when training finished, 2 for bad input, 3 for a non-finite loss (message logged)."""
+    """0 when training finished, 2 for bad input, 3 for a non-finite loss (message on stderr)."""
     try:
         saved = load_checkpoint(args.resume).get("config", {}) if args.resume else None
         cfg = resolve_config(args, saved)

@@ -24,12 +24,13 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import Any, Callable, Sequence
 
+import torch
 import yaml
 
 from ssd_da.config import Config, apply_overrides, save_config
 from ssd_da.data.voc import VOC_CLASSES
-from ssd_da.engine.runlog import read_run_log
 from ssd_da.engine import trainer
+from ssd_da.engine.runlog import read_run_log
 from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError
 from ssd_da.experiments.report import (RunRecord, format_markdown, plot_map_vs_params, summarize,
                                        write_results_csv)
@@ -227,6 +228,31 @@ def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str
     return [outcomes[spec.name] for spec, _ in jobs]
 
 
+def visible_gpus() -> list[str]:
+    """The ids ``--gpus`` may name: ``CUDA_VISIBLE_DEVICES``'s entries when it is set (each run
+    gets one of them as its own ``CUDA_VISIBLE_DEVICES``), else 0..device_count-1."""
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def check_gpus(gpus: Sequence[str]) -> None:
+    """ValueError naming the visible devices when ``gpus`` lists one this machine does not have
+    (each run would otherwise start on the CPU, all of them at once)."""
+    visible = visible_gpus()
+    missing = [str(g) for g in gpus if str(g) not in visible]
+    if len(set(map(str, gpus))) != len(gpus):
+        raise ValueError(f"--gpus {','.join(map(str, gpus))} names a GPU twice")
+    if missing:
+        have = f"the visible CUDA devices are {','.join(visible)}" if visible else \
+            "no CUDA device is visible here"
+        raise ValueError(f"--gpus {','.join(map(str, gpus))}: GPU(s) {','.join(missing)} not "
+                         f"found; {have} (leave --gpus out to train the runs one after another "
+                         f"on this machine's default device)")
+
+
 def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
               train_fn: TrainFn | None = None, train_script: Path | None = None
               ) -> list[RunOutcome]:
@@ -239,6 +265,8 @@ def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
         train_script: for ``gpus``: a script taking ``--config`` and ``--resume`` and exiting
             with :data:`~ssd_da.engine.trainer.EXIT_NON_FINITE` on a non-finite loss.
     """
+    if gpus:
+        check_gpus(gpus)
     if gpus and specs and specs[0].cfg.device not in ("auto", "cuda"):
         raise ValueError(f"--device {specs[0].cfg.device!r} cannot be combined with --gpus: each "
                          "run sees its one GPU as cuda:0 (use --device auto or cuda)")

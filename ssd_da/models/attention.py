@@ -16,6 +16,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ssd_da.models.attention_extra import MultiHeadSelfAttention, ShuffleAttention
+from ssd_da.models.lga import GlobalAttention, LocalAttention, LocalGlobalAttention
+
 __all__ = [
     "ATTENTIONS", "build_attention", "eca_kernel_size", "NoAttention", "DualAttention",
     "DualAttentionCS", "DualAttentionParallel", "DualAttentionSpatial", "DualAttentionChannel",
@@ -72,8 +75,9 @@ class _ChannelMask(nn.Module):
     """DA channel branch (paper section II.B, Fig. 3): the mask, ``(B, C, H, W) -> (B, C, 1, 1)``.
 
     ``sigmoid(GAP(x))``: the paper's "parameterized weighting" must be parameter-free for Table
-    II's counts to hold (docs/method.md, "Why 20 parameters per block"). With ``affine=True`` a learnable scalar scale and shift
-    (initialised 1 and 0, so the mask starts equal to the default) act before the sigmoid:
+    II's counts to hold (docs/method.md, "Why 20 parameters per block"). With ``affine=True`` a
+    learnable scalar scale and shift (initialised 1 and 0, so the mask starts equal to the
+    default) act before the sigmoid:
     ``sigmoid(a * GAP(x) + b)``, 2 parameters -- an ablation, not the paper's count.
     """
 
@@ -318,6 +322,14 @@ ATTENTIONS: dict[str, type[nn.Module]] = {
     "eca": EfficientChannelAttention,
     "sge": SpatialGroupEnhance,
     "cbam": CBAM,
+    # The LGA paper's module, its LA/GA ablations and its other comparison modules (Tables
+    # 3-5; ssd_da/models/lga.py and attention_extra.py). The paper places them once, after the
+    # last stage: see the end-of-backbone slot in ssd_da/models/resnet.py.
+    "lga": LocalGlobalAttention,
+    "la": LocalAttention,
+    "ga": GlobalAttention,
+    "mhsa": MultiHeadSelfAttention,
+    "sa": ShuffleAttention,
 }
 
 

@@ -56,7 +56,8 @@ def _measure(build: Callable[[], nn.Module], forward_fn: ForwardFn | None,
     return count_params(model), count_flops(model, input_shape, forward_fn)
 
 
-def measure_backbone(name: str, input_shape: Sequence[int] = (1, 3, CLASSIFIER_SIZE, CLASSIFIER_SIZE),
+def measure_backbone(name: str,
+                     input_shape: Sequence[int] = (1, 3, CLASSIFIER_SIZE, CLASSIFIER_SIZE),
                      meta: bool = True) -> tuple[int, int]:
     """(params, FLOPs) of backbone ``name`` as an ImageNet classifier (1000-way FC), the form
     the DA paper's Table II counts. ValueError for an unknown name (listing the valid ones)."""
