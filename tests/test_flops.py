@@ -139,11 +139,12 @@ def test_bad_input_size_names_the_argument():
 # ---------------------------------------------------------------- tools/complexity.py
 
 
-def _run_csv(tool, argv, capsys) -> dict[str, tuple[int, int]]:
+def _run_csv(tool, argv, capsys, complete: bool = False) -> dict[str, tuple[int, ...]]:
+    """{backbone: (params, torchstat flops)}; with ``complete``, the FlopCounterMode count too."""
     tool.main(tool.get_args_parser().parse_args(argv))
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
-    assert rows[0] == ["backbone", "params", "flops"]
-    return {name: (int(p), int(f)) for name, p, f in rows[1:]}
+    assert rows[0] == ["backbone", "params", "flops", "flops_complete"]
+    return {name: (int(p), int(f), int(c))[:3 if complete else 2] for name, p, f, c in rows[1:]}
 
 
 # Spatial outputs of ResNet18's blocks at 224: two blocks each at 56, 28, 14, 7.
@@ -168,9 +169,28 @@ def test_cli_csv_resnet18_and_da_difference_by_hand(capsys):
 def test_cli_table_format(capsys):
     tool = complexity_tool
     tool.main(tool.get_args_parser().parse_args(["--classifier", "resnet18"]))
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-3].split("|")[1:4] == [" Backbone ", " Params (M) ", " GFLOPs "]
-    assert [c.strip() for c in lines[-1].split("|")[1:4]] == ["resnet18", "11.6895", "1.8214"]
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert [c.strip() for c in lines[-3].split("|")[1:5]] == [
+        "Backbone", "Params (M)", "GFLOPs (torchstat)", "GFLOPs (complete)"]
+    # complete: twice torchstat's conv + FC terms (tests/test_flops_complete.py)
+    assert [c.strip() for c in lines[-1].split("|")[1:5]] == ["resnet18", "11.6895", "1.8214",
+                                                              "3.6281"]
+    assert "torchstat's rules" in out and "FlopCounterMode" in out  # says which is which
+
+
+def test_cli_end_of_backbone_lga_adds_the_module_alone(capsys):
+    from ssd_da.models.lga import LocalGlobalAttention
+    from ssd_da.utils.flops import count_flops_complete
+
+    counts = _run_csv(complexity_tool, ["--classifier", "--csv", "resnet18", "resnet18_lga"],
+                      capsys, complete=True)
+    (p0, f0, c0), (p1, f1, c1) = counts["resnet18"], counts["resnet18_lga"]
+    assert p1 - p0 == 1_674_246  # LGA at 512 channels, 8 heads (tests/test_lga.py derives it)
+    # the module sees layer4's 7x7 map at 224x224; the complete count includes its matmuls
+    with torch.device("meta"):
+        lga = LocalGlobalAttention(512)
+    assert c1 - c0 == count_flops_complete(lga, (1, 512, 7, 7)) > 2 * (f1 - f0)
 
 
 def test_cli_unknown_backbone_exits_2_listing_names(capsys):
@@ -202,9 +222,10 @@ def test_cli_detector_counts_head_outputs_at_300_with_21_classes(capsys, monkeyp
     tool = complexity_tool
     monkeypatch.setattr(complexity, "build_ssd", lambda name, num_classes: _FakeSSD(num_classes))
     complexity.measure_detector.cache_clear()
-    counts = _run_csv(tool, ["--csv", "resnet18"], capsys)
-    # 1x1 conv 3 -> 21 at 300x300: 3 * 21 * 90000 FLOPs; 63 params
-    assert counts["resnet18"] == (63, 3 * 21 * 300 * 300)
+    counts = _run_csv(tool, ["--csv", "resnet18"], capsys, complete=True)
+    # 1x1 conv 3 -> 21 at 300x300: 3 * 21 * 90000 multiply-accumulates (torchstat: 1 FLOP each,
+    # FlopCounterMode: 2); 63 params
+    assert counts["resnet18"] == (63, 3 * 21 * 300 * 300, 2 * 3 * 21 * 300 * 300)
     counts = _run_csv(tool, ["--csv", "--input-size", "10x20", "resnet18"], capsys)
     assert counts["resnet18"] == (63, 3 * 21 * 10 * 20)
     complexity.measure_detector.cache_clear()

@@ -145,12 +145,26 @@ def test_one_home_for_backbone_names():
     assert parse_backbone_name("da_s_resnet101").attention == "da_s"
     assert display_name("da_par_resnet50") == "DA(s|c)-ResNet50"
     assert display_name("resnet101", detector=True) == "ResNet101-SSD"
+    assert display_name("resnet18_lga") == "ResNet18+LGA"  # the LGA paper's Table 4 spelling
+    assert display_name("resnet50_mhsa", detector=True) == "ResNet50+MHSA-SSD"
+    assert display_name("sa_resnet50") == "SA-ResNet50"
+    from ssd_da.models.names import END_ATTENTIONS
+    assert set(END_ATTENTIONS) < set(ATTENTIONS)
+    model = _meta("resnet34_lga", num_classes=None)
+    assert (model.name, model.attention, model.end_attention) == ("resnet34_lga", "none", "lga")
+    assert _meta("resnet18_lga", num_classes=None, heads=4).end_attn.heads == 4  # options: end slot
 
 
 def test_names_and_errors():
-    assert len(BACKBONE_NAMES) == 40 and "da_par_resnet101" in BACKBONE_NAMES
-    assert parse_backbone_name("da_cs_resnet50") == ("da_cs", 50)
-    assert parse_backbone_name("resnet18") == ("none", 18)
+    # 4 depths x (plain + 10 per-block modules) + 4 depths x 10 end-of-backbone modules
+    assert len(BACKBONE_NAMES) == 4 * 11 + 4 * 10 and "da_par_resnet101" in BACKBONE_NAMES
+    assert parse_backbone_name("da_cs_resnet50") == ("da_cs", 50, "none")
+    assert parse_backbone_name("resnet18") == ("none", 18, "none")
+    assert parse_backbone_name("resnet34_lga") == ("none", 34, "lga")
+    assert parse_backbone_name("resnet50_da") == ("none", 50, "da")
+    for bad in ("resnet18_foo", "da_resnet18_lga", "resnet18_da_cs", "resnet18_"):
+        with pytest.raises(ValueError, match=rf"unknown backbone '{bad}'.*'resnet18_lga'"):
+            parse_backbone_name(bad)
     assert _meta("da_par_resnet18", num_classes=None).attention == "da_par"
     with pytest.raises(ValueError, match=r"unknown backbone 'resnet152'.*'da_resnet50'"):
         build_resnet("resnet152")

@@ -197,10 +197,11 @@ def test_voc07_ap_helper_by_hand():
 
 
 @pytest.mark.slow
-def test_overfit_one_batch_then_detect():
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet18_lga"])  # + the LGA paper's placement
+def test_overfit_one_batch_then_detect(backbone):
     torch.manual_seed(0)
     images, targets = _synthetic_batch()
-    model = build_ssd("resnet18", 4).train()
+    model = build_ssd(backbone, 4).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     totals = []
     for _ in range(30):  # 20 already suffice (AP 1.0 for model seeds 0, 1, 2)

@@ -8,6 +8,8 @@ interval).
     # Tables II/III: plain, SE, SGE, ECA, DA, CBAM at four depths, one run per GPU
     python tools/ablate.py --suite attention --depths 18,34,50,101 --gpus 0,1,2,3 \\
         --output-dir runs/table2
+    # the LGA paper's Table 4: ResNet18 plain and with one module at the end of the backbone
+    python tools/ablate.py --suite lga --seeds 3 --output-dir runs/lga_table4
     # any backbones, on the demo data, CPU
     python tools/ablate.py --config configs/demo.yaml --backbones resnet18,da_resnet18 \\
         --seed-list 0,5,9 --output-dir runs/demo_ablation iters=100
@@ -27,8 +29,8 @@ from typing import NoReturn
 
 from ssd_da.config import add_config_arguments, parse_key_values, resolve_config
 from ssd_da.engine.data import class_names_from_config
-from ssd_da.experiments.ablate import (check_gpus, plan_runs, run_suite, suite_backbones,
-                                       write_reports)
+from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_suite,
+                                       suite_backbones, write_reports)
 from ssd_da.utils.cli import fail, report_error
 
 logger = logging.getLogger("ablate")
@@ -55,13 +57,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)  # the options of tools/train.py, passed to every run
     p.add_argument("--resume", help=argparse.SUPPRESS)  # accepted only to say why it is refused
     g = p.add_argument_group("ablation")
-    g.add_argument("--suite", choices=("order", "attention"),
+    g.add_argument("--suite", choices=SUITES,
                    help="order: Table I (resnet, da, da_cs, da_par, da_s, da_c); attention: "
-                        "Tables II/III (resnet, se, sge, eca, da, cbam) at each of --depths")
+                        "Tables II/III (resnet, se, sge, eca, da, cbam) at each of --depths; "
+                        "lga: the LGA paper's Table 4 (resnet, then one mhsa, se, eca, cbam, "
+                        "sa, la, ga or lga module at the end of the backbone)")
     g.add_argument("--depths", type=_int_list,
                    help="depths for --suite, e.g. 18,34,50,101 (default: 50 for order, "
-                        "18,34,50,101 for attention)")
-    g.add_argument("--backbones", type=_str_list, help="explicit list, e.g. resnet50,da_resnet50")
+                        "18,34,50,101 for attention, 18 for lga)")
+    g.add_argument("--backbones", type=_str_list,
+                   help="explicit list, e.g. resnet50,da_resnet50 (a module in every block) or "
+                        "resnet18,resnet18_lga (one module after layer4)")
     g.add_argument("--seeds", type=int, help="run seeds 0..N-1 (default 3)")
     g.add_argument("--seed-list", dest="seed_list", type=_int_list, help="explicit seeds, e.g. 0,5,9")
     g.add_argument("--gpus", type=_str_list,
@@ -97,7 +103,7 @@ def _check_owned(args: argparse.Namespace) -> None:
 
 def _backbones_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     if (args.suite is None) == (args.backbones is None):
-        _fail("give exactly one of --suite {order,attention} and --backbones a,b,c")
+        _fail(f"give exactly one of --suite {{{','.join(SUITES)}}} and --backbones a,b,c")
     if args.depths and args.suite is None:
         _fail("--depths goes with --suite; list the backbones in --backbones instead")
     if args.seeds is not None and args.seed_list is not None:
@@ -131,7 +137,8 @@ def main(args: argparse.Namespace) -> int:
         specs = plan_runs(base, backbones, seeds, root)
         outcomes = [] if args.report_only else run_suite(specs, args.gpus, train_script=TRAIN_SCRIPT)
         paths = write_reports(specs, outcomes, root, class_names_from_config(base),
-                              "order" if args.suite == "order" else "attention", args.level)
+                              args.suite if args.suite in ("order", "lga") else "attention",
+                              args.level)
     except (ValueError, FileNotFoundError) as exc:
         return report_error("ablate.py", exc)
     bad = [o for o in outcomes if o.status in ("diverged", "failed")]

@@ -1,7 +1,15 @@
 """Params and GFLOPs of backbones (DA paper Table II) or of the SSD300 detector built on them.
 
-Counts follow torchstat's rules (``ssd_da/utils/flops.py``), which the paper used; the numbers
-are not comparable with thop / ptflops / fvcore (docs/method.md). Examples::
+Two FLOP counts, side by side:
+
+- "torchstat": torchstat's rules (``ssd_da/utils/flops.py``), which the DA paper used (they
+  reproduce its Table II): multiply-accumulates of convs and FCs plus BN/ReLU/pooling terms;
+  matrix products and softmax count 0, so attention's cost (LGA, MHSA) is hidden there. Not
+  comparable with thop / ptflops / fvcore (docs/method.md).
+- "complete": PyTorch's ``FlopCounterMode``: 2 FLOPs per multiply-accumulate of every conv and
+  matrix product, element-wise work 0 (about twice torchstat's count for a plain ResNet).
+
+Examples::
 
     # Table II (ImageNet classifiers, 1000-way FC, 224x224, batch 1)
     python tools/complexity.py --classifier resnet18 se_resnet18 da_resnet18
@@ -9,6 +17,8 @@ are not comparable with thop / ptflops / fvcore (docs/method.md). Examples::
     python tools/complexity.py da_resnet50
     # raw integer counts
     python tools/complexity.py --classifier --csv resnet50 da_resnet50
+    # the LGA paper's Table 4 set: one module at the end of ResNet18
+    python tools/complexity.py --classifier resnet18 resnet18_mhsa resnet18_se resnet18_lga
 
 Models are built on (or moved to) PyTorch's ``meta`` device (``ssd_da.models.complexity``);
 ``--no-meta`` measures on the CPU instead (the test suite checks both agree).
@@ -37,9 +47,12 @@ TABLE_II_BACKBONES = (
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Params and GFLOPs (torchstat rules, batch 1) of backbones or SSD300.")
+        description="Params and GFLOPs (torchstat rules and the complete FlopCounterMode "
+                    "count, batch 1) of backbones or SSD300.")
     parser.add_argument("backbones", nargs="*", metavar="BACKBONE",
-                        help="backbone names (default: the 12 of the DA paper's Table II)")
+                        help="backbone names, e.g. da_resnet50 (a module in every block) or "
+                             "resnet18_lga (one module after layer4); default: the 12 of the "
+                             "DA paper's Table II")
     parser.add_argument("--classifier", action="store_true",
                         help="measure the ImageNet classifier (1000 classes, 224x224) as in "
                              "Table II instead of the SSD300 detector (21 classes, 300x300)")
@@ -47,7 +60,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="input size, e.g. 512 or 384x512 (H x W); default 224 for "
                              "--classifier, 300 for the detector")
     parser.add_argument("--csv", action="store_true",
-                        help="print 'backbone,params,flops' with raw integer counts")
+                        help="print 'backbone,params,flops,flops_complete' with raw integer "
+                             "counts (flops: torchstat rules; flops_complete: FlopCounterMode)")
     parser.add_argument("--no-meta", action="store_true",
                         help="build and run models on the CPU instead of the meta device")
     return parser
@@ -78,27 +92,37 @@ def _check_names(names: Sequence[str]) -> None:
 
 
 def measure(name: str, classifier: bool, input_shape: Sequence[int],
-            meta: bool = True) -> tuple[int, int]:
-    """(params, flops) of one backbone, classifier or SSD300 form, at batch ``input_shape[0]``."""
+            meta: bool = True) -> tuple[int, int, int]:
+    """(params, torchstat-rule flops, complete flops) of one backbone, classifier or SSD300
+    form, at batch ``input_shape[0]``."""
     if classifier:
-        return measure_backbone(name, input_shape, meta)
-    return measure_detector(name, VOC_NUM_CLASSES, tuple(input_shape), meta)
+        params, flops = measure_backbone(name, input_shape, meta)
+        return params, flops, measure_backbone(name, input_shape, meta, complete=True)[1]
+    params, flops = measure_detector(name, VOC_NUM_CLASSES, tuple(input_shape), meta)
+    return params, flops, measure_detector(name, VOC_NUM_CLASSES, tuple(input_shape), meta,
+                                           complete=True)[1]
 
 
-def format_table(rows: Sequence[tuple[str, int, int]]) -> str:
-    """Markdown table: Backbone | Params (M) | GFLOPs, 4 decimals (params / 1e6, flops / 1e9)."""
-    cells = [(name, f"{params / 1e6:.4f}", f"{flops / 1e9:.4f}") for name, params, flops in rows]
-    header = ("Backbone", "Params (M)", "GFLOPs")
-    widths = [max(len(r[i]) for r in cells + [header]) for i in range(3)]
-    lines = [f"| {header[0]:<{widths[0]}} | {header[1]:>{widths[1]}} | {header[2]:>{widths[2]}} |",
-             f"|{'-' * (widths[0] + 2)}|{'-' * (widths[1] + 1)}:|{'-' * (widths[2] + 1)}:|"]
-    lines += [f"| {a:<{widths[0]}} | {b:>{widths[1]}} | {c:>{widths[2]}} |" for a, b, c in cells]
+def format_table(rows: Sequence[tuple[str, int, int, int]]) -> str:
+    """Markdown table: Backbone | Params (M) | GFLOPs (torchstat) | GFLOPs (complete), 4
+    decimals (params / 1e6, flops / 1e9)."""
+    cells = [(name, f"{params / 1e6:.4f}", f"{flops / 1e9:.4f}", f"{full / 1e9:.4f}")
+             for name, params, flops, full in rows]
+    header = ("Backbone", "Params (M)", "GFLOPs (torchstat)", "GFLOPs (complete)")
+    widths = [max(len(r[i]) for r in cells + [header]) for i in range(4)]
+    lines = ["| " + " | ".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}"
+                               for i, (h, w) in enumerate(zip(header, widths))) + " |",
+             f"|{'-' * (widths[0] + 2)}|" + "|".join("-" * (w + 1) + ":" for w in widths[1:]) + "|"]
+    lines += ["| " + " | ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                                for i, (c, w) in enumerate(zip(row, widths))) + " |"
+              for row in cells]
     return "\n".join(lines)
 
 
-def format_csv(rows: Sequence[tuple[str, int, int]]) -> str:
-    """CSV with header ``backbone,params,flops`` and raw integer counts."""
-    return "\n".join(["backbone,params,flops"] + [f"{n},{p},{f}" for n, p, f in rows])
+def format_csv(rows: Sequence[tuple[str, int, int, int]]) -> str:
+    """CSV with header ``backbone,params,flops,flops_complete`` and raw integer counts."""
+    return "\n".join(["backbone,params,flops,flops_complete"]
+                     + [",".join(str(v) for v in row) for row in rows])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -117,7 +141,9 @@ def main(args: argparse.Namespace) -> int:
         return 0
     form = (f"ImageNet classifier ({CLASSIFIER_CLASSES} classes)" if args.classifier
             else f"SSD300 detector ({VOC_NUM_CLASSES} classes incl. background)")
-    print(f"{form}, input {shape[2]}x{shape[3]}, batch 1, torchstat FLOP rules\n")
+    print(f"{form}, input {shape[2]}x{shape[3]}, batch 1. GFLOPs (torchstat): torchstat's rules "
+          "(the DA paper's; matrix products and softmax count 0). GFLOPs (complete): PyTorch's "
+          "FlopCounterMode, 2 per multiply-accumulate of every conv and matrix product.\n")
     print(format_table(rows))
     return 0
 

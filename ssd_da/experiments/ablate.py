@@ -46,7 +46,13 @@ SUITE_ATTENTIONS = {
     "order": ("none", "da", "da_cs", "da_par", "da_s", "da_c"),
     "attention": ("none", "se", "sge", "eca", "da", "cbam"),
 }
-DEFAULT_DEPTHS = {"order": (50,), "attention": (18, 34, 50, 101)}
+# Suites whose modules sit once at the end of the backbone (names resnet<d>_<module>): the LGA
+# paper's Table 4 (ResNet18: plain, +MHSA, +SE, +ECA, +CBAM, +SA, +LA, +GA, +LGA).
+END_SUITE_ATTENTIONS = {
+    "lga": ("none", "mhsa", "se", "eca", "cbam", "sa", "la", "ga", "lga"),
+}
+SUITES = (*SUITE_ATTENTIONS, *END_SUITE_ATTENTIONS)
+DEFAULT_DEPTHS = {"order": (50,), "attention": (18, 34, 50, 101), "lga": (18,)}
 # Settings that do not change what a run learns: an existing run folder is reused when only
 # these differ from its saved config.yaml (``iters`` is checked against the summary instead).
 RESULT_NEUTRAL_FIELDS = frozenset({"workers", "device", "eval_batch_size", "log_every",
@@ -81,13 +87,16 @@ class RunOutcome:
 
 
 def suite_backbones(suite: str, depths: Sequence[int] | None = None) -> list[str]:
-    """Backbone names of a suite, depth-major (``resnet50, da_resnet50, ...``)."""
-    if suite not in SUITE_ATTENTIONS:
-        raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITE_ATTENTIONS)}")
+    """Backbone names of a suite, depth-major (``resnet50, da_resnet50, ...``; for "lga"
+    ``resnet18, resnet18_mhsa, ..., resnet18_lga``)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
     depths = tuple(depths) if depths else DEFAULT_DEPTHS[suite]
     bad = [d for d in depths if d not in DEPTHS]
     if bad:
         raise ValueError(f"--depths: {bad} not available; valid depths: {list(DEPTHS)}")
+    if suite in END_SUITE_ATTENTIONS:
+        return [backbone_name("none", d, e) for d in depths for e in END_SUITE_ATTENTIONS[suite]]
     return [backbone_name(a, d) for d in depths for a in SUITE_ATTENTIONS[suite]]
 
 
@@ -313,11 +322,17 @@ def collect_records(specs: Sequence[RunSpec], num_classes: int,
         if spec.backbone not in cache:
             cache[spec.backbone] = measure(spec.backbone, num_classes)
         params, flops = cache[spec.backbone]
+        coco = ev.get("coco") or {}  # pycocotools' figures, logged at the final evaluation
         records.append(RunRecord(
             spec.backbone, spec.seed, float(ev["map"]), {k: float(v) for k, v in ev["ap"].items()},
             int(params), flops / 1e9, float(summary["train_images_per_s"]),
-            summary.get("peak_memory_mb"), float(summary["wall_time_s"])))
+            summary.get("peak_memory_mb"), float(summary["wall_time_s"]),
+            coco_ap50=_maybe_float(coco.get("AP50")), coco_ap=_maybe_float(coco.get("AP"))))
     return records, missing
+
+
+def _maybe_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int],
@@ -360,7 +375,8 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
     inits = [str(s["backbone_init"]) for s in summaries if "backbone_init" in s]  # older runs: none
     notes = describe(specs[0].cfg, backbones, seeds, inits) if specs else []
     failures = [f"{name}: {why}" for name, why in missing.items()]
-    paper = list(class_names) == list(VOC_CLASSES)  # the paper's numbers are VOC07 test mAP
+    # The DA paper's numbers are VOC07 test mAP; the LGA paper's (TinyPerson) are context always.
+    paper = layout == "lga" or list(class_names) == list(VOC_CLASSES)
     paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper))
     plot_map_vs_params(groups, paths["png"], layout)
     logger.info("%d of %d runs reported; %s", len(records), len(specs),

@@ -1,8 +1,9 @@
 """Results of a multi-seed suite: results.csv (one row per run), results.md (one row per backbone,
-laid out like the DA paper's Tables I-III) and map_vs_params.png.
+laid out like the DA paper's Tables I-III or the LGA paper's Table 4) and map_vs_params.png.
 
-Units: the CSV keeps mAP and per-class AP as fractions (0..1, as the trainer logs them), params
-as an integer count and gflops as FLOPs / 1e9; the markdown shows mAP in percent like the paper.
+Units: the CSV keeps mAP, per-class AP and pycocotools' AP50 / AP@[.5:.95] as fractions (0..1,
+as the trainer logs them), params as an integer count and gflops as FLOPs / 1e9; the markdown
+shows them in percent like the papers.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ssd_da.experiments.stats import Estimate, difference, mean_ci
 from ssd_da.models.names import display_name, parse_backbone_name
 from ssd_da.utils.figures import save_figure
 
-__all__ = ["RunRecord", "BackboneSummary", "PAPER_MAP", "table_label", "summarize",
+__all__ = ["RunRecord", "BackboneSummary", "PAPER_MAP", "PAPER_LGA", "table_label", "summarize",
            "write_results_csv", "read_results_csv", "format_markdown", "plot_map_vs_params"]
 
 # mAP (%) on VOC07 test printed by the DA paper: Table II (plain / SE / DA), Table III (SGE, ECA;
@@ -33,17 +34,27 @@ PAPER_MAP = {
     "sge_resnet50": 76.3, "eca_resnet50": 76.8, "sge_resnet101": 77.4, "eca_resnet101": 78.0,
     "da_cs_resnet50": 76.8, "da_par_resnet50": 76.6,
 }
+# mAP50 / mAP50-95 (%) printed by the LGA paper's Table 4: ResNet18 in YOLOv8 on TinyPerson, one
+# run each (context for the "lga" suite, not a target: another detector, dataset and schedule).
+PAPER_LGA = {
+    "resnet18": (12.5, 4.48), "resnet18_mhsa": (12.4, 4.39), "resnet18_se": (12.4, 4.45),
+    "resnet18_eca": (12.3, 4.37), "resnet18_cbam": (12.6, 4.42), "resnet18_sa": (12.3, 4.36),
+    "resnet18_la": (12.7, 4.53), "resnet18_ga": (12.7, 4.49), "resnet18_lga": (12.7, 4.62),
+}
 # Table I's wording for the branch orders (section III.C).
 _ORDER_LABEL = {"none": "", "da": "+spatial+channel", "da_cs": "+channel+spatial",
                 "da_par": "+spatial and channel in parallel", "da_s": "+spatial only",
                 "da_c": "+channel only"}
 CSV_FIXED = ("backbone", "seed", "map")
-CSV_TAIL = ("params", "gflops", "train_images_per_s", "peak_memory_mb", "wall_time_s")
+CSV_TAIL = ("params", "gflops", "train_images_per_s", "peak_memory_mb", "wall_time_s",
+            "coco_ap50", "coco_ap")
 
 
 @dataclass
 class RunRecord:
-    """One finished run. ``map``/``ap`` are fractions (0..1); ``ap`` maps class name -> AP."""
+    """One finished run. ``map``/``ap`` are fractions (0..1); ``ap`` maps class name -> AP.
+    ``coco_ap50``/``coco_ap``: pycocotools' AP50 and AP@[.5:.95] (fractions; None when the run
+    logged none)."""
 
     backbone: str
     seed: int
@@ -54,6 +65,8 @@ class RunRecord:
     train_images_per_s: float
     peak_memory_mb: float | None
     wall_time_s: float
+    coco_ap50: float | None = None
+    coco_ap: float | None = None
 
 
 @dataclass
@@ -65,6 +78,8 @@ class BackboneSummary:
     params: int
     gflops: float
     ap: dict[str, list[float]] = field(default_factory=dict)  # class -> AP (%) per seed
+    coco_ap50: list[float] = field(default_factory=list)  # pycocotools AP50 (%) per seed
+    coco_ap: list[float] = field(default_factory=list)  # pycocotools AP@[.5:.95] (%) per seed
     estimate: Estimate | None = None
     delta: Estimate | None = None  # against the plain ResNet of the same depth (pp)
     baseline: str = ""
@@ -73,7 +88,7 @@ class BackboneSummary:
 def table_label(backbone: str, layout: str = "attention") -> str:
     """Row label: the paper's name (``"se_resnet50"`` -> ``"SE-ResNet50"``); with layout
     "order", Table I's wording (``"da_cs_resnet50"`` -> ``"ResNet50+channel+spatial"``)."""
-    attention, depth = parse_backbone_name(backbone)
+    attention, depth, _ = parse_backbone_name(backbone)
     if layout == "order" and attention in _ORDER_LABEL:
         return f"ResNet{depth}{_ORDER_LABEL[attention]}"
     return display_name(backbone)
@@ -90,6 +105,9 @@ def summarize(records: Sequence[RunRecord], level: float = 0.95) -> list[Backbon
         g.maps[r.seed] = 100.0 * r.map
         for cls, value in r.ap.items():
             g.ap.setdefault(cls, []).append(100.0 * value)
+        if r.coco_ap50 is not None and r.coco_ap is not None:
+            g.coco_ap50.append(100.0 * r.coco_ap50)
+            g.coco_ap.append(100.0 * r.coco_ap)
     for g in groups.values():
         g.estimate = mean_ci(list(g.maps.values()), level)
         g.baseline = f"resnet{parse_backbone_name(g.backbone)[1]}"
@@ -107,13 +125,14 @@ def write_results_csv(records: Sequence[RunRecord], class_names: Sequence[str], 
         writer.writerow(header)
         for r in records:
             tail = [r.params, repr(r.gflops), repr(r.train_images_per_s),
-                    "" if r.peak_memory_mb is None else repr(r.peak_memory_mb), repr(r.wall_time_s)]
+                    "" if r.peak_memory_mb is None else repr(r.peak_memory_mb), repr(r.wall_time_s),
+                    *("" if v is None else repr(v) for v in (r.coco_ap50, r.coco_ap))]
             writer.writerow([r.backbone, r.seed, repr(r.map),
                              *(repr(r.ap.get(c, math.nan)) for c in class_names), *tail])
 
 
 def read_results_csv(path: Path) -> list[RunRecord]:
-    """Inverse of :func:`write_results_csv`."""
+    """Inverse of :func:`write_results_csv` (a CSV without the coco columns reads as None)."""
     records = []
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
@@ -122,7 +141,8 @@ def read_results_csv(path: Path) -> list[RunRecord]:
                 row["backbone"], int(row["seed"]), float(row["map"]),
                 {k[3:]: float(v) for k, v in row.items() if k.startswith("ap_")},
                 int(row["params"]), float(row["gflops"]), float(row["train_images_per_s"]),
-                float(mem) if mem else None, float(row["wall_time_s"])))
+                float(mem) if mem else None, float(row["wall_time_s"]),
+                *(float(row[k]) if row.get(k) else None for k in ("coco_ap50", "coco_ap"))))
     return records
 
 
@@ -141,8 +161,15 @@ def _fmt_delta(g: BackboneSummary, names: set[str]) -> str:
     return f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]" + (" ≈0" if d.includes_zero else "")
 
 
-def _paper(backbone: str) -> str:
+def _paper(backbone: str, layout: str) -> str:
+    if layout == "lga":
+        return "{:.1f} / {:.2f}".format(*PAPER_LGA[backbone]) if backbone in PAPER_LGA else "-"
     return f"{PAPER_MAP[backbone]:.1f}" if backbone in PAPER_MAP else "-"
+
+
+def _fmt_values(values: Sequence[float]) -> str:
+    """'mean ± std' of per-seed values in percent; '-' when there are none."""
+    return _fmt_map(mean_ci(list(values))) if values else "-"
 
 
 def _main_table(groups: Sequence[BackboneSummary], layout: str, level: float,
@@ -150,14 +177,29 @@ def _main_table(groups: Sequence[BackboneSummary], layout: str, level: float,
     names = {g.backbone for g in groups}
     first = "Method" if layout == "order" else "Backbone"
     pct = f"{100 * level:g}%"
+    coco = any(g.coco_ap50 for g in groups)
+    paper_head = " Paper mAP50 / mAP50-95 |" if layout == "lga" else " Paper mAP |"
     lines = [f"| {first} | Params (M) | GFLOPs | mAP (%) mean ± std | n "
-             f"| Δ mAP vs plain ResNet [{pct} CI] |" + (" Paper mAP |" if paper else ""),
-             "|---|---:|---:|---:|---:|---|" + ("---:|" if paper else "")]
+             f"| Δ mAP vs plain ResNet [{pct} CI] |"
+             + (" mAP50 (%) | mAP50-95 (%) |" if coco else "") + (paper_head if paper else ""),
+             "|---|---:|---:|---:|---:|---|" + ("---:|---:|" if coco else "")
+             + ("---:|" if paper else "")]
     for g in groups:
         lines.append(f"| {table_label(g.backbone, layout)} | {g.params / 1e6:.4f} "
                      f"| {g.gflops:.4f} | {_fmt_map(g.estimate)} | {g.estimate.n} "
-                     f"| {_fmt_delta(g, names)} |" + (f" {_paper(g.backbone)} |" if paper else ""))
+                     f"| {_fmt_delta(g, names)} |"
+                     + (f" {_fmt_values(g.coco_ap50)} | {_fmt_values(g.coco_ap)} |" if coco else "")
+                     + (f" {_paper(g.backbone, layout)} |" if paper else ""))
     return lines
+
+
+def _paper_note(layout: str) -> str:
+    if layout == "lga":
+        return ("- Paper mAP50 / mAP50-95: the LGA paper's Table 4 (ResNet18 in YOLOv8 on "
+                "TinyPerson, one run each): context for the mAP50 / mAP50-95 columns, not a "
+                "target (another detector, dataset and schedule).")
+    return ("- Paper mAP: VOC07 test after VOC07+12 training with ImageNet weights; "
+            "comparable only under that protocol.")
 
 
 def _ap_table(groups: Sequence[BackboneSummary], layout: str) -> list[str]:
@@ -174,9 +216,13 @@ def format_markdown(groups: Sequence[BackboneSummary], layout: str = "attention"
                     level: float = 0.95, notes: Sequence[str] = (),
                     failures: Sequence[str] = (), paper: bool = True) -> str:
     """results.md: the main table, per-class AP, the method notes and any runs left out.
-    ``paper``: add the paper's mAP column (only meaningful for runs on the 20 VOC classes)."""
-    title = ("Table I style: orders of the DA branches" if layout == "order"
-             else "Tables II/III style: backbones and attention modules")
+    ``layout``: "attention" (DA paper Tables II/III), "order" (Table I) or "lga" (LGA paper
+    Table 4). ``paper``: add the paper's column (the DA paper's mAP: only meaningful for runs
+    on the 20 VOC classes; the LGA paper's mAP50 / mAP50-95 as context)."""
+    title = {"order": "Table I style: orders of the DA branches",
+             "lga": "LGA paper Table 4 style: attention modules at the end of the backbone",
+             }.get(layout, "Tables II/III style: backbones and attention modules")
+    coco = any(g.coco_ap50 for g in groups)
     pct = f"{100 * level:g}%"
     out = [f"# Results: {title}", "", *notes, "", *_main_table(groups, layout, level, paper), "",
            "- mAP: mean ± sample std (ddof=1) over seeds, in percent; n/a for one seed.",
@@ -188,8 +234,11 @@ def format_markdown(groups: Sequence[BackboneSummary], layout: str = "attention"
            "- Params/GFLOPs: the SSD300 detector as trained (this run's classes + background, "
            "300x300, torchstat rules). The paper's Params/GFLOPs are the ImageNet classifier "
            "at 224x224 (`tools/complexity.py --classifier`).",
-           *(["- Paper mAP: VOC07 test after VOC07+12 training with ImageNet weights; "
-              "comparable only under that protocol."] if paper else []),
+           *(["- mAP50 / mAP50-95: pycocotools' AP at IoU 0.5 and averaged over IoU "
+              "0.5:0.95 (101-point interpolation, the LGA paper's metrics), at the final "
+              "evaluation; mean ± sample std over seeds. mAP is the VOC metric of the run "
+              "(`metric`), e.g. the 11-point voc07 AP."] if coco else []),
+           *([_paper_note(layout)] if paper else []),
            "", "## Per-class AP (%), mean over seeds", "",
            *_ap_table(groups, layout)]
     if failures:

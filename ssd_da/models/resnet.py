@@ -175,8 +175,9 @@ class ResNet(nn.Module):
 
     @property
     def name(self) -> str:
-        """Backbone name as :func:`build_resnet` takes it, e.g. ``"da_resnet50"``."""
-        return backbone_name(self.attention, self.depth)
+        """Backbone name as :func:`build_resnet` takes it, e.g. ``"da_resnet50"``,
+        ``"resnet18_lga"``."""
+        return backbone_name(self.attention, self.depth, self.end_attention)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -246,16 +247,20 @@ def backbone_features(backbone: nn.Module, x: Tensor) -> dict[str, Tensor]:
 
 def build_resnet(name: str, num_classes: int | None = 1000, **attn_kw) -> ResNet:
     """Build backbone ``name`` (one of ``ssd_da.models.names.BACKBONE_NAMES``), e.g.
-    ``"da_resnet50"``.
+    ``"da_resnet50"`` or ``"resnet18_lga"``.
 
     Args:
-        name: ``resnet{18,34,50,101}`` or ``{attention}_resnet{18,34,50,101}``.
+        name: ``resnet{18,34,50,101}``, ``{attention}_resnet{18,34,50,101}`` (a module in every
+            residual block) or ``resnet{18,34,50,101}_{attention}`` (one module after layer4).
         num_classes: classifier size (1000: ImageNet form, the one Table II counts);
             ``None``: detector form without ``avgpool``/``fc``.
-        **attn_kw: options for the attention modules (e.g. ``channel_affine=True`` for ``da``).
+        **attn_kw: options for the name's attention modules (e.g. ``channel_affine=True`` for
+            ``da``, ``heads=4`` for ``lga``): the per-block ones, or the end-of-backbone one.
     """
-    attention, depth = parse_backbone_name(name)
+    attention, depth, end = parse_backbone_name(name)
     block, layers = STAGES[depth]
-    model = ResNet(block, layers, attention=attention, num_classes=num_classes, attn_kwargs=attn_kw)
+    model = ResNet(block, layers, attention=attention, num_classes=num_classes,
+                   attn_kwargs=attn_kw if end == "none" else None, end_attention=end,
+                   end_attn_kwargs=attn_kw if end != "none" else None)
     logger.debug("built %s: %d parameters", name, sum(p.numel() for p in model.parameters()))
     return model
