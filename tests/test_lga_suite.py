@@ -106,3 +106,18 @@ def test_cli_lists_the_lga_suite(capsys):
         ablate_tool.get_args_parser().parse_args(["--suite", "table4"])
     assert exc.value.code == 2
     assert "invalid choice: 'table4'" in capsys.readouterr().err
+
+
+def test_benchmark_modules_section(tmp_path):
+    import benchmark
+
+    args = benchmark.get_args_parser().parse_args(
+        ["--doc", str(tmp_path / "b.md"), "modules", "--modules", "se,mhsa", "--batch-size", "2",
+         "--channels", "16", "--size", "4", "--repeats", "2", "--warmup", "1"])
+    benchmark.main(args)
+    text = (tmp_path / "b.md").read_text()
+    assert "<!-- benchmark:modules -->" in text and "2x16x4x4 input" in text
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]
+            for ln in text.splitlines() if ln.startswith("| se ") or ln.startswith("| mhsa ")}
+    assert rows["se"][0] == "32" and rows["mhsa"][0] == "816"  # 2C^2/16; 3 (C^2 + C)
+    assert all(float(v) > 0 for v in rows["mhsa"][3:])  # ms min, ms median

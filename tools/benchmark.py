@@ -2,6 +2,7 @@
 
     python tools/benchmark.py metric            # evaluate_voc on 5,000 images x 20 classes
     python tools/benchmark.py model --amp       # SSD300 train/inference images/s, peak memory
+    python tools/benchmark.py modules           # each attention module's cost per training step
 
 To add a benchmark: write ``run_<name>(args) -> str`` returning the Markdown body of its
 section (use :func:`environment_lines` for the device lines), register it in
@@ -28,9 +29,11 @@ import torchvision
 
 from ssd_da.data.voc import VOC_CLASSES
 from ssd_da.evaluation.voc import evaluate_voc
+from ssd_da.models.attention import build_attention
 from ssd_da.models.ssd import build_ssd
 from ssd_da.utils.cli import fail
 from ssd_da.utils.device import autocast_context, resolve_device
+from ssd_da.utils.flops import count_flops, count_flops_complete
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,6 +257,65 @@ def run_model(args: argparse.Namespace) -> str:
     ])
 
 
+def time_forward_backward(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """Seconds for one forward and backward pass of ``module`` on ``x`` (B, C, H, W): the time
+    the module adds to a training step (its gradient reaches the input, as inside a network)."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    start = time.perf_counter()
+    module(x).sum().backward()
+    return time.perf_counter() - start
+
+
+def run_modules(args: argparse.Namespace) -> str:
+    """Each attention module alone, forward + backward on SSD300's layer4 map, interleaved."""
+    names = [n.strip() for n in args.modules.split(",") if n.strip()]
+    shape = (args.batch_size, args.channels, args.size, args.size)
+    torch.manual_seed(0)
+    modules = {n: build_attention(n, args.channels).train() for n in names}
+    x = torch.randn(shape, requires_grad=True)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    load_before = os.getloadavg()[0]
+    for rnd in range(args.warmup + args.repeats):  # interleaved: load changes hit every module
+        for n in names[rnd % len(names):] + names[:rnd % len(names)]:
+            t = time_forward_backward(modules[n], x)
+            if rnd >= args.warmup:
+                times[n].append(t)
+    load_after = os.getloadavg()[0]
+    rows = []
+    for n, m in modules.items():
+        params = sum(p.numel() for p in m.parameters())
+        one = (1, *shape[1:])  # GFLOPs per image, as tools/complexity.py counts them
+        stat, full = count_flops(m, one), count_flops_complete(m, one)
+        rows.append(f"| {n} | {params:,} | {stat / 1e9:.4f} | {full / 1e9:.4f} | "
+                    f"{1000 * min(times[n]):.1f} | {1000 * statistics.median(times[n]):.1f} |")
+        print(rows[-1], flush=True)
+    return "\n".join([
+        "## modules: attention modules' cost per training step",
+        "",
+        f"`tools/benchmark.py modules --modules {args.modules} --batch-size {args.batch_size} "
+        f"--channels {args.channels} --size {args.size} --repeats {args.repeats}`: each module "
+        f"alone in train mode, forward and backward on a {'x'.join(map(str, shape))} input (the "
+        "layer4 map SSD300 on ResNet18/34 sees at 300x300, batch 16): the time one module adds "
+        "to a training step. Modules run interleaved, round by round, so a change in machine "
+        f"load hits all of them; min and median of {args.repeats} rounds after {args.warmup} "
+        "warm-up. GFLOPs of the module's forward per image (batch 1, as tools/complexity.py): "
+        "torchstat's rules (matrix products count 0) and complete (FlopCounterMode, 2 per "
+        "multiply-accumulate).",
+        "",
+        f"- date (UTC): {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}",
+        f"- device: {cpu_model()}; torch {torch.__version__}, python "
+        f"{platform.python_version()}, {torch.get_num_threads()} CPU threads, float32",
+        f"- 1-minute load average {load_before:.1f} before, {load_after:.1f} after "
+        f"({os.cpu_count()} logical CPUs): above the CPU count, other jobs shared the cores "
+        "and the min is the better estimate",
+        "",
+        "| module | params | GFLOPs (torchstat) | GFLOPs (complete) | ms min | ms median |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ])
+
+
 def write_section(doc: Path, name: str, body: str) -> None:
     """Replace (or append) the section of benchmark ``name`` in the Markdown file ``doc``."""
     begin, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
@@ -295,6 +357,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     model.add_argument("--channels-last", action="store_true")
     model.set_defaults(func=run_model)
+    mods = sub.add_parser("modules", help="attention modules alone: forward + backward time "
+                                          "per training step, params, GFLOPs")
+    mods.add_argument("--modules", default="se,eca,cbam,sa,mhsa,la,ga,lga",
+                      help="comma-separated keys of ssd_da.models.attention.ATTENTIONS")
+    mods.add_argument("--batch-size", type=int, default=16)
+    mods.add_argument("--channels", type=int, default=512)
+    mods.add_argument("--size", type=int, default=10, help="map side (10: SSD300's layer4)")
+    mods.add_argument("--repeats", type=int, default=20)
+    mods.add_argument("--warmup", type=int, default=2)
+    mods.set_defaults(func=run_modules)
     return parser
 
 
