@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["DEPTHS", "BLOCK_ATTENTIONS", "END_ATTENTIONS", "BackboneName", "backbone_name", "parse_backbone_name",
-           "BACKBONE_NAMES", "display_name"]
+__all__ = ["DEPTHS", "BLOCK_ATTENTIONS", "END_ATTENTIONS", "BackboneName", "backbone_name",
+           "parse_backbone_name", "BACKBONE_NAMES", "display_name"]
 
 # ResNet depths with a stage layout in ssd_da.models.resnet.STAGES (He et al. 2016, Table 1).
 DEPTHS: tuple[int, ...] = (18, 34, 50, 101)
@@ -79,8 +79,8 @@ def parse_backbone_name(name: str) -> BackboneName:
 
 def display_name(name: str, detector: bool = False) -> str:
     """The papers' spelling: ``"da_resnet50" -> "DA-ResNet50"``, ``"resnet18_lga" ->
-    "ResNet18+LGA"``; with ``detector``, ``"DA-ResNet50-SSD"``. A name this module does not know is returned as given (plus
-    "-SSD"), so a figure title never fails on it."""
+    "ResNet18+LGA"``; with ``detector``, ``"DA-ResNet50-SSD"``. A name this module does not
+    know is returned as given (plus "-SSD"), so a figure title never fails on it."""
     try:
         attention, depth, end = parse_backbone_name(name)
     except ValueError:
