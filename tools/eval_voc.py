@@ -39,6 +39,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--classes", help="a,b,c (default: the checkpoint's, else the 20 VOC classes)")
     p.add_argument("--metric", default="voc07", choices=["voc07", "area"],
                    help="voc07: 11-point (VOC2007, default); area: VOC2010+ integral")
+    p.add_argument("--iou-rule", default="python", choices=["python", "matlab"],
+                   help="python: a match needs IoU > 0.5, as py-faster-rcnn's voc_eval.py behind "
+                        "the published VOC07 numbers of ssd.pytorch, lufficc and mmdet (default); "
+                        "matlab: IoU >= 0.5, as the MATLAB devkit's VOCevaldet.m")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="auto")
@@ -46,7 +50,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples with a warning")
     p.add_argument("--no-coco", action="store_true", help="skip the pycocotools AP@[.5:.95] line")
     p.add_argument("--save-detections", help="write the detections as JSON (format above)")
-    p.add_argument("--json", help="write {metric, map, ap, num_images} as JSON")
+    p.add_argument("--json", help="write {metric, iou_rule, map, ap, num_images} as JSON")
     p.add_argument("--plots", help="folder for per-class PR curves and a per-class AP bar chart")
     return p
 
@@ -195,7 +199,8 @@ def main(args: argparse.Namespace) -> int:
             detections = load_detection_file(args.detections, ids, class_names)
         annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
         gts = [a.ground_truth() for a in annotations]
-        result = evaluate_voc(detections, gts, class_names, metric=args.metric)
+        result = evaluate_voc(detections, gts, class_names, metric=args.metric,
+                              iou_rule=args.iou_rule)
         coco = None
         if not args.no_coco:
             from ssd_da.evaluation.coco import coco_metrics
@@ -223,6 +228,7 @@ def write_outputs(args, result, detections, image_ids, class_names) -> None:
         # with no ground truth at all are written as null.
         ap = {c: (None if math.isnan(v) else float(v)) for c, v in result.ap.items()}
         payload = {"metric": "voc07_11point" if args.metric == "voc07" else "voc_area",
+                   "iou_rule": result.iou_rule,
                    "map": None if math.isnan(result.map) else float(result.map), "ap": ap,
                    "num_images": len(image_ids)}
         Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False))
