@@ -319,10 +319,10 @@ def test_worker_init_fn_gives_workers_different_augmentations(tmp_path: Path) ->
 # ---------------------------------------------------------------- BCCD (real LabelImg XML)
 
 def _bccd_root() -> Path:
-    for candidate in (REPO.parent / "shared/data/bccd", Path("/work/shared/data/bccd")):
-        if (candidate / "VOCdevkit/VOC2007/Annotations").is_dir():
-            return candidate / "VOCdevkit"
-    pytest.skip("BCCD data not found beside the repository")
+    """The BCCD copy bundled in the repository (datasets/bccd); a missing copy is a failure."""
+    devkit = REPO / "datasets" / "bccd" / "VOCdevkit"
+    assert (devkit / "VOC2007" / "Annotations").is_dir(), f"bundled BCCD data missing at {devkit}"
+    return devkit
 
 
 def _regex_counts(devkit: Path, set_name: str, classes: tuple[str, ...]) -> np.ndarray:

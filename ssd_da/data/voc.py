@@ -221,8 +221,11 @@ def resolve_split(data_root: str | Path, split: str) -> list[tuple[Path, str]]:
         raise ValueError(f"unknown split {unknown[0]!r} in {split!r}; valid names: "
                          f"{', '.join(SPLITS)} (join several with '+')")
     if not data_root.is_dir():
-        raise FileNotFoundError(f"data root {data_root} not found (expected a VOCdevkit folder "
-                                f"with VOC2007/ and/or VOC2012/)")
+        where = "" if data_root.is_absolute() else (
+            f" under the current directory {Path.cwd()}; relative paths, like those in configs/, "
+            f"are read from where the tool runs: run it from the repository root")
+        raise FileNotFoundError(f"data root {data_root} not found{where} (expected a VOCdevkit "
+                                f"folder with VOC2007/ and/or VOC2012/)")
     items: list[tuple[Path, str]] = []
     for name in names:
         year, image_set = SPLITS[name]
