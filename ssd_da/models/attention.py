@@ -16,6 +16,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ssd_da.models.attention_extra import MultiHeadSelfAttention, ShuffleAttention
+from ssd_da.models.lga import GlobalAttention, LocalAttention, LocalGlobalAttention
+
 __all__ = [
     "ATTENTIONS", "build_attention", "eca_kernel_size", "NoAttention", "DualAttention",
     "DualAttentionCS", "DualAttentionParallel", "DualAttentionSpatial", "DualAttentionChannel",
@@ -318,6 +321,14 @@ ATTENTIONS: dict[str, type[nn.Module]] = {
     "eca": EfficientChannelAttention,
     "sge": SpatialGroupEnhance,
     "cbam": CBAM,
+    # The LGA paper's module, its LA/GA ablations and its other comparison modules (Tables
+    # 3-5; ssd_da/models/lga.py and attention_extra.py). The paper places them once, after the
+    # last stage: see the end-of-backbone slot in ssd_da/models/resnet.py.
+    "lga": LocalGlobalAttention,
+    "la": LocalAttention,
+    "ga": GlobalAttention,
+    "mhsa": MultiHeadSelfAttention,
+    "sa": ShuffleAttention,
 }
 
 
