@@ -29,7 +29,8 @@ PAPER_MAP = {
     "sge_resnet50": 76.3, "eca_resnet50": 76.8, "sge_resnet101": 77.4, "eca_resnet101": 78.0,
     "da_cs_resnet50": 76.8, "da_par_resnet50": 76.6,
 }
-_PREFIX = {"none": "", "se": "SE-", "da": "DA-", "eca": "ECA-", "sge": "SGE-", "cbam": "CBAM-",
+_PREFIX = {"none": "", "se": "SE-", "da": "DA-", "eca": "ECA-", "eca_adaptive": "ECA(adaptive k)-",
+           "sge": "SGE-", "cbam": "CBAM-",
            "da_cs": "DA(c>s)-", "da_par": "DA(s|c)-", "da_s": "DA(s)-", "da_c": "DA(c)-"}
 # Table I's wording for the branch orders (section III.C).
 _ORDER_LABEL = {"none": "", "da": "+spatial+channel", "da_cs": "+channel+spatial",

@@ -315,7 +315,7 @@ def _check_args(num_classes: int, extra_channels: Sequence[Sequence[int]], image
 
 
 def build_ssd(backbone: str, num_classes: int, pretrained: Optional[str] = None,
-              **kwargs) -> SSD300:
+              attention_init: str = "default", **kwargs) -> SSD300:
     """SSD300 on ``build_resnet(backbone, num_classes=None)``.
 
     Args:
@@ -323,9 +323,11 @@ def build_ssd(backbone: str, num_classes: int, pretrained: Optional[str] = None,
             unknown names raise ``ValueError`` listing the valid ones.
         num_classes: classes including background (VOC: 21).
         pretrained: ImageNet weights for the backbone, passed to ``load_pretrained``.
+        attention_init: "default" (each attention module's own init) or "identity" (every
+            module starts as an exact identity; see ``ssd_da.models.attention.IdentityStart``).
         **kwargs: further :class:`SSD300` arguments (thresholds, extra_channels, ...).
     """
-    resnet = build_resnet(backbone, num_classes=None)
+    resnet = build_resnet(backbone, num_classes=None, attention_init=attention_init)
     if pretrained is not None:
         report = load_pretrained(resnet, pretrained)
         logger.info("loaded backbone weights %s into %s (not loaded: %d attention keys missing, "
