@@ -44,7 +44,10 @@ class Config:
     classes: list[str] | None = None  # None: the 20 VOC classes
     demo: bool = False  # generate the synthetic demo dataset under data_root on first use
     keep_difficult: bool = False  # difficult objects in training targets (never in evaluation)
-    skip_bad: bool = False
+    skip_bad: bool = False  # skip samples with a malformed XML or a missing/undecodable image
+    # Objects whose class is not in the class list are an error (a typo, "Dog" for "dog"), unless
+    # this is true: then they are left out and counted (e.g. --classes dog,cat on full VOC).
+    ignore_other_classes: bool = False
     workers: int = 4
 
     # optimisation: SGD, lr 1e-3, momentum 0.9, weight decay 5e-4, batch 32, 120k iterations with

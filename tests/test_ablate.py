@@ -305,7 +305,10 @@ FAKE_TRAIN = textwrap.dedent("""
 """)
 
 
-def test_gpu_queue_runs_train_script_per_run(tmp_path):
+def test_gpu_queue_runs_train_script_per_run(tmp_path, monkeypatch):
+    import ssd_da.experiments.ablate as ablate_module
+
+    monkeypatch.setattr(ablate_module, "visible_gpus", lambda: ["0", "1"])  # two GPUs pretended
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
     cfg = load_config(None, ["iters=7", "classes=[x]", "lr=0.004", "amp=true"])

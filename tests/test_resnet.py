@@ -323,6 +323,9 @@ def test_weights_name_download_is_mocked(monkeypatch, tmp_path):
         return tv18.state_dict()
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake)
+    from ssd_da.models import pretrained
+
+    monkeypatch.setattr(pretrained, "_check_reachable", lambda url: None)  # "online"
     model = build_resnet("da_resnet18", num_classes=None)
     report = load_pretrained(model, "DEFAULT")
     assert calls[0][0] == torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url

@@ -301,8 +301,10 @@ def test_detection_collate(devkit: Path) -> None:
 def test_worker_init_fn_gives_workers_different_augmentations(tmp_path: Path) -> None:
     year = tmp_path / "VOCdevkit" / "VOC2007"
     noise = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    _write_sample(year, "n", _xml([_obj("cat", (5, 5, 30, 30))], 50, 40), Image.fromarray(noise), ext=".png")
-    _write_set(year, "trainval", ["n", "n"])  # the same image twice: worker 0 gets item 0, worker 1 item 1
+    for image_id in ("n1", "n2"):  # the same picture twice: worker 0 gets item 0, worker 1 item 1
+        _write_sample(year, image_id, _xml([_obj("cat", (5, 5, 30, 30))], 50, 40), Image.fromarray(noise),
+                      ext=".png")
+    _write_set(year, "trainval", ["n1", "n2"])
 
     def first_two(init_fn) -> list[torch.Tensor]:
         ds = VOCDetection(tmp_path / "VOCdevkit", "voc07_trainval", CLASSES, transform=build_train_transform(32))

@@ -127,10 +127,15 @@ def _backbones_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]
 def main(args: argparse.Namespace) -> int:
     """Plan, train (unless --report-only) and report. 0: every run finished; 1: some did not."""
     from ssd_da.engine.data import class_names_from_config
-    from ssd_da.experiments.ablate import plan_runs, run_suite, write_reports
+    from ssd_da.experiments.ablate import check_gpus, plan_runs, run_suite, write_reports
 
     _check_owned(args)
     backbones, seeds = _backbones_and_seeds(args)
+    if args.gpus and not args.report_only:
+        try:
+            check_gpus(args.gpus)
+        except ValueError as exc:
+            _fail(str(exc))
     root = Path(args.output_dir)
     run_args = argparse.Namespace(**{**vars(args), "output_dir": None})
     try:

@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,15 +45,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "the published VOC07 numbers of ssd.pytorch, lufficc and mmdet (default); "
                         "matlab: IoU >= 0.5, as the MATLAB devkit's VOCevaldet.m")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="data loader processes (default: min(4, CPU cores available), "
+                        f"{default_workers()} here)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on GPU")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable samples with a warning")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out samples whose XML is malformed or whose image is missing or "
+                        "does not decode (each named in a warning; the count is printed)")
+    p.add_argument("--ignore-other-classes", action="store_true", default=None,
+                   help="leave out objects of classes not in the class list (counted per class); "
+                        "without it they are an error. With --checkpoint the default is the "
+                        "choice the checkpoint was trained with, so the mAP equals training's")
     p.add_argument("--no-coco", action="store_true", help="skip the pycocotools AP@[.5:.95] line")
     p.add_argument("--save-detections", help="write the detections as JSON (format above)")
     p.add_argument("--json", help="write {metric, iou_rule, map, ap, num_images} as JSON")
     p.add_argument("--plots", help="folder for per-class PR curves and a per-class AP bar chart")
     return p
+
+
+def default_workers() -> int:
+    """4 loader processes, or fewer on a machine with fewer cores (PyTorch warns otherwise)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(4, cores or 1))
 
 
 def parse_classes(text: str | None) -> list[str] | None:
@@ -120,7 +135,6 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
     import torch
 
     from ssd_da.data.transforms import build_eval_transform
-    from ssd_da.data.voc import VOCDetection
     from ssd_da.engine.checkpoint import load_detector
     from ssd_da.engine.inference import predict
     from ssd_da.engine.inference import resolve_device
@@ -131,70 +145,77 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
     if class_names is not None and class_names != trained:
         raise EvalInputError(f"--classes {','.join(class_names)} differ from the classes "
                              f"{args.checkpoint} was trained on: {','.join(trained)}")
-    check_classes_match(args.data_root, args.split, trained, args.checkpoint,  # before inference
-                        hint="evaluate it on a split of the data it was trained for")
-    size = int(ckpt.get("config", {}).get("image_size", 300))
-    dataset = VOCDetection(args.data_root, args.split, class_names=trained,
-                           transform=build_eval_transform(size), keep_difficult=True,
-                           skip_bad=args.skip_bad)
+    saved = ckpt.get("config") or {}
+    ignore = args.ignore_other_classes
+    if ignore is None:  # training's rule for objects of other classes, so the mAPs agree
+        ignore = bool(saved.get("ignore_other_classes", False))
+    size = int(saved.get("image_size", 300))
+    dataset = load_split(args, trained, build_eval_transform(size), ignore,
+                         f"{args.checkpoint} was trained on these classes: evaluate it on data "
+                         f"of them, or pass --ignore-other-classes to leave the others out")
     with torch.inference_mode():
         dets, rate = predict(model, dataset, device, args.batch_size, args.workers, args.amp)
     return dataset, trained, [dets[i] for i in range(len(dataset))], rate
 
 
-def names_in_split(data_root: str, split: str) -> set[str]:
-    """Object class names present in the split's XML files (top-level objects only)."""
-    import xml.etree.ElementTree as ET
+def load_split(args: argparse.Namespace, class_names: Sequence[str], transform,
+               ignore_other_classes: bool, advice: str | None = None):
+    """The split as a VOCDetection (difficult objects kept). Objects of classes the model does
+    not know are an error unless ignored: otherwise their APs would silently be missing."""
+    from ssd_da.data.voc import UnknownClassError, VOCDetection
 
-    from ssd_da.data.voc import resolve_split
-
-    names: set[str] = set()
-    for year_dir, image_id in resolve_split(data_root, split):
-        try:
-            root = ET.parse(Path(year_dir) / "Annotations" / f"{image_id}.xml").getroot()
-        except (OSError, ET.ParseError):
-            continue  # the dataset itself reports unreadable files
-        names.update((o.findtext("name") or "").strip() for o in root.findall("object"))
-    return names
-
-
-def check_classes_match(data_root: str, split: str, class_names: Sequence[str], source: str,
-                        hint: str = "pass --classes matching the data") -> None:
-    """A model's classes must cover the dataset's: otherwise every AP would silently be n/a."""
-    found = names_in_split(data_root, split)
-    unknown = sorted(found - set(class_names))
-    if unknown:
-        raise EvalInputError(
-            f"{data_root} split {split} has classes {', '.join(unknown)} that {source} does not "
-            f"know (its classes: {', '.join(class_names)}); {hint}")
+    try:
+        return VOCDetection(args.data_root, args.split, class_names=class_names,
+                            transform=transform, keep_difficult=True, skip_bad=args.skip_bad,
+                            ignore_other_classes=ignore_other_classes)
+    except UnknownClassError as exc:
+        if advice is None:
+            raise EvalInputError(str(exc)) from None
+        raise EvalInputError(f"{exc.problem}; {advice}") from None
 
 
-def report(result, coco: dict[str, float] | None, num_images: int, rate: float | None) -> None:
+def report(result, coco: dict[str, float] | None, dataset, rate: float | None) -> None:
     print(result.table())
     if coco is not None:
         print(f"COCO-style (pycocotools): AP@[.5:.95] {100 * coco['AP']:.2f}  "
               f"AP50 {100 * coco['AP50']:.2f}")
-    line = f"{num_images} images"
+    line = f"{len(dataset)} images"
+    if dataset.num_skipped:
+        line += f" ({dataset.num_skipped} more skipped as unreadable by --skip-bad)"
+    left_out = dataset.other_class_counts
+    if left_out:
+        line += (f"; {sum(left_out.values())} objects of other classes left out ("
+                 + ", ".join(f"{n} {k}" for k, n in sorted(left_out.items())) + ")")
     if rate is not None:
         line += f"; inference {rate:.1f} images/s (model and transfer, batch included)"
     print(line)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Output paths that cannot be written fail before the inference, naming the option."""
+    from ssd_da.utils.paths import ensure_dir, ensure_file_parent
+
+    for option, path in (("--save-detections", args.save_detections), ("--json", args.json)):
+        if path:
+            ensure_file_parent(path, option)
+    if args.plots:
+        ensure_dir(args.plots, "--plots")
+
+
 def main(args: argparse.Namespace) -> int:
-    from ssd_da.data.voc import VOC_CLASSES, VOCDetection
+    from ssd_da.data.voc import VOC_CLASSES
     from ssd_da.engine.checkpoint import CheckpointError
     from ssd_da.evaluation.voc import evaluate_voc
 
     try:
+        check_outputs(args)
         class_names = parse_classes(args.classes)
         rate = None
         if args.checkpoint:
             dataset, class_names, detections, rate = run_model(args, class_names)
         else:
             class_names = class_names or list(VOC_CLASSES)
-            dataset = VOCDetection(args.data_root, args.split, class_names=class_names,
-                                   transform=None, keep_difficult=True, skip_bad=args.skip_bad)
-            check_classes_match(args.data_root, args.split, class_names, "--classes")
+            dataset = load_split(args, class_names, None, bool(args.ignore_other_classes))
             ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
             detections = load_detection_file(args.detections, ids, class_names)
         annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
@@ -210,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
             coco = coco_metrics(detections, [{"boxes": a.boxes, "labels": a.labels,
                                               "difficult": a.difficult} for a in annotations],
                                 class_names)
-        report(result, coco, len(dataset), rate)
+        report(result, coco, dataset, rate)
         write_outputs(args, result, detections, [a.image_id for a in annotations], class_names)
     except (EvalInputError, CheckpointError, ValueError, OSError) as exc:
         logger.error("%s", exc)
@@ -227,7 +248,7 @@ def write_outputs(args, result, detections, image_ids, class_names) -> None:
         # JSON has no NaN: a class without ground truth (AP undefined) and the mAP of a split
         # with no ground truth at all are written as null.
         ap = {c: (None if math.isnan(v) else float(v)) for c, v in result.ap.items()}
-        payload = {"metric": "voc07_11point" if args.metric == "voc07" else "voc_area",
+        payload = {"metric": args.metric,  # the --metric value: one name for one thing
                    "iou_rule": result.iou_rule,
                    "map": None if math.isnan(result.map) else float(result.map), "ap": ap,
                    "num_images": len(image_ids)}

@@ -4,14 +4,17 @@
     python tools/gradcam.py img1.jpg img2.jpg --checkpoint runs/resnet50/best.pth \\
         --checkpoint runs/da_resnet50/best.pth --out gradcam.png
     python tools/gradcam.py img.jpg --checkpoint best.pth --class dog --score 0.3 --draw-boxes
-    python tools/gradcam.py img.jpg --checkpoint best.pth --box 48,240,195,371 --method eigencam
+    python tools/gradcam.py img.jpg --checkpoint best.pth --box 48,240,195,371 --method gradcam++
 
 The figure has one row per image: the original, then one heatmap overlay per checkpoint, titled
 with the backbone (e.g. "DA-ResNet50-SSD"), the method, the layer and the target. Targets:
   --target top (default)  the highest-scoring detection;
-  --class NAME            every detection of NAME with score >= --score, together;
+  --class NAME            every detection of NAME with score >= --score, together (if none
+                          reaches --score: NAME's best-scoring default box, with a warning);
   --box x1,y1,x2,y2       the detection (any class, score >= --score) overlapping that box most,
-                          in the image's pixels (0-based).
+                          in the image's pixels (0-based); the box must overlap every image.
+eigencam is class-agnostic (the first principal component of the layer's activations): it
+explains no target, so it cannot be combined with --class or --box.
 The default layer is the last residual block of layer4 (backbone.layer4.2 of a ResNet50, the
 paper's "layer4 2"); --layer takes another module path, e.g. backbone.layer3.5. Detections
 from the 38x38 / 19x19 maps (small objects) do not depend on layer4: their maps come out empty,
@@ -49,7 +52,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="explain the detection overlapping this box (image pixels) most")
     p.add_argument("--layer", help="target module path (default: backbone.layer4.<last block>)")
     p.add_argument("--method", default="gradcam", choices=sorted(METHODS),
-                   help="CAM method (eigencam ignores the target)")
+                   help="CAM method (eigencam is class-agnostic: not with --class or --box)")
     p.add_argument("--score", type=float, default=0.3,
                    help="minimum detection score for --class, --box and --draw-boxes (default 0.3)")
     p.add_argument("--draw-boxes", action="store_true",
@@ -73,20 +76,37 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return values  # type: ignore[return-value]
 
 
+def _check_file(path: str, what: str) -> None:
+    if Path(path).is_dir():
+        raise ValueError(f"{what} {path} is a folder; give {what} files (e.g. {path}/*.jpg)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+
+
 def check_inputs(args: argparse.Namespace) -> None:
-    """Fail before loading anything: missing files, bad numbers."""
-    for path in args.images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
+    """Fail before loading any model: missing or unreadable files, bad numbers, a --box outside
+    an image, eigencam with a target it would ignore, an --out that cannot be written."""
+    from ssd_da.data.images import check_image
+    from ssd_da.utils.paths import ensure_file_parent
+
     for path in args.checkpoint:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        _check_file(path, "checkpoint")
     if not 0.0 <= args.score <= 1.0:
         raise ValueError(f"--score: must lie in [0, 1], got {args.score}")
     if args.dpi < 10:
         raise ValueError(f"--dpi: must be >= 10, got {args.dpi}")
-    if args.box is not None:
-        parse_box(args.box)
+    if args.method == "eigencam" and (args.box is not None or args.class_name is not None):
+        raise ValueError(f"--method eigencam is class-agnostic and ignores "
+                         f"{'--box' if args.box is not None else '--class'}; use --method "
+                         f"gradcam or gradcam++ to explain one target, or drop the option")
+    box = parse_box(args.box) if args.box is not None else None
+    for path in args.images:
+        _check_file(path, "image")
+        height, width = check_image(path)
+        if box is not None and not (box[0] < width and box[1] < height and box[2] > 0 and box[3] > 0):
+            raise ValueError(f"--box {args.box} lies entirely outside image {path} "
+                             f"({width}x{height}: x in [0, {width}), y in [0, {height}))")
+    ensure_file_parent(args.out, "--out")
 
 
 def load_models(args: argparse.Namespace, device: Any) -> list[tuple[Any, dict, str]]:
@@ -158,7 +178,6 @@ def main(args: argparse.Namespace) -> int:
             rows.append([(image, Path(path).name)] + [panel(image, m, c, layer, args)
                                                       for m, c, layer in models])
         fig = cam_figure(rows, dpi=args.dpi)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_figure(fig, args.out)
     except (ValueError, OSError) as exc:
         # Bad input (CheckpointError is a ValueError, FileNotFoundError an OSError): exit code 2.

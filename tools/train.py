@@ -43,7 +43,11 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None,
                    help="SyncBatchNorm across processes under torchrun")
     p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
-                   help="skip images with a missing file or malformed XML (warn and count)")
+                   help="skip samples with a malformed XML or a missing, unreadable or "
+                        "undecodable image (each named in a warning, and counted)")
+    p.add_argument("--ignore-other-classes", dest="ignore_other_classes", action="store_true",
+                   default=None, help="leave out objects of classes not in the class list "
+                                      "(counted per class); without it they stop the run")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any Config field, e.g. lr_steps=[80000,100000] warmup_iters=1000")
     return p
@@ -60,7 +64,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         cfg = apply_overrides(cfg, parse_key_values(args.overrides), "command line")
     else:
         cfg = load_config(args.config, args.overrides)
-    explicit = {k: getattr(args, k) for k in (*FIELD_OPTIONS, "amp", "sync_bn", "skip_bad")
+    explicit = {k: getattr(args, k) for k in (*FIELD_OPTIONS, "amp", "sync_bn", "skip_bad",
+                                              "ignore_other_classes")
                 if getattr(args, k) is not None}
     return apply_overrides(cfg, explicit, "command-line options")
 

@@ -1,4 +1,5 @@
-"""PASCAL VOC data: XML parsing, split resolution, the detection dataset and its collate function.
+"""PASCAL VOC data: split resolution, the detection dataset and its collate function (the XML
+parsing is in ``voc_xml.py``, image reading in ``images.py``).
 
 Box convention (docs/design.md): ``(N, 4)`` float32 xyxy in absolute pixels, 0-based, i.e. the
 XML's 1-based inclusive coordinates minus 1 for all four values (as amdegroot/ssd.pytorch and
@@ -7,18 +8,20 @@ lufficc/SSD do). Labels are 1..C in the order of ``class_names``; 0 is backgroun
 
 from __future__ import annotations
 
+import difflib
 import logging
-import math
 import os
 import random
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+
+from ssd_da.data.images import check_image, load_rgb, read_image  # noqa: F401 (re-exported)
+from ssd_da.data.voc_xml import (Annotation, AnnotationError, MissingSizeError,  # noqa: F401
+                                 parse_annotation)
 
 logger = logging.getLogger(__name__)
 
@@ -40,169 +43,6 @@ SPLITS: dict[str, tuple[str, str]] = {
 }
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-_COORD_TAGS = ("xmin", "ymin", "xmax", "ymax")
-
-
-class AnnotationError(ValueError):
-    """A VOC XML file is malformed (unparsable, missing or non-numeric fields)."""
-
-
-class MissingSizeError(AnnotationError):
-    """The XML has no usable ``<size>`` and no ``image_size`` was given to replace it."""
-
-
-@dataclass
-class Annotation:
-    """One parsed VOC annotation.
-
-    boxes: (N, 4) float32 xyxy, 0-based absolute pixels, clipped to the image, zero-area and
-    inverted boxes dropped (the training targets). labels: (N,) int64 in 1..C.
-    difficult: (N,) bool. width/height: image size in pixels.
-    devkit: None when the above are also the evaluation ground truth; otherwise (boxes, labels,
-    difficult) of every object as the VOC devkit reads it (see :meth:`ground_truth`).
-    """
-
-    boxes: np.ndarray
-    labels: np.ndarray
-    difficult: np.ndarray
-    width: int
-    height: int
-    filename: str
-    image_id: str
-    devkit: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-
-    def ground_truth(self) -> dict[str, np.ndarray]:
-        """Evaluation ground truth, as the VOC devkit counts it: every top-level object of a
-        known class with its box as written (minus 1), neither clipped nor dropped. A box with
-        xmin == xmax is one pixel wide in the devkit's inclusive convention and counts as an
-        object there, so dropping it (as training must) would change AP. Returns ``{"boxes":
-        (M, 4) float32 xyxy 0-based, "labels": (M,) int64, "difficult": (M,) bool}``."""
-        boxes, labels, difficult = self.devkit if self.devkit is not None else (
-            self.boxes, self.labels, self.difficult)
-        return {"boxes": boxes, "labels": labels, "difficult": difficult}
-
-
-def _number(elem: ET.Element | None, what: str, xml_path: Path) -> float:
-    """Float value of ``elem``'s text; AnnotationError naming the file and field otherwise."""
-    if elem is None or elem.text is None or not elem.text.strip():
-        raise AnnotationError(f"{xml_path}: missing {what}")
-    try:
-        value = float(elem.text)
-    except ValueError:
-        raise AnnotationError(f"{xml_path}: {what} is not a number: {elem.text.strip()!r}") from None
-    if not math.isfinite(value):
-        raise AnnotationError(f"{xml_path}: {what} is not finite: {elem.text.strip()!r}")
-    return value
-
-
-def _box(bndbox: ET.Element, xml_path: Path, k: int, name: str) -> list[float]:
-    """The four <bndbox> numbers; the fast path skips building error messages (16k files)."""
-    try:
-        box = [float(bndbox.findtext(t)) for t in _COORD_TAGS]  # type: ignore[arg-type]
-        if all(math.isfinite(v) for v in box):
-            return box
-    except (TypeError, ValueError):
-        pass
-    return [_number(bndbox.find(t), f"object #{k} ({name}) <bndbox><{t}>", xml_path) for t in _COORD_TAGS]
-
-
-def _image_size(root: ET.Element, xml_path: Path, image_size: tuple[int, int] | None) -> tuple[int, int]:
-    """(height, width) from ``<size>``; falls back to ``image_size`` when it is missing or zero."""
-    size = root.find("size")
-    if size is not None and size.find("width") is not None and size.find("height") is not None:
-        width = int(_number(size.find("width"), "<size><width>", xml_path))
-        height = int(_number(size.find("height"), "<size><height>", xml_path))
-        if width > 0 and height > 0:
-            return height, width
-    if image_size is None:
-        raise MissingSizeError(f"{xml_path}: <size> is missing or zero and no image_size was given")
-    return int(image_size[0]), int(image_size[1])
-
-
-def _parse_objects(
-    root: ET.Element, xml_path: Path, class_to_label: dict[str, int]
-) -> tuple[list[list[float]], list[int], list[bool], list[bool]]:
-    """Top-level objects of a known class in XML (1-based) coordinates: (boxes, labels,
-    difficult, proper), proper False for a zero-area or inverted box (left out of training)."""
-    boxes: list[list[float]] = []
-    labels: list[int] = []
-    difficult: list[bool] = []
-    proper: list[bool] = []
-    # findall("object") only returns direct children, so nested <part> boxes are never read
-    # (VOC person objects carry head/hand/foot parts with bndboxes of their own).
-    for k, obj in enumerate(root.findall("object"), start=1):
-        name_elem = obj.find("name")
-        if name_elem is None or name_elem.text is None or not name_elem.text.strip():
-            raise AnnotationError(f"{xml_path}: object #{k} has no <name>")
-        name = name_elem.text.strip()
-        bndbox = obj.find("bndbox")
-        if bndbox is None:
-            raise AnnotationError(f"{xml_path}: object #{k} ({name}) has no <bndbox>")
-        box = _box(bndbox, xml_path, k, name)
-        diff_elem = obj.find("difficult")
-        is_difficult = False
-        if diff_elem is not None and diff_elem.text is not None and diff_elem.text.strip():
-            is_difficult = bool(int(_number(diff_elem, f"object #{k} ({name}) <difficult>", xml_path)))
-        if name not in class_to_label:
-            logger.debug("%s: object #%d has class %r not in class_names; skipped", xml_path, k, name)
-            continue
-        proper.append(box[2] > box[0] and box[3] > box[1])
-        if not proper[-1]:
-            logger.warning("%s: object #%d (%s) has a zero-area or inverted box %s; left out of "
-                           "training (evaluation keeps it, as the VOC devkit does)",
-                           xml_path, k, name, tuple(box))
-        boxes.append(box)
-        labels.append(class_to_label[name])
-        difficult.append(is_difficult)
-    return boxes, labels, difficult, proper
-
-
-def parse_annotation(
-    xml_path: str | Path,
-    class_names: Sequence[str],
-    image_size: tuple[int, int] | None = None,
-) -> Annotation:
-    """Parse one VOC XML file.
-
-    Args:
-        xml_path: the Annotations/<id>.xml file.
-        class_names: object classes; label k+1 is class_names[k]. Other classes are skipped.
-        image_size: (height, width) of the real image, used only when ``<size>`` is missing or zero.
-
-    Returns:
-        Annotation with boxes (N, 4) float32 xyxy 0-based pixels clipped to (0..w-1, 0..h-1),
-        and the unclipped, undropped devkit ground truth (``Annotation.ground_truth()``).
-
-    Raises:
-        AnnotationError: unparsable XML, missing/non-numeric bndbox coordinate, missing name.
-    """
-    xml_path = Path(xml_path)
-    try:
-        root = ET.parse(xml_path).getroot()
-    except ET.ParseError as err:
-        raise AnnotationError(f"{xml_path}: malformed XML ({err})") from None
-    height, width = _image_size(root, xml_path, image_size)
-    class_to_label = {name: i + 1 for i, name in enumerate(class_names)}
-    boxes_l, labels_l, difficult_l, proper_l = _parse_objects(root, xml_path, class_to_label)
-    raw = np.asarray(boxes_l, dtype=np.float32).reshape(-1, 4) - 1.0
-    labels = np.asarray(labels_l, dtype=np.int64)
-    difficult = np.asarray(difficult_l, dtype=np.bool_)
-    boxes = raw.copy()
-    np.clip(boxes[:, 0::2], 0, width - 1, out=boxes[:, 0::2])
-    np.clip(boxes[:, 1::2], 0, height - 1, out=boxes[:, 1::2])
-    # A box lying entirely outside the image collapses to zero area once clipped.
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    for k in np.flatnonzero(~keep & np.asarray(proper_l, dtype=np.bool_)):
-        logger.warning("%s: box %d (label %d) lies outside the %dx%d image; left out of training",
-                       xml_path, int(k), int(labels[k]), width, height)
-    devkit = None if keep.all() and np.array_equal(raw, boxes) else (raw, labels, difficult)
-    filename_elem = root.find("filename")
-    filename = filename_elem.text.strip() if filename_elem is not None and filename_elem.text else ""
-    return Annotation(boxes=boxes[keep], labels=labels[keep], difficult=difficult[keep],
-                      width=width, height=height, filename=filename, image_id=xml_path.stem,
-                      devkit=devkit)
-
-
 def resolve_split(data_root: str | Path, split: str) -> list[tuple[Path, str]]:
     """(year folder, image id) pairs of a split such as "voc07_trainval+voc12_trainval".
 
@@ -211,7 +51,9 @@ def resolve_split(data_root: str | Path, split: str) -> list[tuple[Path, str]]:
         split: one name of ``SPLITS`` or several joined with '+', concatenated in order.
 
     Raises:
-        ValueError: unknown split name (the message lists the valid ones).
+        ValueError: unknown split name (the message lists the valid ones); an image set file
+            that lists no image; an image id listed more than once (evaluation would count
+            that image's objects once per copy but match its detections only once).
         FileNotFoundError: missing data root, year folder or ImageSets/Main/<set>.txt.
     """
     data_root = Path(data_root)
@@ -227,6 +69,7 @@ def resolve_split(data_root: str | Path, split: str) -> list[tuple[Path, str]]:
         raise FileNotFoundError(f"data root {data_root} not found{where} (expected a VOCdevkit "
                                 f"folder with VOC2007/ and/or VOC2012/)")
     items: list[tuple[Path, str]] = []
+    set_files: list[Path] = []
     for name in names:
         year, image_set = SPLITS[name]
         year_dir = data_root / year
@@ -235,9 +78,27 @@ def resolve_split(data_root: str | Path, split: str) -> list[tuple[Path, str]]:
         set_file = year_dir / "ImageSets" / "Main" / f"{image_set}.txt"
         if not set_file.is_file():
             raise FileNotFoundError(f"split {name} needs the image set file {set_file}, which does not exist")
-        ids = [line.split()[0] for line in set_file.read_text().splitlines() if line.strip()]
+        # utf-8-sig: an editor's byte-order mark must not become part of the first image id.
+        ids = [line.split()[0] for line in set_file.read_text(encoding="utf-8-sig").splitlines()
+               if line.strip()]
+        if not ids:
+            raise ValueError(f"split {name}: the image set file {set_file} lists no images")
         items.extend((year_dir, image_id) for image_id in ids)
+        set_files.append(set_file)
+    _check_unique(items, split, set_files)
     return items
+
+
+def _check_unique(items: Sequence[tuple[Path, str]], split: str, set_files: Sequence[Path]) -> None:
+    """ValueError naming the image ids that occur more than once in a split."""
+    counts = Counter(image_id for _, image_id in items)
+    repeated = [f"{image_id} ({n}x)" for image_id, n in counts.items() if n > 1]
+    if repeated:
+        raise ValueError(
+            f"split {split} lists {len(repeated)} image id(s) more than once: "
+            f"{', '.join(repeated[:10])}{' ...' if len(repeated) > 10 else ''} (image set "
+            f"file(s) {', '.join(str(f) for f in set_files)}); an image must appear once, or "
+            f"evaluation would count its objects once per copy: remove the repeated lines")
 
 
 def find_image(year_dir: str | Path, image_id: str, filename: str = "") -> Path | None:
@@ -254,25 +115,40 @@ def find_image(year_dir: str | Path, image_id: str, filename: str = "") -> Path 
     return None
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB, whatever its mode (L, P, RGBA, CMYK, ...)."""
-    try:
-        with Image.open(path) as img:
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")  # PIL warns when palette transparency goes straight to RGB
-            return np.array(img.convert("RGB"), dtype=np.uint8)  # a writable copy
-    except (OSError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
 Transform = Callable[..., dict[str, Any]]
+
+
+class UnknownClassError(ValueError):
+    """Objects whose class is not in the dataset's class list (a typo, another capitalisation,
+    or a class left out without saying so). ``problem``: what was found, without advice;
+    ``counts``: {name: number of objects}."""
+
+    ADVICE = ("correct the names in those Annotations/*.xml files, add the classes to --classes, "
+              "or pass --ignore-other-classes to leave such objects out")
+
+    def __init__(self, problem: str, counts: dict[str, int]) -> None:
+        super().__init__(f"{problem}; {self.ADVICE}")
+        self.problem, self.counts = problem, counts
+
+
+def describe_other_classes(other: dict[str, list[str]], class_names: Sequence[str]) -> str:
+    """'kat' x3 (e.g. 000001.xml; did you mean 'cat'?), ... for objects of unlisted classes."""
+    parts = []
+    for name, files in sorted(other.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        close = difflib.get_close_matches(name.lower(), [c.lower() for c in class_names], n=1)
+        hint = ""
+        if close:
+            hint = "; did you mean " + repr(next(c for c in class_names if c.lower() == close[0])) + "?"
+        parts.append(f"{name!r} x{len(files)} (e.g. {files[0]}{hint})")
+    return ", ".join(parts)
 
 
 class VOCDetection(torch.utils.data.Dataset):
     """PASCAL VOC detection dataset (any VOC-layout folder, e.g. BCCD or the synthetic demo).
 
-    All annotations are parsed at construction and kept in memory (images are decoded lazily).
-    ``__getitem__(i)`` returns ``(image, target)``:
+    All annotations are parsed, and every image's header read, at construction (so a missing or
+    unreadable file fails before any work); pixels are decoded lazily. ``__getitem__(i)``
+    returns ``(image, target)``:
 
     - image: (3, H, W) float32 tensor; with ``transform=None`` the RGB pixels scaled to 0..1 at
       the original size, otherwise whatever the transform's "image" is (normalised 300x300).
@@ -283,6 +159,14 @@ class VOCDetection(torch.utils.data.Dataset):
     ``transform`` is called as ``transform(image=uint8 (H, W, 3), bboxes=float32 (N, 4) xyxy
     pixels, labels=int64 (N,))`` and returns a dict with "image", "bboxes" and "labels", as an
     albumentations Compose with ``BboxParams(format="pascal_voc", label_fields=["labels"])`` does.
+
+    Objects of classes not in ``class_names`` raise :class:`UnknownClassError` naming them and
+    their files, unless ``ignore_other_classes`` (then they are left out, counted per class in
+    one warning and in ``other_class_counts``). ``skip_bad`` skips samples whose XML is
+    malformed or whose image is missing or does not decode (every image is decoded once here,
+    a JPEG at 1/8 scale), with a warning naming each and the count in ``num_skipped``.
+    ``max_side`` shrinks images whose longer side exceeds it at load time, boxes with them
+    (training: augmentation memory grows with the image; see ``engine/data.py``).
     """
 
     def __init__(
@@ -293,6 +177,8 @@ class VOCDetection(torch.utils.data.Dataset):
         transform: Transform | None = None,
         keep_difficult: bool = False,
         skip_bad: bool = False,
+        ignore_other_classes: bool = False,
+        max_side: int | None = None,
     ) -> None:
         if len(class_names) == 0 or len(set(class_names)) != len(class_names):
             raise ValueError(f"class_names must be non-empty and unique, got {list(class_names)}")
@@ -301,51 +187,86 @@ class VOCDetection(torch.utils.data.Dataset):
         self.class_names = tuple(class_names)
         self.transform = transform
         self.keep_difficult = keep_difficult
+        self.skip_bad = skip_bad
+        self.max_side = max_side
         self.annotations: list[Annotation] = []
         self.image_paths: list[Path] = []
-        self.num_skipped = 0
-        for year_dir, image_id in resolve_split(self.data_root, split):
+        self.skipped: list[str] = []  # one message per skipped sample, naming its file
+        other: dict[str, list[str]] = {}
+        items = resolve_split(self.data_root, split)
+        for year_dir, image_id in items:
             try:
                 ann, image_path = self._load_one(year_dir, image_id)
             except (AnnotationError, OSError) as err:  # OSError: missing or unreadable file
                 if not skip_bad:
                     raise
-                self.num_skipped += 1
+                self.skipped.append(str(err))
                 logger.warning("skipping bad sample: %s", err)
                 continue
+            for name in ann.other_names:
+                other.setdefault(name, []).append(f"{image_id}.xml")
             self.annotations.append(ann)
             self.image_paths.append(image_path)
+        self.other_class_counts = {name: len(files) for name, files in other.items()}
+        self._report(len(items), other, ignore_other_classes)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+    def _report(self, num_listed: int, other: dict[str, list[str]], ignore_other: bool) -> None:
+        """Raise for unlisted classes (unless ignored) and an empty result; log the counts."""
+        where = f"{self.split} ({self.data_root})"
+        if other and not ignore_other:
+            raise UnknownClassError(
+                f"{where} has objects of classes not in the class list "
+                f"[{', '.join(self.class_names)}]: {describe_other_classes(other, self.class_names)}",
+                self.other_class_counts)
+        if other:
+            logger.warning("%s: left out %s object(s) of classes not in the class list "
+                           "(--ignore-other-classes): %s", where, sum(self.other_class_counts.values()),
+                           ", ".join(f"{n} {k!r}" for k, n in sorted(self.other_class_counts.items())))
         if self.num_skipped:
-            logger.warning("%s: skipped %d bad samples of %d", split, self.num_skipped,
-                           self.num_skipped + len(self.annotations))
+            logger.warning("%s: skipped %d bad samples of %d (--skip-bad)", where,
+                           self.num_skipped, num_listed)
+        if not self.annotations:
+            raise ValueError(f"{where}: none of the {num_listed} listed images is usable "
+                             f"({self.num_skipped} skipped as bad)")
         num_objects = sum(len(a.labels) for a in self.annotations)
         num_difficult = sum(int(a.difficult.sum()) for a in self.annotations)
-        logger.info("%s (%s): %d images, %d objects (%d difficult)", split, self.data_root,
+        logger.info("%s: %d images, %d objects (%d difficult)", where,
                     len(self.annotations), num_objects, num_difficult)
 
     def _load_one(self, year_dir: Path, image_id: str) -> tuple[Annotation, Path]:
-        """Parse one XML and locate its image; raises naming the file that is missing or bad."""
+        """Parse one XML, locate its image and read its header (under ``skip_bad`` decode it);
+        raises naming the file that is missing or bad."""
         xml_path = os.path.join(year_dir, "Annotations", image_id + ".xml")
         if not os.path.isfile(xml_path):
             raise FileNotFoundError(f"annotation file {xml_path} not found")
         try:
             ann = parse_annotation(xml_path, self.class_names)
             image_path = find_image(year_dir, image_id, ann.filename)
+            size = None
         except MissingSizeError:
             # No usable <size>: read the real size from the image header (no pixel decoding).
             image_path = find_image(year_dir, image_id)
-            if image_path is not None:
-                try:
-                    with Image.open(image_path) as img:
-                        width, height = img.size
-                except OSError as err:
-                    raise OSError(f"cannot read image {image_path} (needed for the size that "
-                                  f"{xml_path} lacks): {err}") from err
-                ann = parse_annotation(xml_path, self.class_names, image_size=(height, width))
+            size = None if image_path is None else self._check(
+                image_path, f"needed for the size that {xml_path} lacks")
+            if size is not None:
+                ann = parse_annotation(xml_path, self.class_names, image_size=size)
         if image_path is None:
             raise FileNotFoundError(f"image for {xml_path} not found: expected "
                                     f"{os.path.join(year_dir, 'JPEGImages', image_id + '.jpg')}")
+        if size is None:
+            self._check(image_path, f"the image of {xml_path}")
         return ann, image_path
+
+    def _check(self, image_path: Path, why: str) -> tuple[int, int]:
+        """(height, width) of the image from its header; OSError naming it and ``why`` otherwise."""
+        try:
+            return check_image(image_path, decode=self.skip_bad)
+        except OSError as err:
+            raise OSError(f"cannot read image {image_path} ({why}): {err.__cause__ or err}") from err
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -354,10 +275,17 @@ class VOCDetection(torch.utils.data.Dataset):
         """Full parsed annotation of sample ``index`` (difficult objects included), no image read."""
         return self.annotations[index]
 
+    def _read(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """(image, (H, W) of the file); the image is shrunk to ``max_side`` when set."""
+        try:
+            return read_image(self.image_paths[index], self.max_side)
+        except OSError as err:
+            raise OSError(f"{err}; the file changed after the dataset checked it, or it does not "
+                          f"decode: pass --skip-bad to leave undecodable images out") from err
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         ann = self.annotations[index]
-        image = load_rgb(self.image_paths[index])
-        height, width = image.shape[:2]
+        image, (height, width) = self._read(index)
         boxes, labels = ann.boxes, ann.labels
         if not self.keep_difficult:
             boxes, labels = boxes[~ann.difficult], labels[~ann.difficult]
@@ -370,6 +298,9 @@ class VOCDetection(torch.utils.data.Dataset):
             np.clip(boxes[:, 1::2], 0, height - 1, out=boxes[:, 1::2])
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, labels = boxes[keep], labels[keep]
+        if image.shape[:2] != (height, width):  # shrunk to max_side: scale the boxes with it
+            scale = np.array([image.shape[1] / width, image.shape[0] / height] * 2, np.float32)
+            boxes = boxes * scale
         if self.transform is None:
             image_t = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
             boxes_t = torch.from_numpy(boxes.copy())

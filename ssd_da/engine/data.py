@@ -48,10 +48,12 @@ class ResumableTrainSampler(Sampler):
     def __init__(self, dataset_len: int, batch_size: int, seed: int, start_iter: int,
                  total_iters: int, rank: int = 0, world_size: int = 1) -> None:
         self.per_rank_batches = dataset_len // (batch_size * world_size)
+        if dataset_len == 0:
+            raise ValueError("the training set has no images")
         if self.per_rank_batches == 0:
             raise ValueError(
                 f"the training set has {dataset_len} images, fewer than one batch of "
-                f"{batch_size} x {world_size} process(es): lower --batch-size"
+                f"{batch_size} x {world_size} process(es): lower --batch-size (at least 2)"
             )
         self.n, self.batch_size, self.seed = dataset_len, batch_size, seed
         self.start_iter, self.total_iters = start_iter, total_iters
@@ -97,8 +99,15 @@ class SeededDataset(Dataset):
         return self.base[index]
 
 
+# Training images are shrunk at load time to this longer side: the augmentation's smallest crop
+# is 0.3 of the image side (MinIoURandomCrop) resized to 300 px, so finer detail is never seen,
+# while the zoom-out canvas (up to 4x each side) of an 8000x6000 photo would need gigabytes.
+TRAIN_MAX_SIDE = 1000
+
+
 def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None, VOCDetection]:
-    """The training set (augmented, difficult objects dropped by default) and the test set."""
+    """The training set (augmented, difficult objects dropped by default) and the test set.
+    ValueError when the training set holds no object to learn from."""
     from ssd_da.data.transforms import build_eval_transform, build_train_transform
 
     names = class_names_from_config(cfg)
@@ -106,10 +115,19 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
     if train:
         train_set = VOCDetection(cfg.data_root, cfg.train_split, class_names=names,
                                  transform=build_train_transform(cfg.image_size),
-                                 keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad)
+                                 keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad,
+                                 ignore_other_classes=cfg.ignore_other_classes,
+                                 max_side=TRAIN_MAX_SIDE)
+        objects = sum(int(len(a.labels) if cfg.keep_difficult else (~a.difficult).sum())
+                      for a in train_set.annotations)
+        if objects == 0:
+            raise ValueError(f"training split {cfg.train_split} ({cfg.data_root}) has no "
+                             f"{'' if cfg.keep_difficult else 'non-difficult '}object of the "
+                             f"classes {', '.join(names)}: there is nothing to learn")
     test_set = VOCDetection(cfg.data_root, cfg.test_split, class_names=names,
                             transform=build_eval_transform(cfg.image_size),
-                            keep_difficult=True, skip_bad=cfg.skip_bad)
+                            keep_difficult=True, skip_bad=cfg.skip_bad,
+                            ignore_other_classes=cfg.ignore_other_classes)
     return train_set, test_set
 
 

@@ -238,6 +238,33 @@ def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str
     return [outcomes[spec.name] for spec, _ in jobs]
 
 
+def visible_gpus() -> list[str]:
+    """The ids ``--gpus`` may name: ``CUDA_VISIBLE_DEVICES``'s entries when it is set (each run
+    gets one of them as its own ``CUDA_VISIBLE_DEVICES``), else 0..device_count-1."""
+    import torch
+
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def check_gpus(gpus: Sequence[str]) -> None:
+    """ValueError naming the visible devices when ``gpus`` lists one this machine does not have
+    (each run would otherwise start on the CPU, all of them at once)."""
+    visible = visible_gpus()
+    missing = [str(g) for g in gpus if str(g) not in visible]
+    if len(set(map(str, gpus))) != len(gpus):
+        raise ValueError(f"--gpus {','.join(map(str, gpus))} names a GPU twice")
+    if missing:
+        have = f"the visible CUDA devices are {','.join(visible)}" if visible else \
+            "no CUDA device is visible here"
+        raise ValueError(f"--gpus {','.join(map(str, gpus))}: GPU(s) {','.join(missing)} not "
+                         f"found; {have} (leave --gpus out to train the runs one after another "
+                         f"on this machine's default device)")
+
+
 def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
               train_fn: TrainFn | None = None,
               train_script: Path = DEFAULT_TRAIN_SCRIPT) -> list[RunOutcome]:
@@ -249,6 +276,8 @@ def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
         train_fn: in-process training function (default ``ssd_da.engine.trainer.train``).
         train_script: tools/train.py, for the subprocess mode.
     """
+    if gpus:
+        check_gpus(gpus)
     if gpus and specs and specs[0].cfg.device not in ("auto", "cuda"):
         raise ValueError(f"--device {specs[0].cfg.device!r} cannot be combined with --gpus: each "
                          "run sees its one GPU as cuda:0 (use --device auto or cuda)")
@@ -289,7 +318,8 @@ def measure_detector(backbone: str, num_classes: int) -> tuple[int, int]:
             model = build_ssd(backbone, num_classes=num_classes)
         return count_params(model), count_flops(model, shape, forward)
     except (RuntimeError, NotImplementedError, TypeError) as exc:
-        logger.info("%s: meta device failed (%s); measuring on the CPU", backbone, exc)
+        # SSD300's default boxes are computed on the CPU at construction: a normal fallback.
+        logger.debug("%s: meta device failed (%s); measuring on the CPU", backbone, exc)
     model = build_ssd(backbone, num_classes=num_classes)
     return count_params(model), count_flops(model, shape, forward)
 

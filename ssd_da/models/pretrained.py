@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,13 +73,22 @@ def resolve_weights(depth: int, name: str) -> torchvision.models.WeightsEnum:
     return enum[match["member"]]
 
 
+def _check_reachable(url: str, timeout: float = 10.0) -> None:
+    """OSError when ``url`` cannot be reached. Asked quietly (a HEAD request) before torch.hub,
+    which prints "Downloading: <url>" to stderr before it finds out that it cannot."""
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+        pass
+
+
 def _download(weights: torchvision.models.WeightsEnum) -> dict:
     """State dict of ``weights`` through the torch.hub cache (downloads when not cached)."""
+    target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     try:
+        if not os.path.exists(target):
+            _check_reachable(weights.url)
         return torch.hub.load_state_dict_from_url(weights.url, map_location="cpu",
                                                   progress=False, check_hash=True)
-    except OSError as e:  # URLError, socket errors, unwritable cache ...
-        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    except (OSError, ValueError) as e:  # URLError, socket errors, unwritable cache ...
         raise RuntimeError(f"could not fetch {weights} from {weights.url} ({e}); without internet, "
                            f"copy the file to {target} or pass a local file path") from e
 

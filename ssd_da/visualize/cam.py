@@ -281,6 +281,9 @@ def _resolve(model: nn.Module, dec: _Decoded, target: CamTarget, original_size: 
             anchors = dec.probs[:, target.label].argmax().reshape(1)
             labels = torch.tensor([target.label], device=dec.probs.device)
             note = f"best box, none >= {score_thresh:g}"
+            logger.warning("no detection of %s has score >= %g; explaining its best-scoring "
+                           "default box instead (score %.3f)", _name(target.label, class_names),
+                           score_thresh, float(dec.probs[anchors[0], target.label]))
     else:
         anchors, labels, note = _resolve_box(model, dec, target.box, original_size, score_thresh)
     scores = dec.probs[anchors, labels]
