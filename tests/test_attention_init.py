@@ -111,3 +111,22 @@ def test_identity_start_detector_equals_plain_then_moves():
             p -= 0.1 * p.grad
         moved = model.head_outputs(x)
     assert not torch.equal(moved["cls_logits"], ref["cls_logits"])
+
+
+def test_attention_pretrained_file_loads_and_identity_start_warns(tmp_path, caplog):
+    # A local file with attention weights (our key names) loads them with attention_init
+    # "default"; with "identity" the modules live under attn.module.* and the loader says so.
+    from ssd_da.models.pretrained import load_pretrained
+
+    torch.manual_seed(0)
+    source = build_resnet("se_resnet18", num_classes=None)
+    path = tmp_path / "se18.pth"
+    torch.save(source.state_dict(), path)
+    model = build_resnet("se_resnet18", num_classes=None)
+    report = load_pretrained(model, path)
+    assert not [k for k in report.missing if not k.endswith("num_batches_tracked")]
+    assert torch.equal(model.layer3[1].attn.fc1.weight, source.layer3[1].attn.fc1.weight)
+    gated = build_resnet("se_resnet18", num_classes=None, attention_init="identity")
+    with caplog.at_level("WARNING", logger="ssd_da.models.pretrained"):
+        load_pretrained(gated, path)
+    assert "attention_init='identity'" in caplog.text and str(path) in caplog.text
