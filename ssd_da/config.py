@@ -38,10 +38,14 @@ class Config:
     sync_bn: bool = False
 
     # data
+    # "voc": data_root is a VOCdevkit folder, splits are voc07_trainval, voc07_test, ...;
+    # "coco": data_root holds annotations/instances_<split>.json and <split>/ image folders,
+    # splits are those names (train2017, val2017, ...).
+    data_format: str = "voc"
     data_root: str = "data/VOCdevkit"
     train_split: str = "voc07_trainval+voc12_trainval"
     test_split: str = "voc07_test"
-    classes: list[str] | None = None  # None: the 20 VOC classes
+    classes: list[str] | None = None  # None: the 20 VOC classes (COCO format: its categories)
     demo: bool = False  # generate the synthetic demo dataset under data_root on first use
     keep_difficult: bool = False  # difficult objects in training targets (never in evaluation)
     skip_bad: bool = False  # skip samples with a malformed XML or a missing/undecodable image

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Train SSD300 on PASCAL VOC (or any VOC-layout dataset) with an attention-ResNet backbone.
+"""Train SSD300 on PASCAL VOC (or any VOC-layout or COCO-format dataset) with an
+attention-ResNet backbone.
 
     python tools/train.py --backbone da_resnet50                 # ssd.pytorch VOC0712 recipe
     python tools/train.py --config configs/demo.yaml             # synthetic demo, CPU, minutes
+    python tools/train.py --data-format coco --data-root data/coco --train-split train2017 \
+        --test-split val2017                                     # COCO layout, its categories
     torchrun --nproc_per_node 4 tools/train.py --backbone da_resnet50 --batch-size 8 --sync-bn
                                                   # --batch-size is per process: global 32
     python tools/train.py --resume runs/da_resnet50/last.pth     # continue exactly
@@ -25,8 +28,8 @@ logger = logging.getLogger("train")
 
 # Options that map one-to-one onto Config fields (None: not given, keep the config's value).
 FIELD_OPTIONS = {
-    "backbone": str, "data_root": str, "train_split": str, "test_split": str, "classes": str,
-    "iters": int, "batch_size": int, "lr": float, "workers": int, "eval_every": int,
+    "backbone": str, "data_format": str, "data_root": str, "train_split": str, "test_split": str,
+    "classes": str, "iters": int, "batch_size": int, "lr": float, "workers": int, "eval_every": int,
     "output_dir": str, "pretrained": str, "device": str, "seed": int, "metric": str,
 }
 

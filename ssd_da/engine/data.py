@@ -21,10 +21,18 @@ from ssd_da.data.voc import VOC_CLASSES, VOCDetection, detection_collate
 logger = logging.getLogger(__name__)
 
 
+DATA_FORMATS = ("voc", "coco")
+
+
 def class_names_from_config(cfg: Config) -> list[str]:
-    """``cfg.classes``, else the demo dataset's classes for ``demo: true``, else VOC's 20."""
+    """``cfg.classes``, else the categories of a COCO-format training split, else the demo
+    dataset's classes for ``demo: true``, else VOC's 20."""
     if cfg.classes:
         return list(cfg.classes)
+    if cfg.data_format == "coco":
+        from ssd_da.data.coco import coco_class_names
+
+        return coco_class_names(cfg.data_root, cfg.train_split)
     if cfg.demo:
         from ssd_da.data.demo import DEMO_CLASSES
 
@@ -106,28 +114,35 @@ TRAIN_MAX_SIDE = 1000
 
 
 def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None, VOCDetection]:
-    """The training set (augmented, difficult objects dropped by default) and the test set.
-    ValueError when the training set holds no object to learn from."""
+    """The training set (augmented, difficult objects dropped by default) and the test set,
+    VOC or COCO format per ``cfg.data_format`` (``ssd_da.data.coco.CocoDetection`` shares
+    VOCDetection's items and annotations). ValueError when the training set holds no object to
+    learn from."""
     from ssd_da.data.transforms import build_eval_transform, build_train_transform
 
+    if cfg.data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format {cfg.data_format!r} is not one of: {', '.join(DATA_FORMATS)}")
+    dataset_class = VOCDetection
+    if cfg.data_format == "coco":
+        from ssd_da.data.coco import CocoDetection as dataset_class  # type: ignore[assignment]
     names = class_names_from_config(cfg)
     train_set = None
     if train:
-        train_set = VOCDetection(cfg.data_root, cfg.train_split, class_names=names,
-                                 transform=build_train_transform(cfg.image_size),
-                                 keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad,
-                                 ignore_other_classes=cfg.ignore_other_classes,
-                                 max_side=TRAIN_MAX_SIDE)
+        train_set = dataset_class(cfg.data_root, cfg.train_split, class_names=names,
+                                  transform=build_train_transform(cfg.image_size),
+                                  keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad,
+                                  ignore_other_classes=cfg.ignore_other_classes,
+                                  max_side=TRAIN_MAX_SIDE)
         objects = sum(int(len(a.labels) if cfg.keep_difficult else (~a.difficult).sum())
                       for a in train_set.annotations)
         if objects == 0:
             raise ValueError(f"training split {cfg.train_split} ({cfg.data_root}) has no "
                              f"{'' if cfg.keep_difficult else 'non-difficult '}object of the "
                              f"classes {', '.join(names)}: there is nothing to learn")
-    test_set = VOCDetection(cfg.data_root, cfg.test_split, class_names=names,
-                            transform=build_eval_transform(cfg.image_size),
-                            keep_difficult=True, skip_bad=cfg.skip_bad,
-                            ignore_other_classes=cfg.ignore_other_classes)
+    test_set = dataset_class(cfg.data_root, cfg.test_split, class_names=names,
+                             transform=build_eval_transform(cfg.image_size),
+                             keep_difficult=True, skip_bad=cfg.skip_bad,
+                             ignore_other_classes=cfg.ignore_other_classes)
     return train_set, test_set
 
 

@@ -82,6 +82,25 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, class_names: Sequence[s
     return result, detections, total_rate
 
 
+def coco_metrics_of(dataset: Any, detections: Sequence[dict[str, np.ndarray]]) -> dict[str, float] | None:
+    """The official COCO metrics (pycocotools, against the dataset's own JSON) of detections
+    aligned with a COCO-format dataset (``ssd_da.data.coco.CocoDetection``); None for others."""
+    if not hasattr(dataset, "coco"):
+        return None
+    from ssd_da.evaluation.coco import coco_metrics_on_gt, coco_results
+
+    results = coco_results(detections, dataset.coco_ids, dataset.cat_ids)
+    return coco_metrics_on_gt(dataset.coco, results, dataset.coco_ids, dataset.cat_ids)
+
+
+def format_coco(stats: dict[str, float]) -> str:
+    """'AP 41.20  AP50 60.10  AP75 ...  APs ...  APm ...  APl ...' in percent (pycocotools' six
+    AP figures)."""
+    names = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_small": "APs", "AP_medium": "APm",
+             "AP_large": "APl"}
+    return "  ".join(f"{short} {100 * stats[key]:.2f}" for key, short in names.items())
+
+
 @functools.lru_cache(maxsize=4)
 def _eval_transform(size: int):
     return build_eval_transform(size)

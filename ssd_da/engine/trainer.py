@@ -19,8 +19,9 @@ from tqdm import tqdm
 from ssd_da.config import Config, save_config
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state, save_checkpoint
-from ssd_da.engine.data import build_datasets, build_train_loader, class_names_from_config
-from ssd_da.engine.inference import autocast_context, evaluate_model, resolve_device
+from ssd_da.engine.data import DATA_FORMATS, build_datasets, build_train_loader, class_names_from_config
+from ssd_da.engine.inference import (autocast_context, coco_metrics_of, evaluate_model, format_coco,
+                                     resolve_device)
 
 logger = logging.getLogger(__name__)
 
@@ -231,16 +232,21 @@ def run_evaluation(state: TrainState, test_set, class_names: list[str], cfg: Con
         # rank 0's, i.e. with the model that best.pth stores.
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
-    result, _, rate = evaluate_model(model, test_set, class_names, device, cfg.eval_batch_size,
-                                     cfg.workers, cfg.amp, cfg.metric,
-                                     progress=dist_utils.is_main_process())
+    result, detections, rate = evaluate_model(model, test_set, class_names, device,
+                                              cfg.eval_batch_size, cfg.workers, cfg.amp,
+                                              cfg.metric, progress=dist_utils.is_main_process())
     model.train()
+    final = state.iteration >= cfg.iters
+    # COCO-format data: the official COCO metrics too, once, at the end (pycocotools is slow).
+    coco = coco_metrics_of(test_set, detections) if final and dist_utils.is_main_process() else None
     log.write({"iter": state.iteration, "map": result.map, "ap": result.ap,
-               "eval_images_per_s": rate})
+               "eval_images_per_s": rate, **({"coco": coco} if coco else {})})
     if dist_utils.is_main_process():
         logger.info("iteration %d: %s mAP %.2f%%", state.iteration, cfg.metric, 100 * result.map)
-        if state.iteration >= cfg.iters:
+        if final:
             logger.info("final evaluation on %s:\n%s", cfg.test_split, result.table())
+        if coco:
+            logger.info("COCO metrics (pycocotools): %s", format_coco(coco))
         # best.pth is the checkpoint with the highest mAP on the TEST split (VOC07 test by
         # default; there is no separate validation split), so its mAP is optimistically biased:
         # report last.pth's (the final) mAP, as tools/ablate.py does.
@@ -258,6 +264,10 @@ def validate_config(cfg: Config) -> None:
     from ssd_da.models.resnet import parse_backbone_name
 
     parse_backbone_name(cfg.backbone)  # ValueError listing the valid backbones
+    if cfg.data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format {cfg.data_format!r} is not one of: {', '.join(DATA_FORMATS)}")
+    if cfg.demo and cfg.data_format != "voc":
+        raise ValueError("demo: true generates a VOC-format dataset; it needs data_format voc")
     if cfg.metric not in ("voc07", "area"):
         raise ValueError(f"metric {cfg.metric!r} is not one of: voc07, area")
     for name in ("iters", "log_every", "ckpt_every", "eval_batch_size"):

@@ -1,10 +1,11 @@
-"""COCO-style AP@[.5:.95] and AP50 of a VOC detection set, through pycocotools.
+"""COCO-style AP@[.5:.95] and AP50 of a VOC detection set, through pycocotools; and the
+official COCO evaluation of a COCO-format dataset against its own JSON (``coco_metrics_on_gt``).
 
 An extra to the paper's VOC07 metric (section III reports only VOC 11-point mAP). The COCO
 objects are built in memory (no temporary files, no rounding through text) and pycocotools'
 printing is suppressed.
 
-Conventions, which make these numbers NOT comparable to :mod:`ssd_da.evaluation.voc`:
+Conventions of ``coco_metrics`` (VOC data), which make these numbers NOT comparable to :mod:`ssd_da.evaluation.voc`:
 * pycocotools uses continuous coordinates: boxes are converted from xyxy to xywh with
   ``w = x2 - x1`` (no +1), and IoU and ``area`` are computed from those.
 * Difficult ground truths become ``iscrowd=1``. That is the only ignore mechanism COCOeval
@@ -100,8 +101,6 @@ def coco_metrics(detections: Sequence[Mapping], annotations: Sequence[Mapping],
         {"AP": AP@[.5:.95], "AP50": ..., and the other names of ``STAT_NAMES``}, in [0, 1],
         nan where pycocotools has nothing to average (it reports -1).
     """
-    from pycocotools.cocoeval import COCOeval
-
     if len(detections) != len(annotations):
         raise ValueError(f"detections has {len(detections)} images but annotations has "
                          f"{len(annotations)}; give one dict per image, in the same order")
@@ -116,7 +115,56 @@ def coco_metrics(detections: Sequence[Mapping], annotations: Sequence[Mapping],
     coco_gt = _coco(images, categories, gt_anns)
     # Built like COCO.loadRes would, without its crash on an empty result list.
     coco_dt = _coco(images, categories, dt_anns)
+    return _run_cocoeval(coco_gt, coco_dt)
+
+
+def coco_results(detections: Sequence[Mapping], image_ids: Sequence[int],
+                 cat_ids: Sequence[int]) -> list[dict]:
+    """Detections as a COCO results list ``[{"image_id", "category_id", "bbox": [x, y, w, h],
+    "score"}]``, the format COCO's evaluation server and ``COCO.loadRes`` take.
+
+    Args:
+        detections: one dict per image: ``boxes`` (K, 4) xyxy pixels, ``scores`` (K,),
+            ``labels`` (K,) int in 1..C.
+        image_ids: the COCO image id of each entry of ``detections``.
+        cat_ids: the category id of label k + 1 at position k.
+    """
+    if len(detections) != len(image_ids):
+        raise ValueError(f"{len(detections)} detection entries but {len(image_ids)} image ids")
+    out = []
+    for image_id, det in zip(image_ids, detections):
+        for box, score, label in zip(_xywh(det["boxes"]).tolist(), np.asarray(det["scores"]).tolist(),
+                                     np.asarray(det["labels"]).tolist()):
+            out.append({"image_id": image_id, "category_id": cat_ids[int(label) - 1],
+                        "bbox": box, "score": float(score)})
+    return out
+
+
+def coco_metrics_on_gt(coco_gt, results: Sequence[Mapping], image_ids: Sequence[int],
+                       cat_ids: Sequence[int]) -> dict[str, float]:
+    """COCO box metrics of a results list (:func:`coco_results`) against a dataset's own
+    pycocotools ground truth, restricted to ``image_ids`` and ``cat_ids``: the official COCO
+    evaluation (crowd regions, the JSON's ``area`` for the size ranges). Returns the names of
+    ``STAT_NAMES``, in [0, 1], nan where pycocotools reports -1."""
+    images = [coco_gt.imgs[i] for i in image_ids]
+    categories = list(coco_gt.dataset["categories"])
+    anns = []
+    for k, rec in enumerate(results, start=1):  # as COCO.loadRes builds them, empty lists too
+        w, h = rec["bbox"][2], rec["bbox"][3]
+        anns.append({**rec, "id": k, "area": w * h, "iscrowd": 0})
+    coco_dt = _coco(images, categories, anns)
+    return _run_cocoeval(coco_gt, coco_dt, image_ids, cat_ids)
+
+
+def _run_cocoeval(coco_gt, coco_dt, image_ids: Sequence[int] | None = None,
+                  cat_ids: Sequence[int] | None = None) -> dict[str, float]:
+    from pycocotools.cocoeval import COCOeval
+
     evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    if image_ids is not None:
+        evaluator.params.imgIds = list(image_ids)
+    if cat_ids is not None:
+        evaluator.params.catIds = list(cat_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
