@@ -92,13 +92,13 @@ def test_iou_rule_matlab_counts_an_exact_half_overlap(demo_root, tmp_path):
             for i, r in enumerate(recs) if i != k]
     dets, out = tmp_path / "dets.json", tmp_path / "res.json"
     dets.write_text(json.dumps(kept + [tall]))
-    assert run(["--detections", str(dets), *common(demo_root), "--json", str(out), "--no-coco"]) == 0
+    args = ["--detections", str(dets), *common(demo_root), "--json", str(out), "--no-coco"]
+    assert run(args) == 0
     res = json.loads(out.read_text())
     expected = sum(t <= (n - 1) / n for t in np.arange(0.0, 1.1, 0.1)) / 11
     assert res["iou_rule"] == "python" and res["ap"][cls] == pytest.approx(expected)
     assert expected < 1.0
-    assert run(["--detections", str(dets), *common(demo_root), "--json", str(out), "--no-coco",
-                "--iou-rule", "matlab"]) == 0
+    assert run([*args, "--iou-rule", "matlab"]) == 0
     res = json.loads(out.read_text())
     assert res["iou_rule"] == "matlab" and res["ap"][cls] == pytest.approx(1.0)
 

@@ -43,7 +43,8 @@ def test_parameter_counts_table2(depth):
 
 
 # ECA adds k parameters per block. Released k by stage (BangguWu/ECANet eca_resnet50_k3557,
-# eca_resnet101_k3357) vs the formula k = psi(C) (256, 512, 1024 -> 5; 2048 -> 7), blocks 3/4/6|23/3:
+# eca_resnet101_k3357) vs the formula k = psi(C) (256, 512, 1024 -> 5; 2048 -> 7), with
+# 3/4/6/3 (R50) or 3/4/23/3 (R101) blocks:
 #   R50  released 3*3 + 4*5 + 6*5 + 3*7 = 80,   formula 3*5 + 4*5 + 6*5 + 3*7 = 86;
 #   R101 released 3*3 + 4*3 + 23*5 + 3*7 = 157, formula 3*5 + 4*5 + 23*5 + 3*7 = 171.
 # ResNet18 (no released model; the authors' constructor uses k 3 everywhere): 8 * 3 = 24, and

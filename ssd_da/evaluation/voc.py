@@ -94,7 +94,8 @@ class VOCResult:
         """Per-class AP in percent (2 decimals) with ground-truth and detection counts, and mAP."""
         width = max([len("mAP")] + [len(n) for n in self.ap])
         op = ">=" if self.iou_rule == "matlab" else ">"
-        title = f"VOC {self.metric} AP @ IoU {op} {self.iou_threshold:g} on {self.num_images} images"
+        title = (f"VOC {self.metric} AP @ IoU {op} {self.iou_threshold:g} "
+                 f"on {self.num_images} images")
         lines = [title, f"{'class':<{width}}  {'AP (%)':>8}  {'gt':>7}  {'dets':>8}"]
         for name, ap in self.ap.items():
             value = "n/a (no ground truth)" if math.isnan(ap) else f"{100.0 * ap:8.2f}"
@@ -224,8 +225,9 @@ def _check_metric_threshold(metric: str, iou_threshold: float, iou_rule: str = "
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
     if iou_rule not in IOU_RULES:
-        raise ValueError(f"iou_rule must be one of {list(IOU_RULES)} (python: IoU > threshold as "
-                         f"voc_eval.py; matlab: IoU >= threshold as VOCevaldet.m), got {iou_rule!r}")
+        raise ValueError(f"iou_rule must be one of {list(IOU_RULES)} (python: IoU > threshold "
+                         f"as voc_eval.py; matlab: IoU >= threshold as VOCevaldet.m), "
+                         f"got {iou_rule!r}")
     if not 0.0 <= iou_threshold < 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold!r}")
 
