@@ -1,11 +1,16 @@
 #!/usr/bin/env python
-"""Evaluate on a VOC-layout test split: per-class AP, mAP (VOC07 11-point by default), COCO AP.
+"""Evaluate on a VOC-layout or COCO-format test split: per-class AP, mAP (VOC07 11-point by
+default), COCO AP (pycocotools).
 
     python tools/eval_voc.py --checkpoint runs/da_resnet50/best.pth --data-root data/VOCdevkit
     python tools/eval_voc.py --detections dets.json --data-root data/VOCdevkit --split voc07_test
+    python tools/eval_voc.py --checkpoint best.pth --data-format coco --data-root data/coco \
+        --split val2017
 
-Detection files are a JSON list of {"image_id": "000001", "label": "dog", "score": 0.93,
-"bbox": [x1, y1, x2, y2]} with boxes in the annotation XML's (1-based) pixel coordinates.
+VOC detection files are a JSON list of {"image_id": "000001", "label": "dog", "score": 0.93,
+"bbox": [x1, y1, x2, y2]} with boxes in the annotation XML's (1-based) pixel coordinates; with
+--data-format coco they are COCO results, [{"image_id": 42, "category_id": 18, "bbox": [x, y,
+w, h], "score": 0.93}], and the COCO figures are pycocotools' own evaluation on the JSON.
 """
 from __future__ import annotations
 
@@ -35,9 +40,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a detector checkpoint (best.pth / last.pth)")
     src.add_argument("--detections", help="a detection JSON file to evaluate without a model")
-    p.add_argument("--data-root", default="data/VOCdevkit", help="VOCdevkit folder")
-    p.add_argument("--split", default="voc07_test", help="e.g. voc07_test (default)")
-    p.add_argument("--classes", help="a,b,c (default: the checkpoint's, else the 20 VOC classes)")
+    p.add_argument("--data-format", default="voc", choices=["voc", "coco"],
+                   help="voc: --data-root is a VOCdevkit folder; coco: it holds "
+                        "annotations/instances_<split>.json and <split>/")
+    p.add_argument("--data-root", default="data/VOCdevkit", help="VOCdevkit (or COCO) folder")
+    p.add_argument("--split", default="voc07_test",
+                   help="e.g. voc07_test (default); with --data-format coco e.g. val2017")
+    p.add_argument("--classes", help="a,b,c (default: the checkpoint's, else the 20 VOC classes "
+                                     "or the COCO categories)")
     p.add_argument("--metric", default="voc07", choices=["voc07", "area"],
                    help="voc07: 11-point (VOC2007, default); area: VOC2010+ integral")
     p.add_argument("--iou-rule", default="python", choices=["python", "matlab"],
@@ -59,7 +69,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "choice the checkpoint was trained with, so the mAP equals training's")
     p.add_argument("--no-coco", action="store_true", help="skip the pycocotools AP@[.5:.95] line")
     p.add_argument("--save-detections", help="write the detections as JSON (format above)")
-    p.add_argument("--json", help="write {metric, iou_rule, map, ap, num_images} as JSON")
+    p.add_argument("--json", help="write {metric, iou_rule, map, ap, num_images} as JSON (and "
+                                  "coco: the pycocotools figures, with --data-format coco)")
     p.add_argument("--plots", help="folder for per-class PR curves and a per-class AP bar chart")
     return p
 
@@ -158,16 +169,22 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
     return dataset, trained, [dets[i] for i in range(len(dataset))], rate
 
 
-def load_split(args: argparse.Namespace, class_names: Sequence[str], transform,
+def load_split(args: argparse.Namespace, class_names: Sequence[str] | None, transform,
                ignore_other_classes: bool, advice: str | None = None):
-    """The split as a VOCDetection (difficult objects kept). Objects of classes the model does
-    not know are an error unless ignored: otherwise their APs would silently be missing."""
-    from ssd_da.data.voc import UnknownClassError, VOCDetection
+    """The split as a VOCDetection or CocoDetection (difficult objects kept; ``class_names``
+    None: the COCO categories). Objects of classes the model does not know are an error unless
+    ignored: otherwise their APs would silently be missing."""
+    from ssd_da.data.voc import VOC_CLASSES, UnknownClassError, VOCDetection
 
+    dataset_class = VOCDetection
+    if args.data_format == "coco":
+        from ssd_da.data.coco import CocoDetection as dataset_class  # type: ignore[assignment]
+    elif class_names is None:
+        class_names = list(VOC_CLASSES)
     try:
-        return VOCDetection(args.data_root, args.split, class_names=class_names,
-                            transform=transform, keep_difficult=True, skip_bad=args.skip_bad,
-                            ignore_other_classes=ignore_other_classes)
+        return dataset_class(args.data_root, args.split, class_names=class_names,
+                             transform=transform, keep_difficult=True, skip_bad=args.skip_bad,
+                             ignore_other_classes=ignore_other_classes)
     except UnknownClassError as exc:
         if advice is None:
             raise EvalInputError(str(exc)) from None
@@ -175,8 +192,12 @@ def load_split(args: argparse.Namespace, class_names: Sequence[str], transform,
 
 
 def report(result, coco: dict[str, float] | None, dataset, rate: float | None) -> None:
+    from ssd_da.engine.inference import format_coco
+
     print(result.table())
-    if coco is not None:
+    if coco is not None and hasattr(dataset, "coco"):
+        print(f"COCO (pycocotools on {dataset.split}'s JSON): {format_coco(coco)}")
+    elif coco is not None:
         print(f"COCO-style (pycocotools): AP@[.5:.95] {100 * coco['AP']:.2f}  "
               f"AP50 {100 * coco['AP50']:.2f}")
     line = f"{len(dataset)} images"
@@ -202,8 +223,37 @@ def check_outputs(args: argparse.Namespace) -> None:
         ensure_dir(args.plots, "--plots")
 
 
+def read_detections(args: argparse.Namespace, class_names: list[str] | None):
+    """--detections over the split: (dataset, class names, detections aligned with it)."""
+    dataset = load_split(args, class_names, None, bool(args.ignore_other_classes))
+    if args.data_format == "coco":
+        from ssd_da.evaluation.coco import load_coco_results
+
+        detections = load_coco_results(args.detections, dataset.coco_ids, dataset.cat_ids)
+    else:
+        ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
+        detections = load_detection_file(args.detections, ids, dataset.class_names)
+    return dataset, list(dataset.class_names), detections
+
+
+def coco_figures(args: argparse.Namespace, dataset, detections) -> dict[str, float] | None:
+    """pycocotools' figures: on a COCO split's own JSON, else on the VOC training view."""
+    from ssd_da.engine.inference import coco_metrics_of
+    from ssd_da.evaluation.coco import coco_metrics
+
+    if args.no_coco:
+        return None
+    if hasattr(dataset, "coco"):
+        return coco_metrics_of(dataset, detections)
+    # COCO's continuous coordinates give a zero-width box zero area: it could never be matched
+    # there, so COCO sees the training view of VOC data (clipped, degenerate boxes dropped).
+    annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
+    return coco_metrics(detections, [{"boxes": a.boxes, "labels": a.labels,
+                                      "difficult": a.difficult} for a in annotations],
+                        list(dataset.class_names))
+
+
 def main(args: argparse.Namespace) -> int:
-    from ssd_da.data.voc import VOC_CLASSES
     from ssd_da.engine.checkpoint import CheckpointError
     from ssd_da.evaluation.voc import evaluate_voc
 
@@ -214,34 +264,31 @@ def main(args: argparse.Namespace) -> int:
         if args.checkpoint:
             dataset, class_names, detections, rate = run_model(args, class_names)
         else:
-            class_names = class_names or list(VOC_CLASSES)
-            dataset = load_split(args, class_names, None, bool(args.ignore_other_classes))
-            ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
-            detections = load_detection_file(args.detections, ids, class_names)
-        annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
-        gts = [a.ground_truth() for a in annotations]
+            dataset, class_names, detections = read_detections(args, class_names)
+        gts = [dataset.get_annotation(i).ground_truth() for i in range(len(dataset))]
         result = evaluate_voc(detections, gts, class_names, metric=args.metric,
                               iou_rule=args.iou_rule)
-        coco = None
-        if not args.no_coco:
-            from ssd_da.evaluation.coco import coco_metrics
-
-            # COCO's continuous coordinates give a zero-width box zero area: it could never be
-            # matched there, so COCO sees the training view (clipped, degenerate boxes dropped).
-            coco = coco_metrics(detections, [{"boxes": a.boxes, "labels": a.labels,
-                                              "difficult": a.difficult} for a in annotations],
-                                class_names)
+        coco = coco_figures(args, dataset, detections)
         report(result, coco, dataset, rate)
-        write_outputs(args, result, detections, [a.image_id for a in annotations], class_names)
+        image_ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
+        write_outputs(args, result, detections, image_ids, class_names, dataset, coco)
     except (EvalInputError, CheckpointError, ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2
     return 0
 
 
-def write_outputs(args, result, detections, image_ids, class_names) -> None:
+def write_outputs(args, result, detections, image_ids, class_names, dataset=None,
+                  coco: dict[str, float] | None = None) -> None:
+    """--save-detections (COCO results for a COCO-format ``dataset``), --json, --plots."""
+    is_coco = hasattr(dataset, "coco")
     if args.save_detections:
-        recs = detections_to_records(detections, image_ids, class_names)
+        if is_coco:
+            from ssd_da.evaluation.coco import coco_results
+
+            recs = coco_results(detections, dataset.coco_ids, dataset.cat_ids)
+        else:
+            recs = detections_to_records(detections, image_ids, class_names)
         Path(args.save_detections).write_text(json.dumps(recs))
         print(f"wrote {len(recs)} detections to {args.save_detections}")
     if args.json:
@@ -252,6 +299,8 @@ def write_outputs(args, result, detections, image_ids, class_names) -> None:
                    "iou_rule": result.iou_rule,
                    "map": None if math.isnan(result.map) else float(result.map), "ap": ap,
                    "num_images": len(image_ids)}
+        if is_coco and coco is not None:
+            payload["coco"] = {k: (None if math.isnan(v) else v) for k, v in coco.items()}
         Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False))
     if args.plots:
         from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves

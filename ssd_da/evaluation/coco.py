@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -177,3 +179,46 @@ def _run_cocoeval(coco_gt, coco_dt, image_ids: Sequence[int] | None = None,
         logger.warning("pycocotools could not compute %s (nothing to average); reported as nan",
                        ", ".join(undefined))
     return stats
+
+
+def load_coco_results(path: str | Path, image_ids: Sequence[int], cat_ids: Sequence[int]
+                      ) -> list[dict[str, np.ndarray]]:
+    """Read a COCO results file (the format of :func:`coco_results`) into one dict per entry
+    of ``image_ids``: ``boxes`` (K, 4) float64 xyxy ``[x, y, x + w, y + h]``, ``scores`` (K,),
+    ``labels`` (K,) int64 in 1..C (label k + 1 for ``cat_ids[k]``).
+
+    Raises:
+        ValueError: unreadable file or a bad record (named by its index), an image id not in
+            ``image_ids`` or a category id not in ``cat_ids``.
+    """
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read detections: {exc}") from exc
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of COCO results")
+    index = {img: i for i, img in enumerate(image_ids)}
+    label_of = {cat: k + 1 for k, cat in enumerate(cat_ids)}
+    rows: list[list[tuple]] = [[] for _ in image_ids]
+    for n, rec in enumerate(records):
+        where = f"{path}: result #{n}"
+        if not isinstance(rec, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(rec):
+            raise ValueError(f"{where} must have image_id, category_id, bbox and score; got {rec!r}")
+        if rec["image_id"] not in index:
+            raise ValueError(f"{where}: image_id {rec['image_id']!r} is not an image of the split")
+        if rec["category_id"] not in label_of:
+            raise ValueError(f"{where}: category_id {rec['category_id']!r} is not one of {list(cat_ids)}")
+        box, score = rec["bbox"], rec["score"]
+        numbers = [*box, score] if isinstance(box, list) and len(box) == 4 else []
+        if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  and math.isfinite(v) for v in numbers) or box[2] < 0 or box[3] < 0:
+            raise ValueError(f"{where}: bbox must be [x, y, w, h] with w, h >= 0 and score a "
+                             f"finite number; got bbox {box!r}, score {score!r}")
+        x, y, w, h = (float(v) for v in box)
+        rows[index[rec["image_id"]]].append((x, y, x + w, y + h, float(score), label_of[rec["category_id"]]))
+    out = []
+    for dets in rows:
+        arr = np.asarray(dets, dtype=np.float64).reshape(-1, 6)
+        out.append({"boxes": arr[:, :4], "scores": arr[:, 4], "labels": arr[:, 5].astype(np.int64)})
+    return out
