@@ -62,12 +62,14 @@ def _perturbed_plain(seed: int) -> ResNet:
 def test_identity_start_reproduces_the_plain_resnet_exactly(name):
     plain = _perturbed_plain(0)
     torch.manual_seed(1)
+    # The module in every block and once more after layer4 (the end-of-backbone slot).
     model = ResNet(BasicBlock, (1, 1, 1, 1), attention=name, num_classes=None,
-                   attention_init="identity")
+                   end_attention=name, attention_init="identity")
     missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
-    assert not unexpected and missing and all(".attn." in k for k in missing)
+    assert not unexpected and missing
+    assert all(".attn." in k or k.startswith("end_attn.") for k in missing)
     gates = [m for m in model.modules() if isinstance(m, IdentityStart)]
-    assert len(gates) == 4 and all(g.gate.item() == 0.0 for g in gates)
+    assert len(gates) == 5 and all(g.gate.item() == 0.0 for g in gates)
     x = torch.randn(2, 3, 64, 64)
     for train in (False, True):
         plain.train(train)
