@@ -3,7 +3,7 @@
 The paper reports SSD300 mAP on VOC2007 test with the 11-point interpolation at IoU 0.5 (DA
 paper, section III). The published VOC07 numbers of ssd.pytorch, lufficc/SSD and mmdetection come
 from ``voc_eval.py`` of py-faster-rcnn (Bharath Hariharan's Python port of the devkit), and this
-module reproduces that algorithm to the last bit:
+module reproduces that algorithm to the last bit (docs/method.md, "The VOC evaluator"):
 
 * IoU uses the inclusive pixel convention: ``w = x2 - x1 + 1`` (shift-invariant, so 0-based
   boxes, as the data pipeline produces them, give the reference numbers).
@@ -51,7 +51,7 @@ METRICS = ("voc07", "area")
 # "python": IoU > threshold (py-faster-rcnn voc_eval.py); "matlab": IoU >= threshold (VOCevaldet.m).
 IOU_RULES = ("python", "matlab")
 # Exactly what the Python evaluators behind published VOC07 results iterate over; note
-# 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001 (PAPER_NOTES.md).
+# 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001 (docs/method.md).
 VOC07_RECALL_THRESHOLDS = np.arange(0.0, 1.1, 0.1)
 
 
