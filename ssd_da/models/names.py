@@ -19,14 +19,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["DEPTHS", "BLOCK_ATTENTIONS", "END_ATTENTIONS", "BackboneName", "backbone_name",
-           "parse_backbone_name", "BACKBONE_NAMES", "display_name"]
+__all__ = ["DEPTHS", "BLOCK_ATTENTIONS", "END_ATTENTIONS", "ATTENTION_INITS", "BackboneName",
+           "backbone_name", "parse_backbone_name", "BACKBONE_NAMES", "display_name"]
 
 # ResNet depths with a stage layout in ssd_da.models.resnet.STAGES (He et al. 2016, Table 1).
 DEPTHS: tuple[int, ...] = (18, 34, 50, 101)
 # Attention modules that can fill the per-block slot (keys of ssd_da.models.attention.ATTENTIONS;
 # a test checks they are). "none" is the plain ResNet and is spelled without a prefix.
-BLOCK_ATTENTIONS: tuple[str, ...] = ("da", "se", "eca", "sge", "cbam", "sa",
+BLOCK_ATTENTIONS: tuple[str, ...] = ("da", "se", "eca", "eca_adaptive", "sge", "cbam", "sa",
                                      "da_cs", "da_par", "da_s", "da_c")
 # Attention modules that can fill the end-of-backbone slot (after layer4): the LGA paper's
 # Table 4 set (its own LGA/LA/GA and the MHSA, SE, ECA, CBAM, SA it compares with), plus DA and
@@ -34,11 +34,16 @@ BLOCK_ATTENTIONS: tuple[str, ...] = ("da", "se", "eca", "sge", "cbam", "sa",
 # times (LGA at 2048 channels alone has 19.3M parameters).
 END_ATTENTIONS: tuple[str, ...] = ("lga", "la", "ga", "mhsa", "se", "eca", "cbam", "sa", "da",
                                    "sge")
+# How the attention modules start (Config.attention_init, build_attention's ``init``): "default",
+# each module's own initialisation; "identity", each wrapped in attention.IdentityStart so that the
+# network starts as the plain ResNet (docs/experiments.md, "Fair starts").
+ATTENTION_INITS: tuple[str, ...] = ("default", "identity")
 # How the DA paper's tables print each attention before "ResNet<depth>". The DA orders of
 # Table I have no printed prefix; the arrows name the order of the two branches.
 _DISPLAY_PREFIX: dict[str, str] = {
-    "none": "", "da": "DA-", "se": "SE-", "eca": "ECA-", "sge": "SGE-", "cbam": "CBAM-",
-    "sa": "SA-", "da_cs": "DA(c>s)-", "da_par": "DA(s|c)-", "da_s": "DA(s)-", "da_c": "DA(c)-",
+    "none": "", "da": "DA-", "se": "SE-", "eca": "ECA-", "eca_adaptive": "ECA(adaptive k)-",
+    "sge": "SGE-", "cbam": "CBAM-", "sa": "SA-",
+    "da_cs": "DA(c>s)-", "da_par": "DA(s|c)-", "da_s": "DA(s)-", "da_c": "DA(c)-",
 }
 
 
