@@ -110,6 +110,8 @@ class SeededDataset(Dataset):
 # Training images are shrunk at load time to this longer side: the augmentation's smallest crop
 # is 0.3 of the image side (MinIoURandomCrop) resized to 300 px, so finer detail is never seen,
 # while the zoom-out canvas (up to 4x each side) of an 8000x6000 photo would need gigabytes.
+# This applies to the albumentations backend; the default (fast) transform reads the encoded
+# file and decodes it at the scale each crop needs, so it never holds more than that.
 TRAIN_MAX_SIDE = 1000
 
 
