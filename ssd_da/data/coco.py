@@ -127,10 +127,11 @@ def convert_image(record: dict, anns: Sequence[dict], label_of: dict[int, int],
     (``ground_truth()``): every box of a known category as written, crowd ones flagged
     ``difficult``. Boxes are (N, 4) float32 xyxy pixels."""
     height, width = size
-    boxes, labels, crowd = [], [], []
+    boxes, labels, crowd, kept = [], [], [], []
     for ann in anns:
         if ann["category_id"] not in label_of:
             continue
+        kept.append(ann)  # for warnings that name the record as the JSON has it
         x, y, w, h = (float(v) for v in ann["bbox"])
         boxes.append([x, y, x + w, y + h])
         labels.append(label_of[ann["category_id"]])
@@ -145,9 +146,9 @@ def convert_image(record: dict, anns: Sequence[dict], label_of: dict[int, int],
     np.clip(clipped[:, 1::2], 0, height - 1, out=clipped[:, 1::2])
     proper = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     for k in np.flatnonzero(~proper & ~crowd_a):
-        logger.warning("%s: box %s (label %d) has no area inside the %dx%d image; left out of "
-                       "training (evaluation keeps it)", where, raw[k].tolist(), labels_a[k],
-                       width, height)
+        logger.warning("%s: annotation id %s (category_id %s, bbox %s) has no area inside the "
+                       "%dx%d image; left out of training (evaluation keeps it)", where,
+                       kept[k].get("id"), kept[k]["category_id"], kept[k]["bbox"], width, height)
     train = proper & ~crowd_a
     return Annotation(boxes=clipped[train], labels=labels_a[train],
                       difficult=np.zeros(int(train.sum()), dtype=np.bool_), width=width,
