@@ -198,8 +198,9 @@ def _paper_note(layout: str) -> str:
         return ("- Paper mAP50 / mAP50-95: the LGA paper's Table 4 (ResNet18 in YOLOv8 on "
                 "TinyPerson, one run each): context for the mAP50 / mAP50-95 columns, not a "
                 "target (another detector, dataset and schedule).")
-    return ("- Paper mAP: VOC07 test after VOC07+12 training with ImageNet weights; "
-            "comparable only under that protocol.")
+    return ("- Paper mAP: VOC07 test as the DA paper prints it. The paper states no training "
+            "split, initialisation or recipe; comparable at best with VOC07+12 training from "
+            "ImageNet weights (our assumption of its protocol).")
 
 
 def _ap_table(groups: Sequence[BackboneSummary], layout: str) -> list[str]:
