@@ -146,4 +146,4 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(get_args_parser().parse_intermixed_args()))  # key=value anywhere

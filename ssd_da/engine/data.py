@@ -108,7 +108,8 @@ TRAIN_MAX_SIDE = 1000
 
 def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None, VOCDetection]:
     """The training set (augmented, difficult objects dropped by default) and the test set.
-    ValueError when the training set holds no object to learn from."""
+    ValueError when the training set holds no object to learn from, or the test set none to
+    score (both checked before any training)."""
     names = class_names_from_config(cfg)
     train_set = None
     if train:
@@ -127,6 +128,11 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
                             transform=build_eval_transform(IMAGE_SIZE),
                             keep_difficult=True, skip_bad=cfg.skip_bad,
                             ignore_other_classes=cfg.ignore_other_classes)
+    if not any((~a.ground_truth()["difficult"]).any() for a in test_set.annotations):
+        # VOC AP counts non-difficult objects only: without any, every AP and the mAP are
+        # undefined, and a run would train to the end to report "nan".
+        raise ValueError(f"test split {cfg.test_split} ({cfg.data_root}) has no non-difficult "
+                         f"object of the classes {', '.join(names)}: its mAP would be undefined")
     return train_set, test_set
 
 
