@@ -126,7 +126,8 @@ def test_a_resume_that_fails_validation_writes_nothing(demo, finished, tmp_path,
                                                        options, overrides, message):
     run = copy_run(finished, tmp_path / "run")
     before = snapshot(run)
-    argv = [*base(demo, None, "--resume", str(run / "last.pth"), *options), *overrides]
+    # --output-dir: the run's own folder, whatever the checkpoint's saved config says
+    argv = [*base(demo, run, "--resume", str(run / "last.pth"), *options), *overrides]
     code, text = cli(argv, capsys, caplog)
     assert code == 2 and message in text
     assert snapshot(run) == before
