@@ -24,6 +24,11 @@ from ssd_da.models.names import parse_backbone_name
 logger = logging.getLogger(__name__)
 
 
+# "voc": a VOCdevkit folder and voc07_trainval-style splits; "coco":
+# annotations/instances_<split>.json and <split>/ image folders (ssd_da.data.coco).
+DATA_FORMATS: tuple[str, ...] = ("voc", "coco")
+
+
 @dataclass
 class Config:
     """Training and evaluation settings. Defaults: SSD300 on VOC07+12 with the recipe of the
@@ -39,10 +44,14 @@ class Config:
     sync_bn: bool = False
 
     # data
+    # "voc": data_root is a VOCdevkit folder, splits are voc07_trainval, voc07_test, ...;
+    # "coco": data_root holds annotations/instances_<split>.json and <split>/ image folders,
+    # splits are those names (train2017, val2017, ...).
+    data_format: str = "voc"
     data_root: str = "data/VOCdevkit"
     train_split: str = "voc07_trainval+voc12_trainval"
     test_split: str = "voc07_test"
-    classes: list[str] | None = None  # None: the 20 VOC classes
+    classes: list[str] | None = None  # None: the 20 VOC classes (COCO format: its categories)
     demo: bool = False  # generate the synthetic demo dataset under data_root on first use
     keep_difficult: bool = False  # difficult objects in training targets (never in evaluation)
     skip_bad: bool = False  # skip samples with a malformed XML or a missing/undecodable image
@@ -216,6 +225,11 @@ def validate_config(cfg: Config) -> None:
     """Fail on a bad name or value before any data is read or folder written (ValueError
     naming the field); warn about a legal but probably unintended schedule."""
     parse_backbone_name(cfg.backbone)  # ValueError listing the valid backbones
+    if cfg.data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format {cfg.data_format!r} is not one of: "
+                         f"{', '.join(DATA_FORMATS)}")
+    if cfg.demo and cfg.data_format != "voc":
+        raise ValueError("demo: true generates a VOC-format dataset; it needs data_format voc")
     if cfg.metric not in ("voc07", "area"):
         raise ValueError(f"metric {cfg.metric!r} is not one of: voc07, area")
     for name in _RANGES:
@@ -256,9 +270,9 @@ def _warn_about_schedule(cfg: Config) -> None:
 # Config fields that also have their own option (--data-root DIR); every field can be given as a
 # trailing key=value. Booleans become flags (--amp); types come from the fields' defaults.
 CLI_FIELDS: tuple[str, ...] = (
-    "backbone", "data_root", "train_split", "test_split", "classes", "iters", "batch_size", "lr",
-    "workers", "eval_every", "output_dir", "pretrained", "device", "seed", "metric",
-    "amp", "sync_bn", "skip_bad", "ignore_other_classes",
+    "backbone", "data_format", "data_root", "train_split", "test_split", "classes", "iters",
+    "batch_size", "lr", "workers", "eval_every", "output_dir", "pretrained", "device", "seed",
+    "metric", "amp", "sync_bn", "skip_bad", "ignore_other_classes",
 )
 # What the flags do (the other options' help is the field name and its default).
 _FLAG_HELP = {

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
 
+from ssd_da.data.decode import EncodedImage
 from ssd_da.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, MinIoURandomCrop, ZoomOut, box_centres_inside, box_iou_with_rect,
     build_eval_transform, build_train_transform, seed_transform,
@@ -54,12 +56,23 @@ def _check_box_on_its_rectangle(pixels: np.ndarray, box: np.ndarray, label: int)
     assert inside.sum() >= 0.95 * colour_mask.sum(), (label, box)
 
 
-def test_train_transform_keeps_boxes_on_their_pixels() -> None:
+def _encoded_jpeg(image: np.ndarray) -> EncodedImage:
+    """The RGB ``image`` as an in-memory JPEG (quality 98, so colours stay within the tolerance)."""
+    ok, data = cv2.imencode(".jpg", image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 98])
+    assert ok
+    return EncodedImage(data.tobytes(), image.shape[0], image.shape[1], "<memory>.jpg", fast=True)
+
+
+# "fast-jpeg": the fast pipeline given an undecoded JPEG, as VOCDetection hands it over (the
+# decoder may then work at a reduced scale).
+@pytest.mark.parametrize("backend", ["albumentations", "fast", "fast-jpeg"])
+def test_train_transform_keeps_boxes_on_their_pixels(backend: str) -> None:
     image, boxes, labels = _scene()
-    transform = build_train_transform(300, photometric=False, seed=0)
+    transform = build_train_transform(300, photometric=False, seed=0, backend=backend.split("-")[0])
+    source = _encoded_jpeg(image) if backend == "fast-jpeg" else image
     zoomed = cropped = 0
     for _ in range(60):
-        out = transform(image=image, bboxes=boxes, labels=labels)
+        out = transform(image=source, bboxes=boxes, labels=labels)
         pixels = _unnormalise(out["image"])
         assert out["image"].shape == (3, 300, 300) and out["image"].dtype == torch.float32
         out_boxes = np.asarray(out["bboxes"], dtype=np.float64).reshape(-1, 4)

@@ -1,12 +1,18 @@
 #!/usr/bin/env python
-"""Evaluate on a VOC-layout test split: per-class AP, mAP (VOC07 11-point by default), COCO AP.
+"""Evaluate on a VOC-layout or COCO-format test split: per-class AP, mAP (VOC07 11-point by
+default), COCO AP (pycocotools).
 
     python tools/eval_voc.py --checkpoint runs/da_resnet50/best.pth --data-root data/VOCdevkit
     python tools/eval_voc.py --detections dets.json --data-root data/VOCdevkit --split voc07_test
+    python tools/eval_voc.py --checkpoint best.pth --data-format coco --data-root data/coco \
+        --split val2017
 
-Detection files are a JSON list of {"image_id": "000001", "label": "dog", "score": 0.93,
-"bbox": [x1, y1, x2, y2]} with boxes in the annotation XML's (1-based) pixel coordinates
-(ssd_da/evaluation/detection_file.py). Exit status 2 with a message on stderr for bad input.
+VOC detection files are a JSON list of {"image_id": "000001", "label": "dog", "score": 0.93,
+"bbox": [x1, y1, x2, y2]} with boxes in the annotation XML's (1-based) pixel coordinates; with
+--data-format coco they are COCO results, [{"image_id": 42, "category_id": 18, "bbox": [x, y,
+w, h], "score": 0.93}], and the COCO figures are pycocotools' own evaluation on the JSON
+(both formats: ssd_da/evaluation/detection_file.py, ssd_da/evaluation/coco.py). Exit status 2
+with a message on stderr for bad input.
 """
 from __future__ import annotations
 
@@ -21,11 +27,12 @@ from typing import Sequence
 
 import torch
 
+from ssd_da.data.coco import CocoDetection
 from ssd_da.data.transforms import build_eval_transform
 from ssd_da.data.voc import VOC_CLASSES, UnknownClassError, VOCDetection
 from ssd_da.engine.checkpoint import load_detector
-from ssd_da.engine.inference import predict
-from ssd_da.evaluation.coco import coco_metrics
+from ssd_da.engine.inference import coco_metrics_of, format_coco, predict
+from ssd_da.evaluation.coco import coco_metrics, coco_results, load_coco_results
 from ssd_da.evaluation.detection_file import load_detection_file, write_detection_file
 from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
 from ssd_da.evaluation.voc import VOCResult, evaluate_voc
@@ -44,9 +51,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a detector checkpoint (best.pth / last.pth)")
     src.add_argument("--detections", help="a detection JSON file to evaluate without a model")
-    p.add_argument("--data-root", default="data/VOCdevkit", help="VOCdevkit folder")
-    p.add_argument("--split", default="voc07_test", help="e.g. voc07_test (default)")
-    p.add_argument("--classes", help="a,b,c (default: the checkpoint's, else the 20 VOC classes)")
+    p.add_argument("--data-format", default="voc", choices=["voc", "coco"],
+                   help="voc: --data-root is a VOCdevkit folder; coco: it holds "
+                        "annotations/instances_<split>.json and <split>/")
+    p.add_argument("--data-root", default="data/VOCdevkit", help="VOCdevkit (or COCO) folder")
+    p.add_argument("--split", default="voc07_test",
+                   help="e.g. voc07_test (default); with --data-format coco e.g. val2017")
+    p.add_argument("--classes", help="a,b,c (default: the checkpoint's, else the 20 VOC classes "
+                                     "or the COCO categories)")
     p.add_argument("--metric", default="voc07", choices=["voc07", "area"],
                    help="voc07: 11-point (VOC2007, default); area: VOC2010+ integral")
     p.add_argument("--batch-size", type=int, default=32)
@@ -64,7 +76,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "choice the checkpoint was trained with, so the mAP equals training's")
     p.add_argument("--no-coco", action="store_true", help="skip the pycocotools AP@[.5:.95] line")
     p.add_argument("--save-detections", help="write the detections as JSON (format above)")
-    p.add_argument("--json", help="write {metric, map, ap, num_images} as JSON")
+    p.add_argument("--json", help="write {metric, map, ap, num_images} as JSON (and coco: the "
+                                  "pycocotools figures, with --data-format coco)")
     p.add_argument("--plots", help="folder for per-class PR curves and a per-class AP bar chart")
     return p
 
@@ -81,7 +94,6 @@ def parse_classes(text: str | None) -> list[str] | None:
 
 def run_model(args: argparse.Namespace, class_names: list[str] | None):
     """Inference with the checkpoint over the split; returns (dataset, class names, dets, img/s)."""
-
 
     device = resolve_device(args.device)
     model, ckpt = load_detector(args.checkpoint, device)
@@ -101,24 +113,31 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
     return dataset, trained, [dets[i] for i in range(len(dataset))], rate
 
 
-def load_split(args: argparse.Namespace, class_names: Sequence[str], transform,
-               ignore_other_classes: bool, advice: str | None = None) -> VOCDetection:
-    """The split as a VOCDetection (difficult objects kept). Objects of classes the model does
-    not know are an error unless ignored: otherwise their APs would silently be missing."""
+def load_split(args: argparse.Namespace, class_names: Sequence[str] | None, transform,
+               ignore_other_classes: bool, advice: str | None = None
+               ) -> VOCDetection | CocoDetection:
+    """The split as a VOCDetection or CocoDetection (difficult objects kept; ``class_names``
+    None: the COCO categories). Objects of classes the model does not know are an error unless
+    ignored: otherwise their APs would silently be missing."""
+    dataset_class = CocoDetection if args.data_format == "coco" else VOCDetection
+    if args.data_format != "coco" and class_names is None:
+        class_names = list(VOC_CLASSES)
     try:
-        return VOCDetection(args.data_root, args.split, class_names=class_names,
-                            transform=transform, keep_difficult=True, skip_bad=args.skip_bad,
-                            ignore_other_classes=ignore_other_classes)
+        return dataset_class(args.data_root, args.split, class_names=class_names,
+                             transform=transform, keep_difficult=True, skip_bad=args.skip_bad,
+                             ignore_other_classes=ignore_other_classes)
     except UnknownClassError as exc:
         if advice is None:
             raise EvalInputError(str(exc)) from None
         raise EvalInputError(f"{exc.problem}; {advice}") from None
 
 
-def report(result: VOCResult, coco: dict[str, float] | None, dataset: VOCDetection,
-           rate: float | None) -> None:
+def report(result: VOCResult, coco: dict[str, float] | None,
+           dataset: VOCDetection | CocoDetection, rate: float | None) -> None:
     print(result.table())
-    if coco is not None:
+    if coco is not None and hasattr(dataset, "coco"):
+        print(f"COCO (pycocotools on {dataset.split}'s JSON): {format_coco(coco)}")
+    elif coco is not None:
         print(f"COCO-style (pycocotools): AP@[.5:.95] {100 * coco['AP']:.2f}  "
               f"AP50 {100 * coco['AP50']:.2f}")
     line = f"{len(dataset)} images"
@@ -142,6 +161,31 @@ def check_outputs(args: argparse.Namespace) -> None:
         ensure_dir(args.plots, "--plots")
 
 
+def read_detections(args: argparse.Namespace, class_names: list[str] | None):
+    """--detections over the split: (dataset, class names, detections aligned with it)."""
+    dataset = load_split(args, class_names, None, bool(args.ignore_other_classes))
+    if args.data_format == "coco":
+        detections = load_coco_results(args.detections, dataset.coco_ids, dataset.cat_ids)
+    else:
+        ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
+        detections = load_detection_file(args.detections, ids, dataset.class_names)
+    return dataset, list(dataset.class_names), detections
+
+
+def coco_figures(args: argparse.Namespace, dataset, detections) -> dict[str, float] | None:
+    """pycocotools' figures: on a COCO split's own JSON, else on the VOC training view."""
+    if args.no_coco:
+        return None
+    if hasattr(dataset, "coco"):
+        return coco_metrics_of(dataset, detections)
+    # COCO's continuous coordinates give a zero-width box zero area: it could never be matched
+    # there, so COCO sees the training view of VOC data (clipped, degenerate boxes dropped).
+    annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
+    return coco_metrics(detections, [{"boxes": a.boxes, "labels": a.labels,
+                                      "difficult": a.difficult} for a in annotations],
+                        list(dataset.class_names))
+
+
 def main(args: argparse.Namespace) -> int:
     """0 after printing the AP table, 2 for bad input (message on stderr)."""
     try:
@@ -151,32 +195,29 @@ def main(args: argparse.Namespace) -> int:
         if args.checkpoint:
             dataset, class_names, detections, rate = run_model(args, class_names)
         else:
-            class_names = class_names or list(VOC_CLASSES)
-            dataset = load_split(args, class_names, None, bool(args.ignore_other_classes))
-            ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
-            detections = load_detection_file(args.detections, ids, class_names)
-        annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
-        gts = [a.ground_truth() for a in annotations]
+            dataset, class_names, detections = read_detections(args, class_names)
+        gts = [dataset.get_annotation(i).ground_truth() for i in range(len(dataset))]
         result = evaluate_voc(detections, gts, class_names, metric=args.metric)
-        coco = None
-        if not args.no_coco:
-            # COCO's continuous coordinates give a zero-width box zero area: it could never be
-            # matched there, so COCO sees the training view (clipped, degenerate boxes dropped).
-            coco = coco_metrics(detections, [{"boxes": a.boxes, "labels": a.labels,
-                                              "difficult": a.difficult} for a in annotations],
-                                class_names)
+        coco = coco_figures(args, dataset, detections)
         report(result, coco, dataset, rate)
-        write_outputs(args, result, detections, [a.image_id for a in annotations], class_names)
+        image_ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
+        write_outputs(args, result, detections, image_ids, class_names, dataset, coco)
     except (ValueError, OSError) as exc:  # EvalInputError, CheckpointError, DetectionFileError
         return report_error("eval_voc.py", exc)
     return 0
 
 
-def write_outputs(args: argparse.Namespace, result: VOCResult, detections: Sequence[dict],
-                  image_ids: Sequence[str], class_names: Sequence[str]) -> None:
-    """--save-detections, --json and --plots, whichever were asked for."""
+def write_outputs(args, result, detections, image_ids, class_names, dataset=None,
+                  coco: dict[str, float] | None = None) -> None:
+    """--save-detections (COCO results for a COCO-format ``dataset``), --json, --plots."""
+    is_coco = hasattr(dataset, "coco")
     if args.save_detections:
-        count = write_detection_file(args.save_detections, detections, image_ids, class_names)
+        if is_coco:
+            recs = coco_results(detections, dataset.coco_ids, dataset.cat_ids)
+            Path(args.save_detections).write_text(json.dumps(recs))
+            count = len(recs)
+        else:
+            count = write_detection_file(args.save_detections, detections, image_ids, class_names)
         print(f"wrote {count} detections to {args.save_detections}")
     if args.json:
         # JSON has no NaN: a class without ground truth (AP undefined) and the mAP of a split
@@ -185,9 +226,10 @@ def write_outputs(args: argparse.Namespace, result: VOCResult, detections: Seque
         payload = {"metric": args.metric,  # the --metric value: one name for one thing
                    "map": None if math.isnan(result.map) else float(result.map), "ap": ap,
                    "num_images": len(image_ids)}
+        if is_coco and coco is not None:
+            payload["coco"] = {k: (None if math.isnan(v) else v) for k, v in coco.items()}
         Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False))
     if args.plots:
-
         out = Path(args.plots)
         out.mkdir(parents=True, exist_ok=True)
         paths = plot_pr_curves(result, out)

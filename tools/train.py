@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Train SSD300 on PASCAL VOC (or any VOC-layout dataset) with an attention-ResNet backbone.
+"""Train SSD300 on PASCAL VOC (or any VOC-layout or COCO-format dataset) with an
+attention-ResNet backbone.
 
     python tools/train.py --backbone da_resnet50                 # standard recipe, VOC07+12
     python tools/train.py --config configs/demo.yaml             # synthetic demo, CPU, minutes
+    python tools/train.py --data-format coco --data-root data/coco --train-split train2017 \
+        --test-split val2017                                     # COCO layout, its categories
     torchrun --nproc_per_node 4 tools/train.py --backbone da_resnet50 --batch-size 8 --sync-bn
                                                   # --batch-size is per process: global 32
     python tools/train.py --resume runs/da_resnet50/last.pth     # continue exactly
@@ -29,6 +32,7 @@ from ssd_da.config import Config, add_config_arguments, parse_key_values, resolv
 from ssd_da.engine.checkpoint import load_checkpoint
 from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError, train
 from ssd_da.utils.cli import report_error
+
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,

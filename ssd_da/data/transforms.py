@@ -1,4 +1,8 @@
-"""albumentations pipelines for SSD300: the training recipe of Liu et al. 2016 and the eval resize.
+"""Pipelines for SSD300: the training recipe of Liu et al. 2016 and the eval resize.
+
+``build_train_transform`` / ``build_eval_transform`` return the fast implementation
+(``ssd_da.data.augment``) by default; ``backend="albumentations"`` returns the albumentations
+pipeline defined here, the reference the fast one is tested against.
 
 Boxes travel as albumentations "pascal_voc" (absolute pixel xyxy), which is our 0-based pixel
 xyxy convention (docs/design.md); labels travel in the "labels" field and follow their boxes.
@@ -29,16 +33,20 @@ MEAN_PIXEL: tuple[float, float, float] = tuple(255.0 * m for m in IMAGENET_MEAN)
 SSD_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)
 
 
+def box_iou_with_rects(boxes: np.ndarray, rects: np.ndarray) -> np.ndarray:
+    """IoU of (N, 4) xyxy boxes with (T, 4) xyxy rectangles, continuous areas (no +1). Returns (T, N)."""
+    boxes, rects = boxes[None, :, :4], np.asarray(rects, dtype=np.float64)[:, None, :]
+    iw = np.clip(np.minimum(boxes[..., 2], rects[..., 2]) - np.maximum(boxes[..., 0], rects[..., 0]), 0, None)
+    ih = np.clip(np.minimum(boxes[..., 3], rects[..., 3]) - np.maximum(boxes[..., 1], rects[..., 1]), 0, None)
+    inter = iw * ih
+    area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    area_r = (rects[..., 2] - rects[..., 0]) * (rects[..., 3] - rects[..., 1])
+    return inter / (area_b + area_r - inter)
+
+
 def box_iou_with_rect(boxes: np.ndarray, rect: Sequence[float]) -> np.ndarray:
     """IoU of (N, 4) xyxy boxes with one xyxy rectangle, continuous areas (no +1). Returns (N,)."""
-    ix1 = np.maximum(boxes[:, 0], rect[0])
-    iy1 = np.maximum(boxes[:, 1], rect[1])
-    ix2 = np.minimum(boxes[:, 2], rect[2])
-    iy2 = np.minimum(boxes[:, 3], rect[3])
-    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
-    area_b = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    area_r = (rect[2] - rect[0]) * (rect[3] - rect[1])
-    return inter / (area_b + area_r - inter)
+    return box_iou_with_rects(boxes, np.asarray([rect]))[0]
 
 
 def box_centres_inside(boxes: np.ndarray, rect: Sequence[float]) -> np.ndarray:
@@ -49,9 +57,53 @@ def box_centres_inside(boxes: np.ndarray, rect: Sequence[float]) -> np.ndarray:
 
 
 def _to_pixels(bboxes: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Normalised albumentations boxes (N, 4+) -> (N, 4) float64 absolute pixels."""
+    """Normalised albumentations boxes (N, 4+) -> (N, 4) float64 absolute pixels.
+
+    Rounded to 1e-3 px: albumentations keeps normalised boxes in float32 (relative error
+    ~6e-8, so 0.9 * 100 = 89.999998), and a box centre that lies exactly on a crop edge must be
+    outside it (the strict test of ``box_centres_inside``) whatever the rounding."""
     height, width = shape[:2]
-    return bboxes[:, :4].astype(np.float64) * np.array([width, height, width, height])
+    return np.round(bboxes[:, :4].astype(np.float64) * np.array([width, height, width, height]), 3)
+
+
+def sample_zoom_out(rng: random.Random, height: int, width: int, max_ratio: float
+                    ) -> tuple[int, int, int, int]:
+    """Zoom-out draw (ssd.pytorch's Expand): ratio r ~ U[1, max_ratio], then an integer paste
+    offset. Returns ``(left, top, canvas_w, canvas_h)``; the canvas always holds the image."""
+    ratio = rng.uniform(1.0, max_ratio)
+    left = int(rng.uniform(0.0, width * ratio - width))
+    top = int(rng.uniform(0.0, height * ratio - height))
+    # The canvas must hold the image even when int() rounds width * ratio down.
+    return left, top, max(int(width * ratio), left + width), max(int(height * ratio), top + height)
+
+
+def sample_min_iou_crop(rng: random.Random, height: int, width: int, boxes: np.ndarray,
+                        min_ious: Sequence[float | None] = SSD_MIN_IOUS, min_scale: float = 0.3,
+                        max_aspect: float = 2.0, max_trials: int = 50, require_all: bool = False
+                        ) -> tuple[int, int, int, int]:
+    """SSD's patch draw on a ``height x width`` image with (N, 4) xyxy pixel ``boxes``; see
+    :class:`MinIoURandomCrop`. Returns the patch ``(x1, y1, x2, y2)`` in integer pixels, the
+    whole image when the drawn option is None, there are no boxes or no trial succeeds."""
+    whole = (0, 0, width, height)
+    min_iou = min_ious[rng.randrange(len(min_ious))]
+    if min_iou is None or boxes.size == 0:
+        return whole
+    # All trials are drawn at once (w, h, left, top uniforms each) and tested together. The
+    # first trial that passes is the patch, as in a loop over trials that stops there: the
+    # draws are independent, so the distribution of the patch is the loop's.
+    u = np.array([rng.random() for _ in range(4 * max_trials)]).reshape(max_trials, 4)
+    w = width * (min_scale + (1.0 - min_scale) * u[:, 0])
+    h = height * (min_scale + (1.0 - min_scale) * u[:, 1])
+    left, top = (width - w) * u[:, 2], (height - h) * u[:, 3]
+    rects = np.stack([left, top, left + w, top + h], axis=1).astype(np.int64)  # int(): all >= 0
+    ok = (h / w >= 1.0 / max_aspect) & (h / w <= max_aspect)
+    ok &= (rects[:, 2] > rects[:, 0]) & (rects[:, 3] > rects[:, 1])
+    ious = box_iou_with_rects(boxes, rects)
+    ok &= (ious.min(axis=1) if require_all else ious.max(axis=1)) >= min_iou
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    ok &= ((rects[:, 0:1] < cx) & (cx < rects[:, 2:3]) & (rects[:, 1:2] < cy) & (cy < rects[:, 3:4])).any(axis=1)
+    first = np.flatnonzero(ok)
+    return tuple(int(v) for v in rects[first[0]]) if first.size else whole  # type: ignore[return-value]
 
 
 class ZoomOut(A.DualTransform):
@@ -71,12 +123,7 @@ class ZoomOut(A.DualTransform):
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        ratio = self.py_random.uniform(1.0, self.max_ratio)
-        left = int(self.py_random.uniform(0.0, width * ratio - width))
-        top = int(self.py_random.uniform(0.0, height * ratio - height))
-        # The canvas must hold the image even when int() rounds width * ratio down.
-        out_w = max(int(width * ratio), left + width)
-        out_h = max(int(height * ratio), top + height)
+        left, top, out_w, out_h = sample_zoom_out(self.py_random, height, width, self.max_ratio)
         return {"left": left, "top": top, "out_h": out_h, "out_w": out_w}
 
     def apply(self, img: np.ndarray, left: int, top: int, out_h: int, out_w: int, **params: Any) -> np.ndarray:
@@ -133,34 +180,13 @@ class MinIoURandomCrop(A.DualTransform):
         self.max_trials = int(max_trials)
         self.require_all = bool(require_all)
 
-    def _sample_rect(self, height: int, width: int) -> tuple[int, int, int, int] | None:
-        """One candidate patch (x1, y1, x2, y2) in integer pixels, or None if its aspect is out of range."""
-        w = self.py_random.uniform(self.min_scale * width, width)
-        h = self.py_random.uniform(self.min_scale * height, height)
-        if not 1.0 / self.max_aspect <= h / w <= self.max_aspect:
-            return None
-        left = self.py_random.uniform(0.0, width - w)
-        top = self.py_random.uniform(0.0, height - h)
-        return int(left), int(top), int(left + w), int(top + h)
-
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
-        no_crop = {"crop": (0, 0, width, height)}
-        min_iou = self.min_ious[self.py_random.randrange(len(self.min_ious))]
         bboxes = np.asarray(data.get("bboxes", np.zeros((0, 4))))
-        if min_iou is None or bboxes.size == 0:
-            return no_crop
-        boxes = _to_pixels(bboxes.reshape(len(bboxes), -1), params["shape"])
-        for _ in range(self.max_trials):
-            rect = self._sample_rect(height, width)
-            if rect is None or rect[2] <= rect[0] or rect[3] <= rect[1]:
-                continue
-            ious = box_iou_with_rect(boxes, rect)
-            if (ious.min() if self.require_all else ious.max()) < min_iou:
-                continue
-            if box_centres_inside(boxes, rect).any():
-                return {"crop": rect}
-        return no_crop
+        boxes = _to_pixels(bboxes.reshape(len(bboxes), -1), params["shape"]) if bboxes.size else np.zeros((0, 4))
+        crop = sample_min_iou_crop(self.py_random, height, width, boxes, self.min_ious, self.min_scale,
+                                   self.max_aspect, self.max_trials, self.require_all)
+        return {"crop": crop}
 
     def apply(self, img: np.ndarray, crop: tuple[int, int, int, int], **params: Any) -> np.ndarray:
         x1, y1, x2, y2 = crop
@@ -228,44 +254,85 @@ def _check_size(size: int) -> None:
         raise ValueError(f"transform size must be a positive int (e.g. 300 for SSD300), got {size!r}")
 
 
-def build_train_transform(size: int = 300, photometric: bool = True, channel_swap_p: float = 0.0,
-                          zoom_out_p: float = 0.5, max_zoom_out: float = 4.0,
-                          min_ious: Sequence[float | None] = SSD_MIN_IOUS, crop_require_all: bool = False,
-                          flip_p: float = 0.5, seed: int | None = None) -> A.Compose:
-    """SSD training augmentation (Liu et al. 2016 sec 2.2 and 3.6, ssd.pytorch SSDAugmentation):
-    photometric distortion, zoom-out up to 4x onto the mean pixel, min-IoU crop, horizontal
-    flip, resize to size x size, ImageNet normalisation, (3, size, size) float32 tensor.
+# "fast": ssd_da.data.augment (the default: same draws, rendered straight into the output, see
+# docs/benchmarks.md); "albumentations": the reference pipeline below, kept to check the fast
+# one against (tests/test_augment.py) and to measure it.
+BACKENDS: tuple[str, ...] = ("fast", "albumentations")
+OUTPUTS: tuple[str, ...] = ("float", "uint8")
 
-    Call as ``t(image=uint8 (H, W, 3), bboxes=(N, 4) xyxy pixels, labels=(N,))``; the returned
-    "bboxes" are xyxy pixels of the size x size image, "labels" the labels of the kept boxes.
-    ``seed`` (optional) makes the sequence of augmentations reproducible (see seed_transform).
-    """
-    _check_size(size)
+
+def _check_backend(backend: str, output: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"transform backend {backend!r} is not one of {list(BACKENDS)}")
+    if output not in OUTPUTS:
+        raise ValueError(f"transform output must be 'float' (normalised) or 'uint8', got {output!r}")
+
+
+def reference_train_transforms(size: int = 300, photometric: bool = True, channel_swap_p: float = 0.0,
+                               zoom_out_p: float = 0.5, max_zoom_out: float = 4.0,
+                               min_ious: Sequence[float | None] = SSD_MIN_IOUS,
+                               crop_require_all: bool = False, flip_p: float = 0.5,
+                               output: str = "float") -> list[A.BasicTransform]:
+    """The albumentations steps of the training augmentation, in order (see build_train_transform)."""
     transforms: list[A.BasicTransform] = _photometric_distortion(channel_swap_p) if photometric else []
     transforms += [
         ZoomOut(max_ratio=max_zoom_out, fill=MEAN_PIXEL, p=zoom_out_p),
         MinIoURandomCrop(min_ious=min_ious, require_all=crop_require_all, p=1.0),
         A.HorizontalFlip(p=flip_p),
         A.Resize(size, size),
-        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
-        ToTensorV2(),
     ]
-    compose = A.Compose(transforms, bbox_params=_bbox_params())
+    if output == "float":
+        transforms.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0))
+    return transforms + [ToTensorV2()]
+
+
+def build_train_transform(size: int = 300, photometric: bool = True, channel_swap_p: float = 0.0,
+                          zoom_out_p: float = 0.5, max_zoom_out: float = 4.0,
+                          min_ious: Sequence[float | None] = SSD_MIN_IOUS, crop_require_all: bool = False,
+                          flip_p: float = 0.5, seed: int | None = None, backend: str = "fast",
+                          output: str = "float") -> Any:
+    """SSD training augmentation (Liu et al. 2016 sec 2.2 and 3.6, ssd.pytorch SSDAugmentation):
+    photometric distortion, zoom-out up to 4x onto the mean pixel, min-IoU crop, horizontal
+    flip, resize to size x size, then a (3, size, size) tensor: ImageNet-normalised float32
+    (``output="float"``) or the uint8 RGB pixels (``"uint8"``, normalised later on the device).
+
+    Call as ``t(image=uint8 (H, W, 3), bboxes=(N, 4) xyxy pixels, labels=(N,))``; the returned
+    "bboxes" are xyxy pixels of the size x size image, "labels" the labels of the kept boxes.
+    ``seed`` (optional) makes the sequence of augmentations reproducible (see seed_transform).
+    ``backend``: "fast" (``ssd_da.data.augment.SSDAugment``) or "albumentations" (an A.Compose).
+    """
+    _check_size(size)
+    _check_backend(backend, output)
+    if backend == "fast":
+        from ssd_da.data.augment import SSDAugment  # augment imports this module
+
+        return SSDAugment(size, photometric, channel_swap_p, zoom_out_p, max_zoom_out, min_ious,
+                          crop_require_all, flip_p, seed=seed, output=output)
+    compose = A.Compose(reference_train_transforms(size, photometric, channel_swap_p, zoom_out_p,
+                                                   max_zoom_out, min_ious, crop_require_all, flip_p,
+                                                   output), bbox_params=_bbox_params())
     if seed is not None:
         seed_transform(compose, seed)
     return compose
 
 
-def build_eval_transform(size: int = 300) -> A.Compose:
-    """Resize to size x size, ImageNet normalisation, tensor; boxes scaled by (size/W, size/H)."""
+def build_eval_transform(size: int = 300, backend: str = "fast", output: str = "float") -> Any:
+    """Resize to size x size (bilinear), then a tensor as in build_train_transform; boxes
+    scaled by (size/W, size/H). Both backends give the same pixels."""
     _check_size(size)
-    return A.Compose([A.Resize(size, size),
-                      A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
-                      ToTensorV2()], bbox_params=_bbox_params())
+    _check_backend(backend, output)
+    if backend == "fast":
+        from ssd_da.data.augment import ResizeNormalize  # augment imports this module
+
+        return ResizeNormalize(size, output)
+    steps: list[A.BasicTransform] = [A.Resize(size, size)]
+    if output == "float":
+        steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0))
+    return A.Compose(steps + [ToTensorV2()], bbox_params=_bbox_params())
 
 
 @functools.lru_cache(maxsize=4)
-def _eval_transform(size: int) -> A.Compose:
+def _eval_transform(size: int) -> Any:
     return build_eval_transform(size)
 
 

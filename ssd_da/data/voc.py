@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ssd_da.data.decode import EncodedImage
 from ssd_da.data.images import check_image, load_rgb, read_image  # noqa: F401 (re-exported)
 from ssd_da.data.voc_xml import (Annotation, AnnotationError, MissingSizeError,  # noqa: F401
                                  clip_boxes, parse_annotation)
@@ -158,6 +159,8 @@ class VOCDetection(torch.utils.data.Dataset):
     ``transform`` is called as ``transform(image=uint8 (H, W, 3), bboxes=float32 (N, 4) xyxy
     pixels, labels=int64 (N,))`` and returns a dict with "image", "bboxes" and "labels", as an
     albumentations Compose with ``BboxParams(format="pascal_voc", label_fields=["labels"])`` does.
+    A transform with ``reads_encoded = True`` gets an undecoded ``EncodedImage`` instead and
+    decodes it at the scale it needs (``ssd_da.data.augment``; ``max_side`` does not apply).
 
     Objects of classes not in ``class_names`` raise :class:`UnknownClassError` naming them and
     their files, unless ``ignore_other_classes`` (then they are left out, counted per class in
@@ -274,13 +277,16 @@ class VOCDetection(torch.utils.data.Dataset):
         """Full parsed annotation of sample ``index`` (difficult objects included), no image read."""
         return self.annotations[index]
 
-    def _read(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
-        """(image, (H, W) of the file); the image is shrunk to ``max_side`` when set."""
+    def _read(self, index: int) -> tuple[np.ndarray | EncodedImage, tuple[int, int]]:
+        """(image, (H, W) of the file); the image is shrunk to ``max_side`` when set, or left
+        encoded for a transform that decodes itself."""
         try:
+            if getattr(self.transform, "reads_encoded", False):
+                encoded = EncodedImage.from_file(self.image_paths[index])
+                return encoded, (encoded.height, encoded.width)
             return read_image(self.image_paths[index], self.max_side)
         except OSError as err:
-            raise OSError(f"{err}; the file changed after the dataset checked it, or it does not "
-                          f"decode: pass --skip-bad to leave undecodable images out") from err
+            raise _unreadable(err) from err
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         ann = self.annotations[index]
@@ -294,7 +300,8 @@ class VOCDetection(torch.utils.data.Dataset):
                            self.image_paths[index], width, height, ann.width, ann.height)
             boxes, keep = clip_boxes(boxes, width, height)
             boxes, labels = boxes[keep], labels[keep]
-        if image.shape[:2] != (height, width):  # shrunk to max_side: scale the boxes with it
+        if isinstance(image, np.ndarray) and image.shape[:2] != (height, width):
+            # Shrunk to max_side: scale the boxes with it.
             scale = np.array([image.shape[1] / width, image.shape[0] / height] * 2, np.float32)
             boxes = boxes * scale
         if self.transform is None:
@@ -302,13 +309,21 @@ class VOCDetection(torch.utils.data.Dataset):
             boxes_t = torch.from_numpy(boxes.copy())
             labels_t = torch.from_numpy(labels.copy())
         else:
-            out = self.transform(image=image, bboxes=boxes, labels=labels)
+            try:  # a transform that reads encoded images decodes them here
+                out = self.transform(image=image, bboxes=boxes, labels=labels)
+            except OSError as err:
+                raise _unreadable(err) from err
             image_t = out["image"]
             boxes_t = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
             labels_t = torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1))
         target = {"boxes": boxes_t, "labels": labels_t, "image_id": ann.image_id,
                   "orig_size": (height, width), "index": index}
         return image_t, target
+
+
+def _unreadable(err: OSError) -> OSError:
+    return OSError(f"{err}; the file changed after the dataset checked it, or it does not "
+                   f"decode: pass --skip-bad to leave undecodable images out")
 
 
 def detection_collate(

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssd_da.config import Config
+from ssd_da.config import DATA_FORMATS, Config
+from ssd_da.data.coco import CocoDetection, coco_class_names
 from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.data.transforms import build_eval_transform, build_train_transform
 from ssd_da.data.voc import VOC_CLASSES, VOCDetection, detection_collate
@@ -25,9 +26,12 @@ logger = logging.getLogger(__name__)
 
 
 def class_names_from_config(cfg: Config) -> list[str]:
-    """``cfg.classes``, else the demo dataset's classes for ``demo: true``, else VOC's 20."""
+    """``cfg.classes``, else the categories of a COCO-format training split, else the demo
+    dataset's classes for ``demo: true``, else VOC's 20."""
     if cfg.classes:
         return list(cfg.classes)
+    if cfg.data_format == "coco":
+        return coco_class_names(cfg.data_root, cfg.train_split)
     if cfg.demo:
         return list(DEMO_CLASSES)
     return list(VOC_CLASSES)
@@ -103,31 +107,37 @@ class SeededDataset(Dataset):
 # Training images are shrunk at load time to this longer side: the augmentation's smallest crop
 # is 0.3 of the image side (MinIoURandomCrop) resized to 300 px, so finer detail is never seen,
 # while the zoom-out canvas (up to 4x each side) of an 8000x6000 photo would need gigabytes.
+# This applies to the albumentations backend; the default (fast) transform reads the encoded
+# file and decodes it at the scale each crop needs, so it never holds more than that.
 TRAIN_MAX_SIDE = 1000
 
 
 def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None, VOCDetection]:
-    """The training set (augmented, difficult objects dropped by default) and the test set.
-    ValueError when the training set holds no object to learn from, or the test set none to
-    score (both checked before any training)."""
+    """The training set (augmented, difficult objects dropped by default) and the test set,
+    VOC or COCO format per ``cfg.data_format`` (``ssd_da.data.coco.CocoDetection`` shares
+    VOCDetection's items and annotations). ValueError when the training set holds no object to
+    learn from, or the test set none to score (both checked before any training)."""
+    if cfg.data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format {cfg.data_format!r} is not one of: {', '.join(DATA_FORMATS)}")
+    dataset_class = CocoDetection if cfg.data_format == "coco" else VOCDetection
     names = class_names_from_config(cfg)
     train_set = None
     if train:
-        train_set = VOCDetection(cfg.data_root, cfg.train_split, class_names=names,
-                                 transform=build_train_transform(IMAGE_SIZE),
-                                 keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad,
-                                 ignore_other_classes=cfg.ignore_other_classes,
-                                 max_side=TRAIN_MAX_SIDE)
+        train_set = dataset_class(cfg.data_root, cfg.train_split, class_names=names,
+                                  transform=build_train_transform(IMAGE_SIZE),
+                                  keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad,
+                                  ignore_other_classes=cfg.ignore_other_classes,
+                                  max_side=TRAIN_MAX_SIDE)
         objects = sum(int(len(a.labels) if cfg.keep_difficult else (~a.difficult).sum())
                       for a in train_set.annotations)
         if objects == 0:
             raise ValueError(f"training split {cfg.train_split} ({cfg.data_root}) has no "
                              f"{'' if cfg.keep_difficult else 'non-difficult '}object of the "
                              f"classes {', '.join(names)}: there is nothing to learn")
-    test_set = VOCDetection(cfg.data_root, cfg.test_split, class_names=names,
-                            transform=build_eval_transform(IMAGE_SIZE),
-                            keep_difficult=True, skip_bad=cfg.skip_bad,
-                            ignore_other_classes=cfg.ignore_other_classes)
+    test_set = dataset_class(cfg.data_root, cfg.test_split, class_names=names,
+                             transform=build_eval_transform(IMAGE_SIZE),
+                             keep_difficult=True, skip_bad=cfg.skip_bad,
+                             ignore_other_classes=cfg.ignore_other_classes)
     if not any((~a.ground_truth()["difficult"]).any() for a in test_set.annotations):
         # VOC AP counts non-difficult objects only: without any, every AP and the mAP are
         # undefined, and a run would train to the end to report "nan".

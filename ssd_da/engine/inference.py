@@ -12,6 +12,7 @@ from tqdm import tqdm
 from ssd_da.data.transforms import preprocess
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.data import build_eval_loader
+from ssd_da.evaluation.coco import coco_metrics_on_gt, coco_results
 from ssd_da.evaluation.voc import VOCResult, evaluate_voc
 from ssd_da.utils.device import autocast_context
 
@@ -72,6 +73,23 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, class_names: Sequence[s
     gts = [a.ground_truth() if not isinstance(a, dict) else a for a in annotations]
     result = evaluate_voc(detections, gts, class_names, metric=metric)
     return result, detections, total_rate
+
+
+def coco_metrics_of(dataset: Any, detections: Sequence[dict[str, np.ndarray]]) -> dict[str, float] | None:
+    """The official COCO metrics (pycocotools, against the dataset's own JSON) of detections
+    aligned with a COCO-format dataset (``ssd_da.data.coco.CocoDetection``); None for others."""
+    if not hasattr(dataset, "coco"):
+        return None
+    results = coco_results(detections, dataset.coco_ids, dataset.cat_ids)
+    return coco_metrics_on_gt(dataset.coco, results, dataset.coco_ids, dataset.cat_ids)
+
+
+def format_coco(stats: dict[str, float]) -> str:
+    """'AP 41.20  AP50 60.10  AP75 ...  APs ...  APm ...  APl ...' in percent (pycocotools' six
+    AP figures)."""
+    names = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_small": "APs", "AP_medium": "APm",
+             "AP_large": "APl"}
+    return "  ".join(f"{short} {100 * stats[key]:.2f}" for key, short in names.items())
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.checkpoint import (check_resumable, restore_training_state, save_checkpoint,
                                       training_checkpoint)
 from ssd_da.engine.data import build_datasets, build_train_loader, class_names_from_config
-from ssd_da.engine.inference import evaluate_model
+from ssd_da.engine.inference import coco_metrics_of, evaluate_model, format_coco
 from ssd_da.engine.plots import plot_training_curves
 from ssd_da.engine.run_folder import (adopt_log, check_run_folder, clear_run,
                                       remove_stale_temporaries)
@@ -232,17 +232,22 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
         # rank 0's, i.e. with the model that best.pth stores.
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
-    result, _, rate = evaluate_model(model, test_set, class_names, device, cfg.eval_batch_size,
-                                     cfg.workers, cfg.amp, cfg.metric,
-                                     progress=dist_utils.is_main_process())
+    result, detections, rate = evaluate_model(model, test_set, class_names, device,
+                                              cfg.eval_batch_size, cfg.workers, cfg.amp,
+                                              cfg.metric, progress=dist_utils.is_main_process())
     model.train()
     state.evaluated_at, state.last_map = state.iteration, float(result.map)
+    final = state.iteration >= cfg.iters
+    # COCO-format data: the official COCO metrics too, once, at the end (pycocotools is slow).
+    coco = coco_metrics_of(test_set, detections) if final and dist_utils.is_main_process() else None
     log.write({"iter": state.iteration, "map": result.map, "ap": result.ap,
-               "eval_images_per_s": rate})
+               "eval_images_per_s": rate, **({"coco": coco} if coco else {})})
     if dist_utils.is_main_process():
         logger.info("iteration %d: %s mAP %.2f%%", state.iteration, cfg.metric, 100 * result.map)
-        if state.iteration >= cfg.iters:
+        if final:
             logger.info("final evaluation on %s:\n%s", cfg.test_split, result.table())
+        if coco:
+            logger.info("COCO metrics (pycocotools): %s", format_coco(coco))
         if result.map > state.best_map:
             state.best_map = float(result.map)
             save_checkpoint(training_checkpoint(state, cfg, class_names, resumable=False),

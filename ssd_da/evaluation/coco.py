@@ -1,10 +1,11 @@
-"""COCO-style AP@[.5:.95] and AP50 of a VOC detection set, through pycocotools.
+"""COCO-style AP@[.5:.95] and AP50 of a VOC detection set, through pycocotools; and the
+official COCO evaluation of a COCO-format dataset against its own JSON (``coco_metrics_on_gt``).
 
 An extra to the paper's VOC07 metric (section III reports only VOC 11-point mAP). The COCO
 objects are built in memory (no temporary files, no rounding through text) and pycocotools'
 printing is suppressed.
 
-Conventions, which make these numbers NOT comparable to :mod:`ssd_da.evaluation.voc`:
+Conventions of ``coco_metrics`` (VOC data), which make these numbers NOT comparable to :mod:`ssd_da.evaluation.voc`:
 * pycocotools uses continuous coordinates: boxes are converted from xyxy to xywh with
   ``w = x2 - x1`` (no +1), and IoU and ``area`` are computed from those.
 * Difficult ground truths become ``iscrowd=1``. That is the only ignore mechanism COCOeval
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -114,7 +117,54 @@ def coco_metrics(detections: Sequence[Mapping], annotations: Sequence[Mapping],
     coco_gt = _coco(images, categories, gt_anns)
     # Built like COCO.loadRes would, without its crash on an empty result list.
     coco_dt = _coco(images, categories, dt_anns)
+    return _run_cocoeval(coco_gt, coco_dt)
+
+
+def coco_results(detections: Sequence[Mapping], image_ids: Sequence[int],
+                 cat_ids: Sequence[int]) -> list[dict]:
+    """Detections as a COCO results list ``[{"image_id", "category_id", "bbox": [x, y, w, h],
+    "score"}]``, the format COCO's evaluation server and ``COCO.loadRes`` take.
+
+    Args:
+        detections: one dict per image: ``boxes`` (K, 4) xyxy pixels, ``scores`` (K,),
+            ``labels`` (K,) int in 1..C.
+        image_ids: the COCO image id of each entry of ``detections``.
+        cat_ids: the category id of label k + 1 at position k.
+    """
+    if len(detections) != len(image_ids):
+        raise ValueError(f"{len(detections)} detection entries but {len(image_ids)} image ids")
+    out = []
+    for image_id, det in zip(image_ids, detections):
+        for box, score, label in zip(_xywh(det["boxes"]).tolist(), np.asarray(det["scores"]).tolist(),
+                                     np.asarray(det["labels"]).tolist()):
+            out.append({"image_id": image_id, "category_id": cat_ids[int(label) - 1],
+                        "bbox": box, "score": float(score)})
+    return out
+
+
+def coco_metrics_on_gt(coco_gt, results: Sequence[Mapping], image_ids: Sequence[int],
+                       cat_ids: Sequence[int]) -> dict[str, float]:
+    """COCO box metrics of a results list (:func:`coco_results`) against a dataset's own
+    pycocotools ground truth, restricted to ``image_ids`` and ``cat_ids``: the official COCO
+    evaluation (crowd regions, the JSON's ``area`` for the size ranges). Returns the names of
+    ``STAT_NAMES``, in [0, 1], nan where pycocotools reports -1."""
+    images = [coco_gt.imgs[i] for i in image_ids]
+    categories = list(coco_gt.dataset["categories"])
+    anns = []
+    for k, rec in enumerate(results, start=1):  # as COCO.loadRes builds them, empty lists too
+        w, h = rec["bbox"][2], rec["bbox"][3]
+        anns.append({**rec, "id": k, "area": w * h, "iscrowd": 0})
+    coco_dt = _coco(images, categories, anns)
+    return _run_cocoeval(coco_gt, coco_dt, image_ids, cat_ids)
+
+
+def _run_cocoeval(coco_gt, coco_dt, image_ids: Sequence[int] | None = None,
+                  cat_ids: Sequence[int] | None = None) -> dict[str, float]:
     evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    if image_ids is not None:
+        evaluator.params.imgIds = list(image_ids)
+    if cat_ids is not None:
+        evaluator.params.catIds = list(cat_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
@@ -127,3 +177,46 @@ def coco_metrics(detections: Sequence[Mapping], annotations: Sequence[Mapping],
         logger.warning("pycocotools could not compute %s (nothing to average); reported as nan",
                        ", ".join(undefined))
     return stats
+
+
+def load_coco_results(path: str | Path, image_ids: Sequence[int], cat_ids: Sequence[int]
+                      ) -> list[dict[str, np.ndarray]]:
+    """Read a COCO results file (the format of :func:`coco_results`) into one dict per entry
+    of ``image_ids``: ``boxes`` (K, 4) float64 xyxy ``[x, y, x + w, y + h]``, ``scores`` (K,),
+    ``labels`` (K,) int64 in 1..C (label k + 1 for ``cat_ids[k]``).
+
+    Raises:
+        ValueError: unreadable file or a bad record (named by its index), an image id not in
+            ``image_ids`` or a category id not in ``cat_ids``.
+    """
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read detections: {exc}") from exc
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of COCO results")
+    index = {img: i for i, img in enumerate(image_ids)}
+    label_of = {cat: k + 1 for k, cat in enumerate(cat_ids)}
+    rows: list[list[tuple]] = [[] for _ in image_ids]
+    for n, rec in enumerate(records):
+        where = f"{path}: result #{n}"
+        if not isinstance(rec, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(rec):
+            raise ValueError(f"{where} must have image_id, category_id, bbox and score; got {rec!r}")
+        if rec["image_id"] not in index:
+            raise ValueError(f"{where}: image_id {rec['image_id']!r} is not an image of the split")
+        if rec["category_id"] not in label_of:
+            raise ValueError(f"{where}: category_id {rec['category_id']!r} is not one of {list(cat_ids)}")
+        box, score = rec["bbox"], rec["score"]
+        numbers = [*box, score] if isinstance(box, list) and len(box) == 4 else []
+        if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  and math.isfinite(v) for v in numbers) or box[2] < 0 or box[3] < 0:
+            raise ValueError(f"{where}: bbox must be [x, y, w, h] with w, h >= 0 and score a "
+                             f"finite number; got bbox {box!r}, score {score!r}")
+        x, y, w, h = (float(v) for v in box)
+        rows[index[rec["image_id"]]].append((x, y, x + w, y + h, float(score), label_of[rec["category_id"]]))
+    out = []
+    for dets in rows:
+        arr = np.asarray(dets, dtype=np.float64).reshape(-1, 6)
+        out.append({"boxes": arr[:, :4], "scores": arr[:, 4], "labels": arr[:, 5].astype(np.int64)})
+    return out

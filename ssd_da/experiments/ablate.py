@@ -343,7 +343,8 @@ def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int],
         pretrained += f" asked, backbone weights used: {used}"
     return [f"- {len(backbones)} backbone(s) x {len(seeds)} seed(s) {list(seeds)}; "
             f"{base.iters} iterations, batch {base.batch_size}, lr {base.lr}, {pretrained}.",
-            f"- Data: train {base.train_split}, test {base.test_split} under {base.data_root}; "
+            f"- Data: train {base.train_split}, test {base.test_split} under {base.data_root}"
+            f"{' (COCO format)' if base.data_format == 'coco' else ''}; "
             f"metric {base.metric} mAP at the last iteration (not the best one, which would "
             f"be picked on the test set)."]
 

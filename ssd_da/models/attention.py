@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ssd_da.models.attention_extra import MultiHeadSelfAttention, ShuffleAttention
+from ssd_da.models.attention_ops import masked_product, scaled_amax, scaled_mean
 from ssd_da.models.lga import GlobalAttention, LocalAttention, LocalGlobalAttention
 
 __all__ = [
@@ -66,7 +67,10 @@ class _SpatialMask(nn.Module):
         self.fuse = nn.Conv2d(2, 1, kernel_size=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        m = x.mean(dim=1, keepdim=True)
+        return self.from_mean(x.mean(dim=1, keepdim=True))
+
+    def from_mean(self, m: Tensor) -> Tensor:
+        """The mask from the channel mean ``m`` (B, 1, H, W)."""
         both = torch.cat([self.conv(m), self.conv_dilated(m)], dim=1)
         return torch.sigmoid(self.fuse(both))
 
@@ -89,7 +93,10 @@ class _ChannelMask(nn.Module):
             self.shift = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled = x.mean(dim=(2, 3), keepdim=True)
+        return self.from_pooled(x.mean(dim=(2, 3), keepdim=True))
+
+    def from_pooled(self, pooled: Tensor) -> Tensor:
+        """The mask from the spatial mean ``pooled`` (B, C, 1, 1)."""
         if self.affine:
             pooled = pooled * self.scale + self.shift
         return torch.sigmoid(pooled)
@@ -109,11 +116,15 @@ class DualAttention(nn.Module):
         channels: C; DA's parameter count does not depend on it (20 per block, 0 for ``"c"``).
         order: one of ``"sc"``, ``"cs"``, ``"parallel"``, ``"s"``, ``"c"``.
         channel_affine: add the 2-parameter scale/shift before the channel sigmoid (ablation).
+        memory_efficient: compute the same function with ``attention_ops``, which keep only
+            ``x`` and the masks for backward (one tensor of the block output's size instead of
+            two); False runs the plain formulas above (the reference the tests compare with).
     """
 
     ORDERS = ("c", "cs", "parallel", "s", "sc")
 
-    def __init__(self, channels: int, order: str = "sc", channel_affine: bool = False) -> None:
+    def __init__(self, channels: int, order: str = "sc", channel_affine: bool = False,
+                 memory_efficient: bool = True) -> None:
         super().__init__()
         _check_channels(channels, "DualAttention")
         if order not in self.ORDERS:
@@ -121,10 +132,13 @@ class DualAttention(nn.Module):
         if order == "s" and channel_affine:
             raise ValueError("DualAttention: channel_affine needs a channel branch (order != 's')")
         self.order = order
+        self.memory_efficient = bool(memory_efficient)
         self.spatial = _SpatialMask() if order != "c" else None
         self.channel = _ChannelMask(channel_affine) if order != "s" else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient:
+            return self._forward_efficient(x)
         if self.order == "sc":
             x = x * self.spatial(x)
             return x * self.channel(x)
@@ -137,33 +151,50 @@ class DualAttention(nn.Module):
             return x * self.spatial(x)
         return x * self.channel(x)
 
+    def _forward_efficient(self, x: Tensor) -> Tensor:
+        """The same masks and product; reductions of masked x go through scaled_mean."""
+        s = c = None
+        if self.order == "sc":
+            s = self.spatial.from_mean(x.mean(dim=1, keepdim=True))
+            c = self.channel.from_pooled(scaled_mean(x, s, (2, 3)))  # GAP of x * s
+        elif self.order == "cs":
+            c = self.channel.from_pooled(x.mean(dim=(2, 3), keepdim=True))
+            s = self.spatial.from_mean(scaled_mean(x, c, (1,)))  # channel mean of x * c
+        else:  # parallel, s, c: both masks from x itself
+            s = self.spatial.from_mean(x.mean(dim=1, keepdim=True)) if self.spatial is not None else None
+            c = self.channel.from_pooled(x.mean(dim=(2, 3), keepdim=True)) if self.channel is not None else None
+        return masked_product(x, s, c)
+
 
 class DualAttentionCS(DualAttention):
     """DA, channel first then spatial (DA paper Table I, 76.8 mAP); see :class:`DualAttention`."""
 
-    def __init__(self, channels: int, channel_affine: bool = False) -> None:
-        super().__init__(channels, order="cs", channel_affine=channel_affine)
+    def __init__(self, channels: int, channel_affine: bool = False, memory_efficient: bool = True) -> None:
+        super().__init__(channels, order="cs", channel_affine=channel_affine,
+                         memory_efficient=memory_efficient)
 
 
 class DualAttentionParallel(DualAttention):
     """DA with both masks from the same input, ``x * ms * mc`` (DA paper Table I, 76.6 mAP)."""
 
-    def __init__(self, channels: int, channel_affine: bool = False) -> None:
-        super().__init__(channels, order="parallel", channel_affine=channel_affine)
+    def __init__(self, channels: int, channel_affine: bool = False, memory_efficient: bool = True) -> None:
+        super().__init__(channels, order="parallel", channel_affine=channel_affine,
+                         memory_efficient=memory_efficient)
 
 
 class DualAttentionSpatial(DualAttention):
     """DA's spatial branch alone (DA paper section II.A): 20 parameters."""
 
-    def __init__(self, channels: int) -> None:
-        super().__init__(channels, order="s")
+    def __init__(self, channels: int, memory_efficient: bool = True) -> None:
+        super().__init__(channels, order="s", memory_efficient=memory_efficient)
 
 
 class DualAttentionChannel(DualAttention):
     """DA's channel branch alone (DA paper section II.B): parameter-free by default."""
 
-    def __init__(self, channels: int, channel_affine: bool = False) -> None:
-        super().__init__(channels, order="c", channel_affine=channel_affine)
+    def __init__(self, channels: int, channel_affine: bool = False, memory_efficient: bool = True) -> None:
+        super().__init__(channels, order="c", channel_affine=channel_affine,
+                         memory_efficient=memory_efficient)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,9 +319,12 @@ class CBAM(nn.Module):
         channels: C.
         reduction: MLP ratio r (16 in CBAM).
         kernel_size: odd spatial kernel size (7 in CBAM).
+        memory_efficient: keep only x and the masks for backward (``attention_ops``) rather
+            than x and the channel-gated x; False runs the plain formulas.
     """
 
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7) -> None:
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7,
+                 memory_efficient: bool = True) -> None:
         super().__init__()
         _check_channels(channels, "CBAM")
         _check_positive_int(reduction, "reduction", "CBAM")
@@ -302,11 +336,16 @@ class CBAM(nn.Module):
                                  nn.Linear(hidden, channels))
         self.spatial_conv = nn.Conv2d(2, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
         self.spatial_bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
+        self.memory_efficient = bool(memory_efficient)
 
     def forward(self, x: Tensor) -> Tensor:
         avg = self.mlp(x.mean(dim=(2, 3)))
         mx = self.mlp(x.amax(dim=(2, 3)))
-        x = x * torch.sigmoid(avg + mx)[:, :, None, None]
+        gate = torch.sigmoid(avg + mx)[:, :, None, None]
+        if self.memory_efficient:  # pool x * gate without keeping it
+            pooled = torch.cat([scaled_amax(x, gate, 1), scaled_mean(x, gate, (1,))], dim=1)
+            return masked_product(x, torch.sigmoid(self.spatial_bn(self.spatial_conv(pooled))), gate)
+        x = x * gate
         pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.spatial_bn(self.spatial_conv(pooled)))
 

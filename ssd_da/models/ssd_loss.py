@@ -31,7 +31,10 @@ def check_targets(targets: list[dict[str, Tensor]], num_classes: int, batch_size
     """Raise ``ValueError`` naming the image index and field for malformed training targets.
 
     Each target needs ``boxes`` (N, 4) float xyxy with x2 > x1 and y2 > y1 (finite), and
-    ``labels`` (N,) int64 in 1..num_classes-1 (0 is background). N may be 0.
+    ``labels`` (N,) int64 in 1..num_classes-1 (0 is background). N may be 0. Shapes and dtypes
+    are always checked; values only for targets on the CPU, since reading values on a GPU
+    would make every training step wait for the device (the trainer hands the loader's CPU
+    targets to the model, so its batches are checked in full).
     """
     if len(targets) != batch_size:
         raise ValueError(f"targets: got {len(targets)} dicts for a batch of {batch_size} images")
@@ -45,7 +48,7 @@ def check_targets(targets: list[dict[str, Tensor]], num_classes: int, batch_size
         if labels.shape != (boxes.shape[0],) or labels.dtype != torch.int64:
             raise ValueError(f"targets[{i}]['labels']: expected int64 ({boxes.shape[0]},), got "
                              f"{tuple(labels.shape)} {labels.dtype}")
-        if boxes.numel() == 0:
+        if boxes.numel() == 0 or boxes.device.type != "cpu" or labels.device.type != "cpu":
             continue
         if not torch.isfinite(boxes).all() or (boxes[:, 2:] <= boxes[:, :2]).any():
             raise ValueError(f"targets[{i}]['boxes']: every box must be finite xyxy with x2 > x1 "
@@ -57,21 +60,25 @@ def check_targets(targets: list[dict[str, Tensor]], num_classes: int, batch_size
 
 def pad_targets(targets: list[dict[str, Tensor]],
                 device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack variable-length targets into padded tensors.
+    """Stack variable-length targets into padded tensors on ``device``.
 
-    Returns ``boxes`` (B, M, 4) xyxy, ``labels`` (B, M) int64 and ``valid`` (B, M) bool, with
-    M = max(1, max N_i) so that images without objects (and all-empty batches) need no special case.
-    Padded rows are zero boxes with label 0 and ``valid`` False.
+    Returns ``boxes`` (B, M, 4) float32 xyxy, ``labels`` (B, M) int64 and ``valid`` (B, M) bool,
+    with M = max(1, max N_i) so that images without objects (and all-empty batches) need no
+    special case. Padded rows are zero boxes with label 0 and ``valid`` False. Sizes come from
+    shapes and rows are copied by slices, so nothing waits for the device; CPU targets are
+    padded on the CPU and copied once (without blocking) to ``device``.
     """
-    counts = torch.tensor([t["boxes"].shape[0] for t in targets], device=device)
-    num_max = max(1, int(counts.max())) if len(targets) else 1
-    valid = torch.arange(num_max, device=device)[None, :] < counts[:, None]
-    boxes = torch.zeros(len(targets), num_max, 4, device=device)
-    labels = torch.zeros(len(targets), num_max, dtype=torch.int64, device=device)
-    # Boolean-mask assignment fills row-major, i.e. image by image in target order.
-    boxes[valid] = torch.cat([t["boxes"].to(device, torch.float32) for t in targets])
-    labels[valid] = torch.cat([t["labels"].to(device) for t in targets])
-    return boxes, labels, valid
+    counts = [int(t["boxes"].shape[0]) for t in targets]
+    num_max = max([1] + counts)
+    source = targets[0]["boxes"].device if targets else torch.device("cpu")
+    boxes = torch.zeros(len(targets), num_max, 4, device=source)
+    labels = torch.zeros(len(targets), num_max, dtype=torch.int64, device=source)
+    for i, (target, count) in enumerate(zip(targets, counts)):
+        if count:
+            boxes[i, :count] = target["boxes"]
+            labels[i, :count] = target["labels"]
+    valid = torch.arange(num_max)[None, :] < torch.tensor(counts, dtype=torch.int64).reshape(-1, 1)
+    return tuple(t.to(device, non_blocking=True) for t in (boxes, labels, valid))  # type: ignore[return-value]
 
 
 def match_default_boxes(gt_boxes: Tensor, gt_valid: Tensor, default_boxes: Tensor,
@@ -138,20 +145,27 @@ def ssd_loss(cls_logits: Tensor, bbox_regression: Tensor, targets: list[dict[str
     cls_targets = torch.where(positive, gt_labels.gather(1, safe), torch.zeros_like(safe))
     num_pos = positive.sum()
 
-    # Localisation: only positives; ground truth per positive via its matched index.
-    matched_boxes = gt_boxes.gather(1, safe[:, :, None].expand(-1, -1, 4))[positive]
-    anchors = default_boxes[None].expand(positive.shape[0], -1, -1)[positive]
-    reg_targets = box_coder.encode_single(matched_boxes, anchors)
-    bbox_loss = F.smooth_l1_loss(bbox_regression[positive], reg_targets, reduction="sum")
+    # Localisation of the positives. Every default box is encoded and the sum masked, rather
+    # than indexing the positives out: a boolean index needs their number on the host, i.e. a
+    # device sync every step. Non-positives get their own default box as target (offset 0),
+    # so every target is finite.
+    anchors = default_boxes[None].expand(positive.shape[0], -1, -1)
+    matched_boxes = gt_boxes.gather(1, safe[:, :, None].expand(-1, -1, 4))
+    matched_boxes = torch.where(positive[:, :, None], matched_boxes, anchors)
+    reg_targets = box_coder.encode_single(matched_boxes.reshape(-1, 4), anchors.reshape(-1, 4))
+    box_losses = F.smooth_l1_loss(bbox_regression, reg_targets.view_as(bbox_regression),
+                                  reduction="none").sum(dim=-1)
+    bbox_loss = torch.where(positive, box_losses, torch.zeros_like(box_losses)).sum()
 
     num_classes = cls_logits.shape[-1]
     cls_loss = F.cross_entropy(cls_logits.reshape(-1, num_classes), cls_targets.reshape(-1),
                                reduction="none").view_as(cls_targets)
     negative = _hard_negatives(cls_loss.detach(), positive, neg_to_pos_ratio)
     normaliser = num_pos.clamp(min=1).to(cls_loss.dtype)
+    kept = torch.where(positive | negative, cls_loss, torch.zeros_like(cls_loss))
     return {
         "bbox_regression": bbox_loss / normaliser,
-        "classification": cls_loss[positive | negative].sum() / normaliser,
+        "classification": kept.sum() / normaliser,
     }
 
 

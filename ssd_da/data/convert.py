@@ -1,0 +1,179 @@
+"""Convert detection datasets between a VOCdevkit folder and the COCO layout
+(``DIR/annotations/instances_<split>.json``, images in ``DIR/<split>/``), both ways.
+
+Coordinates: a VOC box (``xmin, ymin, xmax, ymax``, 1-based as written in the XML) becomes the
+COCO ``bbox`` ``[xmin - 1, ymin - 1, xmax - xmin, ymax - ymin]`` and back, so a round trip gives
+the XML's numbers again, and both formats give ssd_da the same boxes (xyxy ``XML - 1``, see
+``ssd_da.data.voc`` and ``ssd_da.data.coco``). VOC's ``difficult`` becomes COCO's ``iscrowd``
+(the one ignore flag COCO tools honour: such objects are neither trained on nor counted as
+misses) and back. A VOC box with xmax < xmin has no COCO form: it is left out with a warning.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from ssd_da.data.coco import coco_paths, load_coco_json
+from ssd_da.data.voc import SPLITS, VOC_CLASSES, AnnotationError, find_image, resolve_split
+
+logger = logging.getLogger(__name__)
+
+
+def _num(value: float) -> int | float:
+    """An int when the value is integral (tidy files), else the float itself."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _read_voc_xml(xml_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``({"filename", "width", "height"}, [{"name", "difficult", "box": [xmin, ymin, xmax,
+    ymax]}])`` of a VOC XML file, numbers as written (top-level objects only)."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as err:
+        raise AnnotationError(f"{xml_path}: cannot read ({err})") from None
+    size = root.find("size")
+    try:
+        meta = {"filename": (root.findtext("filename") or "").strip(),
+                "width": int(float(size.findtext("width"))) if size is not None else 0,
+                "height": int(float(size.findtext("height"))) if size is not None else 0}
+        objects = []
+        for obj in root.findall("object"):
+            box = obj.find("bndbox")
+            objects.append({"name": (obj.findtext("name") or "").strip(),
+                            "difficult": bool(int(float(obj.findtext("difficult") or 0))),
+                            "box": [float(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")]})
+    except (AttributeError, TypeError, ValueError) as err:
+        raise AnnotationError(f"{xml_path}: missing or non-numeric size or bndbox ({err})") from None
+    return meta, objects
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    """Copy ``src`` to ``dst`` (a hard link when ``link`` and the file system allows it)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists():
+        dst.unlink()
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
+def voc_split_to_coco(voc_root: str | Path, split: str, class_names: Sequence[str],
+                      coco_root: str | Path, link: bool = False) -> dict[str, int]:
+    """Write ``coco_root/annotations/instances_<split>.json`` and ``coco_root/<split>/`` from
+    a VOC split (e.g. ``voc07_trainval``); category k + 1 is ``class_names[k]``. Objects of other
+    classes are left out with a warning. Returns counts of images and objects."""
+    coco_root = Path(coco_root)
+    cat_of = {name: k + 1 for k, name in enumerate(class_names)}
+    images, anns, placed = [], [], {}
+    other = 0
+    for year_dir, image_id in resolve_split(voc_root, split):
+        xml_path = Path(year_dir) / "Annotations" / f"{image_id}.xml"
+        meta, objects = _read_voc_xml(xml_path)
+        image_path = find_image(year_dir, image_id, meta["filename"])
+        if image_path is None:
+            raise FileNotFoundError(f"image for {xml_path} not found in {Path(year_dir) / 'JPEGImages'}")
+        if image_path.name in placed:
+            raise ValueError(f"{image_path} and {placed[image_path.name]} would share the file name "
+                             f"{image_path.name} in {coco_root / split}")
+        placed[image_path.name] = image_path
+        if meta["width"] <= 0 or meta["height"] <= 0:
+            with Image.open(image_path) as img:
+                meta["width"], meta["height"] = img.size
+        images.append({"id": len(images) + 1, "file_name": image_path.name,
+                       "width": meta["width"], "height": meta["height"]})
+        _place(image_path, coco_root / split / image_path.name, link)
+        for obj in objects:
+            if obj["name"] not in cat_of:
+                other += 1
+                continue
+            x1, y1, x2, y2 = obj["box"]
+            if x2 < x1 or y2 < y1:
+                logger.warning("%s: inverted box %s (%s) has no COCO form; left out",
+                               xml_path, obj["box"], obj["name"])
+                continue
+            bbox = [_num(x1 - 1), _num(y1 - 1), _num(x2 - x1), _num(y2 - y1)]
+            anns.append({"id": len(anns) + 1, "image_id": images[-1]["id"],
+                         "category_id": cat_of[obj["name"]], "bbox": bbox,
+                         "area": _num(bbox[2] * bbox[3]), "iscrowd": int(obj["difficult"])})
+    if other:
+        logger.warning("%s: %d objects of classes not in %s left out", split, other, list(class_names))
+    data = {"info": {"description": f"{split} of {voc_root}, converted by ssd_da"},
+            "images": images, "annotations": anns,
+            "categories": [{"id": k, "name": n, "supercategory": "none"} for n, k in cat_of.items()]}
+    out = coco_root / "annotations" / f"instances_{split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data))
+    return {"images": len(images), "objects": len(anns)}
+
+
+def voc_class_names(voc_root: str | Path, splits: Sequence[str]) -> list[str]:
+    """The object names in the splits' XML files: VOC's 20 in their usual order when all names
+    are VOC classes, else the names found, sorted."""
+    names: set[str] = set()
+    for split in splits:
+        for year_dir, image_id in resolve_split(voc_root, split):
+            _, objects = _read_voc_xml(Path(year_dir) / "Annotations" / f"{image_id}.xml")
+            names.update(o["name"] for o in objects)
+    return list(VOC_CLASSES) if names <= set(VOC_CLASSES) else sorted(names)
+
+
+def _voc_xml(filename: str, width: int, height: int, objects: list[tuple[str, list, bool]]) -> str:
+    parts = [f"<annotation><folder>JPEGImages</folder><filename>{escape(filename)}</filename>",
+             f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
+    for name, box, difficult in objects:
+        coords = "".join(f"<{t}>{_num(v)}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box))
+        parts.append(f"<object><name>{escape(name)}</name><difficult>{int(difficult)}</difficult>"
+                     f"<bndbox>{coords}</bndbox></object>")
+    parts.append("</annotation>\n")
+    return "\n".join(parts)
+
+
+def coco_split_to_voc(coco_root: str | Path, split: str, voc_root: str | Path,
+                      year: str = "2007", link: bool = False) -> dict[str, int]:
+    """Write a COCO split into ``voc_root``: ``VOC<year>/{Annotations,JPEGImages}`` and
+    ``ImageSets/Main/<split>.txt``; a split named like a VOC split (``voc07_test``) goes to
+    that split's folder and set file instead. Image ids are the file names without extension;
+    ``iscrowd`` becomes ``difficult``. Returns counts of images and objects."""
+    json_path, image_dir = coco_paths(coco_root, split)
+    coco = load_coco_json(json_path)
+    year_name, set_name = SPLITS.get(split, (f"VOC{year}", split))
+    year_dir = Path(voc_root) / year_name
+    (year_dir / "Annotations").mkdir(parents=True, exist_ok=True)
+    ids, seen = [], {}
+    count = 0
+    for record in coco.dataset["images"]:
+        src = image_dir / record["file_name"]
+        if not src.is_file():
+            raise FileNotFoundError(f"image {src} (id {record['id']}, listed in {json_path}) not found")
+        stem = Path(record["file_name"]).stem
+        if stem in seen:
+            raise ValueError(f"{json_path}: images {seen[stem]} and {record['file_name']} would share "
+                             f"the VOC image id {stem}")
+        seen[stem] = record["file_name"]
+        objects = []
+        for ann in coco.imgToAnns.get(record["id"], []):
+            x, y, w, h = ann["bbox"]
+            objects.append((coco.cats[ann["category_id"]]["name"], [x + 1, y + 1, x + w + 1, y + h + 1],
+                            bool(ann.get("iscrowd", 0))))
+        name = stem + Path(record["file_name"]).suffix
+        (year_dir / "Annotations" / f"{stem}.xml").write_text(
+            _voc_xml(name, record.get("width", 0), record.get("height", 0), objects))
+        _place(src, year_dir / "JPEGImages" / name, link)
+        ids.append(stem)
+        count += len(objects)
+    set_file = year_dir / "ImageSets" / "Main" / f"{set_name}.txt"
+    set_file.parent.mkdir(parents=True, exist_ok=True)
+    set_file.write_text("".join(i + "\n" for i in ids))
+    return {"images": len(ids), "objects": count}
