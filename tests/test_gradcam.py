@@ -1,10 +1,13 @@
 """Grad-CAM of SSD300 detections (ssd_da/visualize/cam.py) and tools/gradcam.py, on CPU.
 
-A resnet18-SSD300 is trained briefly on a fixed batch of two synthetic images (a red square,
-class 1, and a blue disc, class 2, on noise). To stay within seconds the stem..layer3 keep their
-random weights and their outputs are computed once; layer4 (the Grad-CAM layer), the extra
-blocks and the head are trained, 80 Adam steps. Objects are ~140 px so that their default boxes
-lie on the 10x10 (layer4) and smaller maps, which depend on layer4.
+The tests whose values need a detector that finds the objects (marked slow) use a
+resnet18-SSD300 trained briefly on a fixed batch of two synthetic images (a red square, class 1,
+and a blue disc, class 2, on noise). To stay within seconds the stem..layer3 keep their random
+weights and their outputs are computed once; layer4 (the Grad-CAM layer), the extra blocks and
+the head are trained, 80 Adam steps. Objects are ~140 px so that their default boxes lie on the
+10x10 (layer4) and smaller maps, which depend on layer4. The other tests (targets resolved from
+the model's own detections, layer paths, the command line) hold for any weights and use an
+untrained detector.
 """
 from __future__ import annotations
 
@@ -72,19 +75,37 @@ def train_detector(images: list[np.ndarray], steps: int) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(model, checkpoint path, images, image paths) shared by this module."""
-    folder = tmp_path_factory.mktemp("gradcam")
+def _scene_files(folder: Path) -> tuple[list[np.ndarray], list[Path]]:
     images = [make_scene(objs, seed) for seed, objs in enumerate(SCENES)]
-    model = train_detector(images, TRAIN_STEPS)
-    ckpt = folder / "resnet18.pth"
-    save_checkpoint({"model": model.state_dict(), "backbone": "resnet18", "class_names": CLASSES,
-                     "config": {"backbone": "resnet18"}, "iteration": TRAIN_STEPS}, ckpt)
     paths = []
     for i, image in enumerate(images):
         paths.append(folder / f"scene{i}.png")
         Image.fromarray(image).save(paths[-1])
+    return images, paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model, checkpoint path, images, image paths): the detector trained on the scenes, for
+    the tests whose expected values need a detector that finds the objects (marked slow)."""
+    folder = tmp_path_factory.mktemp("gradcam")
+    images, paths = _scene_files(folder)
+    model = train_detector(images, TRAIN_STEPS)
+    ckpt = folder / "resnet18.pth"
+    save_checkpoint({"model": model.state_dict(), "backbone": "resnet18", "class_names": CLASSES,
+                     "config": {"backbone": "resnet18"}, "iteration": TRAIN_STEPS}, ckpt)
+    return model, ckpt, images, paths
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory, untrained_checkpoint):
+    """(model, checkpoint path, images, image paths) as ``trained`` but freshly initialised:
+    for the plumbing (targets resolved from its own detections, layers, the CLI), which holds
+    for any weights."""
+    images, paths = _scene_files(tmp_path_factory.mktemp("gradcam_untrained"))
+    ckpt = untrained_checkpoint("resnet18", CLASSES, 2)
+    torch.manual_seed(2)  # the same weights as the checkpoint, built here independently
+    model = build_ssd("resnet18", num_classes=len(CLASSES) + 1).eval()
     return model, ckpt, images, paths
 
 
@@ -99,6 +120,7 @@ def box_mean(cam: np.ndarray, box) -> float:
     return float(cam[y1:y2, x1:x2].mean())
 
 
+@pytest.mark.slow  # needs the detector trained by the fixture
 def test_detector_learned_the_scenes(trained):
     model, _, images, _ = trained
     for image, objects in zip(images, SCENES):
@@ -110,6 +132,7 @@ def test_detector_learned_the_scenes(trained):
             assert np.abs(best - np.array(box)).max() < 30  # pixels, on ~140 px objects
 
 
+@pytest.mark.slow  # needs the detector trained by the fixture
 def test_cam_size_range_and_class_dependence(trained):
     """At the original (non-square) size, in [0, 1], not constant, different per class, and
     each class's map puts more mass on its own object than on the other one."""
@@ -131,8 +154,8 @@ def test_cam_size_range_and_class_dependence(trained):
     assert np.abs(cams[1] - cams[2]).mean() > 0.05
 
 
-def test_top_target_is_the_first_detection(trained):
-    model, _, images, _ = trained
+def test_top_target_is_the_first_detection(untrained):
+    model, _, images, _ = untrained
     result = explain(model, images[1], CamTarget("top"), class_names=CLASSES)
     det, target = result.detections, result.target
     assert target.anchors.shape == (1,)
@@ -149,6 +172,7 @@ def test_top_target_is_the_first_detection(trained):
                                atol=1e-6)
 
 
+@pytest.mark.slow  # needs the detector trained by the fixture
 def test_box_target_and_fallback(trained):
     model, _, images, _ = trained
     disc = SCENES[0][1][1:]
@@ -160,6 +184,7 @@ def test_box_target_and_fallback(trained):
     assert "default box IoU" in corner.target.description
 
 
+@pytest.mark.slow  # needs the detector trained by the fixture
 def test_other_methods_and_layers(trained):
     model, _, images, _ = trained
     for method, layer in (("eigencam", None), ("gradcam++", "backbone.layer3.1")):
@@ -171,8 +196,8 @@ def test_other_methods_and_layers(trained):
     assert set(METHODS) == {"gradcam", "gradcam++", "eigencam"}
 
 
-def test_layer_paths(trained):
-    model = trained[0]
+def test_layer_paths(untrained):
+    model = untrained[0]
     assert default_layer(model) == "backbone.layer4.1"  # resnet18: two blocks per stage
     assert resolve_layer(model, "backbone.layer4.1") is model.backbone.layer4[1]
     assert block_paths(model) == [f"backbone.layer{i}.{j}" for i in range(1, 5) for j in range(2)]
@@ -193,8 +218,8 @@ def test_anchor_map_sizes_and_target_value_by_hand():
     assert float(value) == pytest.approx(np.log(1.5) + np.log(1 / 3), abs=1e-6)
 
 
-def test_cli_figure_for_two_checkpoints(trained, other_ckpt, tmp_path, monkeypatch):
-    _, ckpt, images, paths = trained
+def test_cli_figure_for_two_checkpoints(untrained, other_ckpt, tmp_path, monkeypatch):
+    _, ckpt, images, paths = untrained
     out = tmp_path / "fig.png"
     figures, real_save = [], gradcam_tool.save_figure
 
@@ -233,8 +258,8 @@ def run_cli(capsys, *argv: str) -> str:
     return capsys.readouterr().err
 
 
-def test_cli_errors(trained, other_ckpt, capsys):
-    _, ckpt, _, paths = trained
+def test_cli_errors(untrained, other_ckpt, capsys):
+    _, ckpt, _, paths = untrained
     img, ck = str(paths[0]), str(ckpt)
     err = run_cli(capsys, img, "--checkpoint", ck, "--layer", "backbone.layer5.0")
     assert "backbone.layer5.0" in err and "backbone.layer1.0" in err and "backbone.layer4.1" in err
@@ -248,17 +273,17 @@ def test_cli_errors(trained, other_ckpt, capsys):
     assert "--box" in err
 
 
-def test_cli_missing_image_exit_code(trained, tmp_path):
+def test_cli_missing_image_exit_code(untrained, tmp_path):
     missing = tmp_path / "nope.jpg"
     proc = subprocess.run([sys.executable, gradcam_tool.__file__, str(missing),
-                           "--checkpoint", str(trained[1])], capture_output=True, text=True)
+                           "--checkpoint", str(untrained[1])], capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"image {missing} does not exist" in proc.stderr
 
 
-def test_checkpoint_round_trip(trained):
-    """The CLI's models (load_detector) give the fixture model's detections."""
-    model, ckpt, images, _ = trained
+def test_checkpoint_round_trip(untrained):
+    """The CLI's models (load_detector) give the detections of the model the checkpoint holds."""
+    model, ckpt, images, _ = untrained
     loaded, state = load_detector(ckpt, "cpu")
     assert state["class_names"] == CLASSES
     a, b = predict_image(model, images[0]), predict_image(loaded, images[0])
