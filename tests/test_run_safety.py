@@ -168,6 +168,27 @@ def test_test_split_without_objects_fails_at_the_start(demo, tmp_path, capsys, c
     assert not out.exists()
 
 
+def test_closing_line_lists_only_written_files_and_no_nan(demo, tmp_path, capsys, caplog,
+                                                          monkeypatch):
+    """A run that never evaluated to a defined mAP (best stays at its -1 start) has no best.pth:
+    the closing line must neither list it nor print 'nan%' / '-100.00%'."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth").write_bytes(b"x")
+    (out / "log.jsonl").write_text("")
+    summary = {"backbone": "resnet18", "iterations": 2, "wall_time_s": 6.0, "metric": "voc07",
+               "final_map": float("nan"), "best_map": -1.0, "backbone_init": "none",
+               "peak_memory_mb": None, "world_size": 1, "global_batch_size": 2,
+               "output_dir": str(out), "skipped_samples": {"train": 0, "test": 0}}
+    monkeypatch.setattr(train_tool, "train", lambda *args, **kwargs: summary)
+    code, text = cli(base(demo, out), capsys, caplog)
+    assert code == 0
+    closing = text[text.index("done: "):]
+    assert "mAP final n/a, best n/a" in closing
+    assert f"outputs in {out}/ (last.pth, log.jsonl)" in closing
+    assert "nan" not in closing and "best.pth" not in closing
+
+
 def test_output_dir_that_is_a_file(demo, tmp_path, capsys, caplog):
     out = tmp_path / "file"
     out.write_text("not a folder")

@@ -318,6 +318,9 @@ def open_output(out_dir: Path, cfg: Config, resume: str | Path | None, overwrite
     """Rank 0 prepares the output folder once every check has passed: the earlier run deleted
     (``overwrite``), checkpoint temporaries of a killed write removed, the log of a run resumed
     from another folder carried over, ``config.yaml`` written."""
+    # Every rank has checked the folder before rank 0 changes it (a log carried over for a
+    # resume elsewhere would look like a run already there to a slower rank).
+    dist_utils.barrier()
     if dist_utils.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
         if overwrite:
