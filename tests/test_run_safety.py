@@ -184,7 +184,7 @@ def test_closing_line_lists_only_written_files_and_no_nan(demo, tmp_path, capsys
     code, text = cli(base(demo, out), capsys, caplog)
     assert code == 0
     closing = text[text.index("done: "):]
-    assert "mAP final n/a, best n/a" in closing
+    assert "mAP final n/a (last.pth: report this one), best n/a;" in closing
     assert f"outputs in {out}/ (last.pth, log.jsonl)" in closing
     assert "nan" not in closing and "best.pth" not in closing
 

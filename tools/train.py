@@ -2,7 +2,7 @@
 """Train SSD300 on PASCAL VOC (or any VOC-layout or COCO-format dataset) with an
 attention-ResNet backbone.
 
-    python tools/train.py --backbone da_resnet50                 # standard recipe, VOC07+12
+    python tools/train.py --backbone da_resnet50                 # ssd.pytorch VOC0712 recipe
     python tools/train.py --config configs/demo.yaml             # synthetic demo, CPU, minutes
     python tools/train.py --data-format coco --data-root data/coco --train-split train2017 \
         --test-split val2017                                     # COCO layout, its categories
@@ -89,7 +89,11 @@ def report(summary: dict, cfg: Config) -> str:
              if (out / n).exists()]
     return (f"\ndone: {summary['backbone']}, {summary['iterations']} iterations in "
             f"{summary['wall_time_s'] / 60:.1f} min; {summary['metric']} mAP final "
-            f"{_percent(summary['final_map'])}, best {_percent(summary['best_map'])}"
+            f"{_percent(summary['final_map'])}"
+            + (" (last.pth: report this one)" if "last.pth" in files else "")
+            + f", best {_percent(summary['best_map'])}"
+            + (f" (best.pth, selected on the test split {cfg.test_split})"
+               if "best.pth" in files else "")
             + f"; backbone init {summary['backbone_init']}"
             + (f"; peak GPU memory {summary['peak_memory_mb']:.0f} MiB"
                if summary["peak_memory_mb"] else "")
