@@ -131,8 +131,12 @@ def _check_saved_config(spec: RunSpec) -> None:
         return
     with open(path) as fh:
         saved = yaml.safe_load(fh) or {}
-    diffs = [f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in spec.cfg.to_dict().items()
-             if k not in RESULT_NEUTRAL_FIELDS and k in saved and saved[k] != v]
+    # A key missing from the saved file is a field added after that run (e.g. attention_init):
+    # the run had the field's default behaviour, so compare against the default.
+    defaults = Config().to_dict()
+    diffs = [f"{k}: saved {saved.get(k, defaults[k])!r}{'' if k in saved else ' (default)'}, "
+             f"now {v!r}" for k, v in spec.cfg.to_dict().items()
+             if k not in RESULT_NEUTRAL_FIELDS and saved.get(k, defaults[k]) != v]
     if diffs:
         raise ValueError(f"{path}: the existing run used other settings ({'; '.join(diffs)}); "
                          "use another --output-dir or remove that folder")
