@@ -2,6 +2,8 @@
 
     python tools/benchmark.py metric            # evaluate_voc on 5,000 images x 20 classes
     python tools/benchmark.py model --amp       # SSD300 train/inference images/s, peak memory
+    python tools/benchmark.py loader            # CPU data pipeline images/s per core
+    python tools/benchmark.py memory            # bytes saved for backward per attention module
 
 To add a benchmark: write ``run_<name>(args) -> str`` returning the Markdown body of its
 section (use :func:`environment_lines` for the device lines), register it in
@@ -29,18 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 from ssd_da.evaluation.voc import evaluate_voc  # noqa: E402
 
+from bench_env import cpu_model  # noqa: E402 (tools/bench_env.py)
+
 from ssd_da.data.voc import VOC_CLASSES  # noqa: E402
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def environment_lines() -> list[str]:
@@ -236,6 +229,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     model.add_argument("--channels-last", action="store_true")
     model.set_defaults(func=run_model)
+    # The data-pipeline and memory benchmarks live beside this file (tools/bench_*.py).
+    import bench_loader
+    import bench_memory
+
+    bench_loader.register(sub, ROOT)
+    bench_memory.register(sub)
     return parser
 
 
