@@ -5,8 +5,9 @@ Sources: a local file (a torchvision-style state dict, or a dict holding one und
 ``"IMAGENET1K_V1"`` / ``"DEFAULT"`` for the model's depth), fetched through the torch.hub cache.
 
 Strict where it matters: the only model keys allowed to be missing from the file are attention
-keys (``.attn.``, new in our blocks) and BN ``num_batches_tracked`` buffers (absent from
-torchvision's published files); a file of another ResNet depth, or with other shapes, is an error.
+keys (``.attn.`` in our blocks, ``end_attn.`` after layer4) and BN ``num_batches_tracked``
+buffers (absent from torchvision's published files); a file of another ResNet depth, or with other
+shapes, is an error.
 Keys of the file the model lacks (``fc.*`` for the detector form, attention keys of another
 variant) are reported and skipped.
 """
@@ -158,8 +159,13 @@ def _check_compatible(model: ResNet, state: Mapping[str, torch.Tensor], source: 
                          f"{model.name}: {shapes[:5]}")
 
 
+def _is_attention_key(key: str) -> bool:
+    """A key of a per-block (``layer3.1.attn.*``) or end-of-backbone (``end_attn.*``) module."""
+    return ".attn." in key or key.startswith("end_attn.")
+
+
 def _allowed_missing(key: str) -> bool:
-    return ".attn." in key or key.endswith("num_batches_tracked")
+    return _is_attention_key(key) or key.endswith("num_batches_tracked")
 
 
 def is_weights_name(source: str | Path) -> bool:
@@ -200,13 +206,13 @@ def load_pretrained(model: ResNet, source: str | Path) -> LoadReport:
         raise ValueError(f"{label}: {len(required)} non-attention key(s) of {model.name} missing "
                          f"from the file: {required[:8]}")
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    attn = sum(".attn." in k for k in missing)
+    attn = sum(_is_attention_key(k) for k in missing)
     logger.info("loaded %s into %s: %d tensors; %d attention keys and %d num_batches_tracked keys "
                 "missing (left at init)", label, model.name, len(state) - len(unexpected), attn,
                 len(missing) - attn)
     if unexpected:
         # fc/attention keys are expected extras (detector form, another attention variant).
-        odd = [k for k in unexpected if not (k.startswith("fc.") or ".attn." in k)]
+        odd = [k for k in unexpected if not (k.startswith("fc.") or _is_attention_key(k))]
         logger.log(logging.WARNING if odd else logging.INFO, "%s: %d key(s) not in %s, skipped: %s",
                    label, len(unexpected), model.name, (odd or unexpected)[:8])
     return LoadReport(missing=missing, unexpected=unexpected)

@@ -101,7 +101,14 @@ STAGES: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
 
 
 class ResNet(nn.Module):
-    """ResNet with an attention module in every residual block of layer1..layer4.
+    """ResNet with an attention module in every residual block of layer1..layer4 and/or one
+    after layer4.
+
+    The second slot, ``end_attn``, is the LGA paper's placement (one module at the end of the
+    backbone, before the neck; docs/lga.md). :meth:`forward_features` returns layer4's map after
+    it, so SSD300's 10x10 source map and the classifier's pooling see the attended map. Its keys
+    (``end_attn.*``) are, with the per-block ``*.attn.*``, the only ones torchvision's ImageNet
+    weights lack.
 
     Args:
         block: :class:`BasicBlock` or :class:`Bottleneck`.
@@ -110,10 +117,14 @@ class ResNet(nn.Module):
         num_classes: size of the classifier; ``None`` builds the detector form, without
             ``avgpool`` and ``fc`` (use :meth:`forward_features`).
         attn_kwargs: options passed to every attention module (e.g. ``{"channel_affine": True}``).
+        end_attention: a key of ``ATTENTIONS`` for the module after layer4, ``end_attn``
+            (``"none"``: an identity, no parameters).
+        end_attn_kwargs: options of that module (e.g. ``{"heads": 8}`` for ``"lga"``).
 
     Attributes:
         depth: 18, 34, 50, 101, ... (weighted layers: ``convs * sum(layers) + 2``).
-        attention: the attention name.
+        attention: the per-block attention name.
+        end_attention: the end-of-backbone attention name.
         layers: blocks per stage.
         out_channels: ``{"layer1": .., "layer2": .., "layer3": .., "layer4": ..}``, e.g.
             ``layer2: 512`` for ResNet50, ``128`` for ResNet18.
@@ -121,16 +132,18 @@ class ResNet(nn.Module):
 
     def __init__(self, block: type[nn.Module], layers: tuple[int, ...] | list[int],
                  attention: str = "none", num_classes: int | None = 1000,
-                 attn_kwargs: dict | None = None) -> None:
+                 attn_kwargs: dict | None = None, end_attention: str = "none",
+                 end_attn_kwargs: dict | None = None) -> None:
         super().__init__()
         if block not in (BasicBlock, Bottleneck):
             raise ValueError(f"ResNet: block must be BasicBlock or Bottleneck, got {block!r}")
         if len(layers) != 4 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
                                    for n in layers):
             raise ValueError(f"ResNet: layers must be 4 positive ints, got {layers!r}")
-        if attention not in ATTENTIONS:
-            raise ValueError(f"ResNet: unknown attention {attention!r}; "
-                             f"valid names: {sorted(ATTENTIONS)}")
+        for option, value in (("attention", attention), ("end_attention", end_attention)):
+            if value not in ATTENTIONS:
+                raise ValueError(f"ResNet: unknown {option} {value!r}; "
+                                 f"valid names: {sorted(ATTENTIONS)}")
         if num_classes is not None and (isinstance(num_classes, bool)
                                         or not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"ResNet: num_classes must be a positive int or None, "
@@ -138,6 +151,7 @@ class ResNet(nn.Module):
         self.block = block
         self.layers = tuple(layers)
         self.attention = attention
+        self.end_attention = end_attention
         self.depth = block.convs * sum(layers) + 2
         self.num_classes = num_classes
         self._attn_kwargs = dict(attn_kwargs or {})
@@ -151,6 +165,8 @@ class ResNet(nn.Module):
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
             setattr(self, f"layer{i}", self._make_layer(planes, n, stride=1 if i == 1 else 2))
             self.out_channels[f"layer{i}"] = planes * block.expansion
+        self.end_attn = build_attention(end_attention, self.out_channels["layer4"],
+                                        **(end_attn_kwargs or {}))
         if num_classes is not None:
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
             self.fc = nn.Linear(512 * block.expansion, num_classes)
@@ -176,9 +192,10 @@ class ResNet(nn.Module):
     def _init_weights(self) -> None:
         # torchvision's init (Kaiming normal, fan_out, for convs; BN weight 1, bias 0; Linear keeps
         # PyTorch's default). Attention modules keep their own init (e.g. SGE's weight 0 / bias 1,
-        # the DA convs' PyTorch default), so everything inside an `attn` slot is skipped.
+        # the DA convs' PyTorch default; LGA's and MHSA's convs PyTorch's default, as in the LGA
+        # authors' code), so everything inside an `attn` or `end_attn` slot is skipped.
         for name, m in self.named_modules():
-            if "attn" in name.split("."):
+            if {"attn", "end_attn"} & set(name.split(".")):
                 continue
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -192,19 +209,20 @@ class ResNet(nn.Module):
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """Feature maps for SSD: ``(B, 3, H, W) -> {"layer2": (B, C2, H/8, W/8),
         "layer3": (B, C3, H/16, W/16), "layer4": (B, C4, H/32, W/32)}`` (sizes rounded up; at
-        300x300: 38, 19, 10), with C from :attr:`out_channels`.
+        300x300: 38, 19, 10), with C from :attr:`out_channels`; "layer4" is taken after
+        ``end_attn``.
         """
         x = self.layer1(self._stem(x))
         c2 = self.layer2(x)
         c3 = self.layer3(c2)
-        return {"layer2": c2, "layer3": c3, "layer4": self.layer4(c3)}
+        return {"layer2": c2, "layer3": c3, "layer4": self.end_attn(self.layer4(c3))}
 
     def forward(self, x: Tensor) -> Tensor:
         """Classifier: ``(B, 3, H, W) -> (B, num_classes)`` logits."""
         if self.num_classes is None:
             raise RuntimeError(f"{self.name} was built without a classifier (num_classes=None); "
                                "use forward_features(x)")
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self._stem(x)))))
+        x = self.end_attn(self.layer4(self.layer3(self.layer2(self.layer1(self._stem(x))))))
         return self.fc(self.avgpool(x).flatten(1))
 
 

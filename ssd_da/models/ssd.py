@@ -102,11 +102,15 @@ def _backbone_channels(backbone: nn.Module) -> list[int]:
 
 
 def _run_backbone(backbone: nn.Module, x: Tensor) -> list[Tensor]:
-    """(B, 3, H, W) -> [layer2, layer3, layer4] outputs, calling the ResNet stages directly."""
+    """(B, 3, H, W) -> [layer2, layer3, layer4] outputs, calling the ResNet stages directly;
+    layer4's map goes through the backbone's end-of-backbone attention ``end_attn`` when it has
+    one (the LGA paper's placement), so the 10x10 source map is the attended one."""
     x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
     c2 = backbone.layer2(backbone.layer1(x))
     c3 = backbone.layer3(c2)
-    return [c2, c3, backbone.layer4(c3)]
+    c4 = backbone.layer4(c3)
+    end = getattr(backbone, "end_attn", None)
+    return [c2, c3, c4 if end is None else end(c4)]
 
 
 def _ssd300_default_boxes(generator: DefaultBoxGenerator, image_size: int) -> Tensor:
