@@ -1,11 +1,16 @@
-"""One dataclass config whose defaults are the paper-era SSD300 VOC recipe.
+"""One dataclass config whose defaults are the standard SSD300 VOC07+12 recipe.
 
 YAML files in ``configs/`` hold only the changes; ``key=value`` overrides on the command line
-come last. Only the ``build_*`` functions and the tools read this object: the modules themselves
-take explicit arguments (docs/design.md).
+come last; explicit command-line options (``--lr``) override all of them. Only the ``build_*``
+functions and the tools read this object: the modules themselves take explicit arguments
+(docs/design.md). This module also holds what every tool that takes a training recipe shares:
+the command-line options derived from the fields (:func:`add_config_arguments`), their
+resolution into a Config (:func:`resolve_config`) and the checks run before any work
+(:func:`validate_config`).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -14,13 +19,21 @@ from typing import Any, Sequence
 
 import yaml
 
+from ssd_da.models.names import parse_backbone_name
+
 logger = logging.getLogger(__name__)
+
+
+# "voc": a VOCdevkit folder and voc07_trainval-style splits; "coco":
+# annotations/instances_<split>.json and <split>/ image folders (ssd_da.data.coco).
+DATA_FORMATS: tuple[str, ...] = ("voc", "coco")
 
 
 @dataclass
 class Config:
-    """Training and evaluation settings. Defaults: SSD300 on VOC07+12 (Liu et al. 2016, sec. 3.1
-    and 3.2; the DA paper, sec. III, trains the same recipe on its ResNet backbones)."""
+    """Training and evaluation settings. Defaults: SSD300 on VOC07+12 with the recipe of the
+    ssd.pytorch / lufficc SSD codebases. The DA paper states no recipe of its own (section III
+    names only SSD, VOC and 300x300), so these are ours, not the paper's (docs/method.md)."""
 
     # model
     backbone: str = "da_resnet50"
@@ -28,7 +41,6 @@ class Config:
     # "none". If the named weights cannot be reached (offline) training starts from scratch with
     # a warning, so the default never blocks a run.
     pretrained: str = "IMAGENET1K_V1"
-    image_size: int = 300
     sync_bn: bool = False
 
     # data
@@ -83,10 +95,14 @@ def _field_types() -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(Config)}
 
 
+def _default(name: str) -> Any:
+    f = _field_types()[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Check a value against the field's default type; ints are accepted where floats are."""
-    f = _field_types()[name]
-    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = _default(name)
     if name == "classes":
         if value is None or (isinstance(value, str) and value.lower() in ("", "none", "voc")):
             return None
@@ -115,12 +131,22 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
+# Fields that configs saved by earlier versions may hold, with the one value they could take:
+# accepted silently with that value (so old runs resume), an error with any other.
+RETIRED_FIELDS: dict[str, Any] = {"image_size": 300}  # SSD300's input side, now a constant
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str) -> Config:
     """Return a copy of ``cfg`` with ``overrides`` applied; unknown keys name the valid ones."""
     known = _field_types()
     changes = {}
     for key, value in overrides.items():
         key = key.replace("-", "_")
+        if key in RETIRED_FIELDS and key not in known:
+            if value != RETIRED_FIELDS[key]:
+                raise ValueError(f"{source}: {key} is fixed at {RETIRED_FIELDS[key]} (SSD300) and "
+                                 f"no longer a config key; got {value!r}")
+            continue
         if key not in known:
             valid = ", ".join(sorted(known))
             raise ValueError(f"{source}: unknown config key {key!r}; valid keys: {valid}")
@@ -163,3 +189,83 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def save_config(cfg: Config, path: str | Path) -> None:
     with open(path, "w") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+
+
+def validate_config(cfg: Config) -> None:
+    """Fail on a bad name or value before any data is read or folder written (ValueError
+    naming the field); warn about a legal but probably unintended schedule."""
+    parse_backbone_name(cfg.backbone)  # ValueError listing the valid backbones
+    if cfg.data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format {cfg.data_format!r} is not one of: "
+                         f"{', '.join(DATA_FORMATS)}")
+    if cfg.demo and cfg.data_format != "voc":
+        raise ValueError("demo: true generates a VOC-format dataset; it needs data_format voc")
+    if cfg.metric not in ("voc07", "area"):
+        raise ValueError(f"metric {cfg.metric!r} is not one of: voc07, area")
+    for name in ("iters", "log_every", "ckpt_every", "eval_batch_size"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.warmup_iters < 0 or cfg.eval_every < 0:
+        raise ValueError("warmup_iters and eval_every must be >= 0")
+    if cfg.batch_size < 2:  # the 1x1 extra map's BatchNorm needs two values per channel
+        raise ValueError(f"batch_size must be at least 2 per process, got {cfg.batch_size}")
+    if not all(isinstance(s, int) for s in cfg.lr_steps):
+        raise ValueError(f"lr_steps must be a list of iterations, got {cfg.lr_steps}")
+    first_drop = min([s for s in cfg.lr_steps if s > 0] + [cfg.iters])
+    if cfg.warmup_iters >= first_drop:  # step k uses lr_factor(k): full lr from k = warmup_iters
+        # Legal, but a shortened schedule (--iters, lr_steps) that keeps the default warmup
+        # never trains at the full lr: say so rather than let it pass unnoticed.
+        logger.warning("warmup_iters=%d runs past %s (iteration %d): the lr never reaches "
+                       "lr=%g; pass e.g. warmup_iters=%d", cfg.warmup_iters,
+                       "the first lr step" if first_drop < cfg.iters else "the end of training",
+                       first_drop, cfg.lr, max(1, first_drop // 10))
+
+
+# Config fields that also have their own option (--data-root DIR); every field can be given as a
+# trailing key=value. Booleans become flags (--amp); types come from the fields' defaults.
+CLI_FIELDS: tuple[str, ...] = (
+    "backbone", "data_format", "data_root", "train_split", "test_split", "classes", "iters",
+    "batch_size", "lr", "workers", "eval_every", "output_dir", "pretrained", "device", "seed",
+    "metric", "amp", "sync_bn", "skip_bad", "ignore_other_classes",
+)
+# What the flags do (the other options' help is the field name and its default).
+_FLAG_HELP = {
+    "amp": "bf16 autocast on GPU",
+    "sync_bn": "SyncBatchNorm across processes under torchrun",
+    "skip_bad": "skip samples with a malformed XML or a missing, unreadable or undecodable image "
+                "(each named in a warning, and counted)",
+    "ignore_other_classes": "leave out objects of classes not in the class list (counted per "
+                            "class); without it they stop the run",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config YAML``, one option per :data:`CLI_FIELDS` (default None: not given) and the
+    trailing ``key=value`` overrides, as :func:`resolve_config` reads them."""
+    parser.add_argument("--config", help="YAML file of Config overrides, e.g. configs/demo.yaml")
+    for name in CLI_FIELDS:
+        default, flag = _default(name), "--" + name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, action="store_true", default=None,
+                                help=_FLAG_HELP.get(name, f"set Config.{name}"))
+        else:  # classes (a list or None) is given as "a,b,c"
+            kind = type(default) if isinstance(default, (int, float, str)) else str
+            parser.add_argument(flag, dest=name, type=kind, default=None,
+                                help=f"Config.{name} (default: {default!r})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="any Config field, e.g. lr_steps=[80000,100000] warmup_iters=1000")
+
+
+def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> Config:
+    """Defaults < ``--config`` YAML < ``key=value`` < explicit options.
+
+    ``saved``: the config stored in the checkpoint a run resumes from. Without ``--config`` it
+    replaces the defaults, so ``--resume last.pth`` alone continues with the run's own recipe."""
+    if saved is not None and not args.config:
+        source = f"config saved in {getattr(args, 'resume', None) or 'the checkpoint'}"
+        cfg = apply_overrides(Config(), saved, source)
+        cfg = apply_overrides(cfg, parse_key_values(args.overrides), "command line")
+    else:
+        cfg = load_config(args.config, args.overrides)
+    explicit = {k: getattr(args, k) for k in CLI_FIELDS if getattr(args, k, None) is not None}
+    return apply_overrides(cfg, explicit, "command-line options")

@@ -18,12 +18,10 @@ from ssd_da.config import load_config
 from ssd_da.experiments import stats
 from ssd_da.experiments.ablate import (collect_records, plan_runs, run_state, run_suite, suite_backbones,
                                        write_reports)
-from ssd_da.experiments.report import (RunRecord, display_name, format_markdown,
-                                       read_results_csv, summarize, write_results_csv)
+from ssd_da.experiments.report import (RunRecord, format_markdown, read_results_csv, summarize,
+                                       table_label, write_results_csv)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import ablate as ablate_tool  # noqa: E402
+import ablate as ablate_tool
 
 
 # ---------------------------------------------------------------- statistics, by hand
@@ -101,8 +99,9 @@ def test_report_tables_by_hand(tmp_path):
     assert rows["DA-ResNet18"][2:5] == ["73.33 ± 2.08", "3", "+1.33 [-0.10, +2.77] ≈0"]
     assert rows["SE-ResNet34"][2:5] == ["50.00 ± n/a", "1", "n/a (no resnet34 results)"]
     assert "Paper mAP" not in format_markdown(groups, paper=False)
-    assert display_name("da_cs_resnet50", "order") == "ResNet50+channel+spatial"
-    assert display_name("eca_resnet101") == "ECA-ResNet101"
+    assert table_label("da_cs_resnet50", "order") == "ResNet50+channel+spatial"
+    assert table_label("da_cs_resnet50") == "DA(c>s)-ResNet50"
+    assert table_label("eca_resnet101", "order") == "ECA-ResNet101"
     with pytest.raises(ValueError, match="two results"):
         summarize(records + [_record("resnet18", 0, 0.1)])
 
@@ -127,15 +126,6 @@ def test_suites_and_plan():
 
 
 # ---------------------------------------------------------------- a real suite, CPU
-@pytest.fixture(scope="module")
-def demo_devkit(tmp_path_factory) -> Path:
-    from ssd_da.data.demo import ensure_demo_dataset
-
-    root = tmp_path_factory.mktemp("ablate_demo")
-    ensure_demo_dataset(root, num_train=8, num_test=4, seed=1)
-    return root / "VOCdevkit"
-
-
 def _cli(devkit: Path, out: Path, *extra: str) -> int:
     from ssd_da.data.demo import DEMO_CLASSES
 
@@ -146,11 +136,12 @@ def _cli(devkit: Path, out: Path, *extra: str) -> int:
     return ablate_tool.main(ablate_tool.get_args_parser().parse_args(argv))
 
 
-def test_suite_runs_reports_skips_and_resumes(demo_devkit, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_suite_runs_reports_skips_and_resumes(tiny_devkit, tmp_path, monkeypatch):
     import ssd_da.engine.trainer as trainer
 
     out = tmp_path / "abl"
-    assert _cli(demo_devkit, out) == 0
+    assert _cli(tiny_devkit, out) == 0
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [(r["backbone"], r["seed"]) for r in rows] == [
@@ -179,7 +170,7 @@ def test_suite_runs_reports_skips_and_resumes(demo_devkit, tmp_path, monkeypatch
     files = sorted(out.glob("*/seed*/*"))
     mtimes = [f.stat().st_mtime_ns for f in files]
     monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("train called on rerun"))
-    assert _cli(demo_devkit, out) == 0
+    assert _cli(tiny_devkit, out) == 0
     assert [f.stat().st_mtime_ns for f in files] == mtimes
 
     # Interrupted run (no summary.json): resumed from its last.pth, the others skipped.
@@ -194,20 +185,21 @@ def test_suite_runs_reports_skips_and_resumes(demo_devkit, tmp_path, monkeypatch
         return real_train(cfg, resume=resume)
 
     monkeypatch.setattr(trainer, "train", spy)
-    assert _cli(demo_devkit, out) == 0
+    assert _cli(tiny_devkit, out) == 0
     assert calls == [("da_resnet18", 1, run_dir / "last.pth")]
     assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 2
     with open(out / "results.csv") as fh:
         assert [float(r["map"]) for r in csv.DictReader(fh)] == [float(r["map"]) for r in rows]
 
 
-def test_run_interrupted_mid_training_resumes_exactly(demo_devkit, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_run_interrupted_mid_training_resumes_exactly(tiny_devkit, tmp_path, monkeypatch):
     import ssd_da.engine.trainer as trainer
     from ssd_da.engine.checkpoint import load_checkpoint
 
     one = ("--backbones", "resnet18", "--seeds", "1", "--iters", "3", "ckpt_every=1", "log_every=1")
     ref, out = tmp_path / "ref", tmp_path / "cut"
-    assert _cli(demo_devkit, ref, *one) == 0  # uninterrupted
+    assert _cli(tiny_devkit, ref, *one) == 0  # uninterrupted
 
     real_step, steps = trainer.train_step, {"n": 0}
 
@@ -219,7 +211,7 @@ def test_run_interrupted_mid_training_resumes_exactly(demo_devkit, tmp_path, mon
 
     monkeypatch.setattr(trainer, "train_step", killed_at_third_step)
     with pytest.raises(KeyboardInterrupt):
-        _cli(demo_devkit, out, *one)
+        _cli(tiny_devkit, out, *one)
     run_dir = out / "resnet18" / "seed0"
     first = load_checkpoint(run_dir / "last.pth")
     assert first["iteration"] == 2 and first["timing"]["images"] == 2 * 2
@@ -233,7 +225,7 @@ def test_run_interrupted_mid_training_resumes_exactly(demo_devkit, tmp_path, mon
         return real_train(cfg, resume=resume)
 
     monkeypatch.setattr(trainer, "train", spy)
-    assert _cli(demo_devkit, out, *one) == 0
+    assert _cli(tiny_devkit, out, *one) == 0
     assert calls == [run_dir / "last.pth"]
     log = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines()]
     ref_log = [json.loads(x) for x in (ref / "resnet18/seed0/log.jsonl").read_text().splitlines()]
@@ -321,9 +313,10 @@ def test_gpu_queue_runs_train_script_per_run(tmp_path, monkeypatch):
     assert {re.search(r"gpu (\d)", t).group(1) for t in logs.values()} <= {"0", "1"}
     assert "--resume" in logs["da_resnet18/seed2"] and "--resume" not in logs["resnet18/seed2"]
     # tools/train.py gets the run's exact resolved config through --config.
-    train_tool = ablate_tool._load_train_tool()
-    args = train_tool.get_args_parser().parse_args(["--config", str(specs[5].out_dir / "config.yaml")])
-    assert train_tool.resolve_config(args) == specs[5].cfg
+    from ssd_da.config import resolve_config
+
+    args = ablate_tool.get_args_parser().parse_args(["--config", str(specs[5].out_dir / "config.yaml")])
+    assert resolve_config(args) == specs[5].cfg
     paths = write_reports(specs, outcomes, tmp_path / "runs", ["x"],
                           measure=lambda b, n: (1000 + 20 * b.startswith("da"), 2 * 10**9))
     md = _md_rows(paths["md"].read_text())

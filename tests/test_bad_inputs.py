@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+import eval_voc
+from voc_tree import add_sample, jpeg_bytes, png_bytes, write_set
+
 from ssd_da.config import load_config
 from ssd_da.data import voc
 from ssd_da.data.voc import VOCDetection, load_rgb, resolve_split
 from ssd_da.engine.data import build_datasets
-from voc_tree import add_sample, jpeg_bytes, png_bytes, write_set
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import eval_voc  # noqa: E402
 
 CLASSES = ["dog", "cat"]
 
@@ -49,7 +46,7 @@ def devkit(tmp_path: Path) -> Path:
 
 
 # ---------------------------------------------------------------- 4: repeated image ids
-def test_repeated_image_id_is_an_error_naming_it(devkit, tmp_path, caplog):
+def test_repeated_image_id_is_an_error_naming_it(devkit, tmp_path, capsys):
     write_set(devkit, "test", ["c", "d", "c"])
     with pytest.raises(ValueError, match=r"more than once: c \(2x\)"):
         resolve_split(devkit, "voc07_test")
@@ -60,7 +57,7 @@ def test_repeated_image_id_is_an_error_naming_it(devkit, tmp_path, caplog):
     path.write_text(json.dumps(dets))
     assert eval_cli("--detections", str(path), "--data-root", str(devkit), "--classes", "dog,cat",
                     "--no-coco") == 2
-    assert "c (2x)" in caplog.text
+    assert "c (2x)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- 5 and 13: class names

@@ -13,7 +13,7 @@ def test_defaults_are_the_paper_recipe():
     assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (32, 1e-3, 0.9, 5e-4)
     assert (cfg.iters, cfg.lr_steps, cfg.lr_gamma) == (120_000, [80_000, 100_000], 0.1)
     assert cfg.train_split == "voc07_trainval+voc12_trainval" and cfg.test_split == "voc07_test"
-    assert cfg.metric == "voc07" and cfg.image_size == 300
+    assert cfg.metric == "voc07" and not hasattr(cfg, "image_size")  # a constant: SSD300
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -40,6 +40,14 @@ def test_shipped_configs_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
     assert load_config(ROOT / "configs/voc0712.yaml") == Config()
+
+
+def test_retired_image_size_key(tmp_path):
+    """Configs saved before image_size became a constant still load (resume, ablation reuse);
+    any other value than SSD300's 300 is an error that says why."""
+    assert load_config(None, ["image_size=300"]) == Config()
+    with pytest.raises(ValueError, match="image_size is fixed at 300"):
+        load_config(None, ["image_size=512"])
 
 
 def test_yaml_floats_without_dot_and_syntax_errors(tmp_path):

@@ -18,28 +18,24 @@ import torch
 from PIL import Image
 
 from ssd_da.data.voc import load_rgb
-from ssd_da.engine.checkpoint import save_checkpoint
-from ssd_da.models.ssd import build_ssd
-from ssd_da.engine.inference import predict_image, resolve_device
-from ssd_da.visualize.draw import (cam_figure, display_name, draw_detections, figure_size_px,
-                                   overlay_heatmap, save_figure)
+from ssd_da.engine.checkpoint import load_detector
+from ssd_da.engine.inference import predict_image
+from ssd_da.utils.device import resolve_device
+from ssd_da.models.names import display_name
+from ssd_da.utils.figures import save_figure
+from ssd_da.visualize.draw import cam_figure, draw_detections, figure_size_px, overlay_heatmap
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import detect as detect_tool  # noqa: E402
+import detect as detect_tool
 
 CLASSES = ["cat", "dog"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, untrained_checkpoint):
     """(model, checkpoint path, [image paths]): two noise images of different sizes (PNG)."""
     folder = tmp_path_factory.mktemp("detect")
-    torch.manual_seed(0)
-    model = build_ssd("resnet18", num_classes=len(CLASSES) + 1).eval()
-    ckpt = folder / "r18.pth"
-    save_checkpoint({"model": model.state_dict(), "backbone": "resnet18", "class_names": CLASSES,
-                     "config": {}, "iteration": 0}, ckpt)
+    ckpt = untrained_checkpoint("resnet18", CLASSES, 0)
+    model, _ = load_detector(ckpt, "cpu")
     rng = np.random.default_rng(0)
     paths = []
     for name, (h, w) in (("a", (180, 240)), ("b", (320, 200))):
@@ -92,18 +88,18 @@ def test_detect_errors(setup, tmp_path, capsys):
                                    "--score", "1.5"])) == 2
     assert "--score" in capsys.readouterr().err
     missing = tmp_path / "missing.jpg"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "detect.py"), str(missing),
+    proc = subprocess.run([sys.executable, detect_tool.__file__, str(missing),
                            "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and f"image {missing} does not exist" in proc.stderr
 
 
 def test_display_name():
-    assert display_name("da_resnet50") == "DA-ResNet50-SSD"
-    assert display_name("resnet18") == "ResNet18-SSD"
-    assert display_name("se_resnet101") == "SE-ResNet101-SSD"
-    assert display_name("da_cs_resnet50") == "DA-CS-ResNet50-SSD"
-    assert display_name("vgg16") == "vgg16-SSD"
+    assert display_name("da_resnet50", detector=True) == "DA-ResNet50-SSD"
+    assert display_name("resnet18", detector=True) == "ResNet18-SSD"
+    assert display_name("se_resnet101") == "SE-ResNet101"
+    assert display_name("da_cs_resnet50", detector=True) == "DA(c>s)-ResNet50-SSD"
+    assert display_name("vgg16", detector=True) == "vgg16-SSD"  # unknown: as given
 
 
 def test_overlay_heatmap_by_hand():

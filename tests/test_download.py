@@ -57,8 +57,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if srv.cut_after is not None:
             body = body[: srv.cut_after]
             self.close_connection = True
-        self.wfile.write(body)
+        # Counted before the write: the client may read the body and the test assert on `sent`
+        # before this thread runs again (a race seen on a loaded machine).
         srv.sent.append(len(body))
+        self.wfile.write(body)
 
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import eval_voc  # noqa: E402
+import eval_voc
 
-from ssd_da.data.demo import DEMO_CLASSES, ensure_demo_dataset  # noqa: E402
+from ssd_da.data.demo import DEMO_CLASSES, ensure_demo_dataset
+from ssd_da.evaluation.detection_file import detections_to_records, load_detection_file
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +78,8 @@ def test_save_detections_round_trip(demo_root, tmp_path):
         xy, wh = rng.uniform(0, 100, (3, 2)), rng.uniform(1, 50, (3, 2))
         dets.append({"boxes": np.concatenate([xy, xy + wh], axis=1), "scores": rng.uniform(size=3),
                      "labels": rng.integers(1, len(DEMO_CLASSES) + 1, 3)})
-    recs = eval_voc.detections_to_records(dets, ids, DEMO_CLASSES)
-    back = eval_voc.load_detection_file(_write(tmp_path, recs), ids, DEMO_CLASSES)
+    recs = detections_to_records(dets, ids, DEMO_CLASSES)
+    back = load_detection_file(_write(tmp_path, recs), ids, DEMO_CLASSES)
     for a, b in zip(dets, back):
         np.testing.assert_allclose(b["boxes"], a["boxes"], rtol=0, atol=1e-9)
         np.testing.assert_array_equal(b["scores"], a["scores"])  # no rounding on the way
@@ -104,35 +103,26 @@ def _write(tmp_path: Path, recs) -> Path:
     ({"image_id": None, "label": "circle", "score": 0.5, "bbox": [1, 1, True, 5]}, "4 finite numbers"),
     ({"image_id": None, "label": "circle", "score": 0.5, "bbox": [1, 1, "5", 5]}, "4 finite numbers"),
 ])
-def test_bad_detection_files(demo_root, tmp_path, caplog, rec, message):
+def test_bad_detection_files(demo_root, tmp_path, capsys, rec, message):
     ids = (demo_root / "VOC2007/ImageSets/Main/test.txt").read_text().split()
     if rec.get("image_id", "") is None:
         rec["image_id"] = ids[0]
     assert run(["--detections", str(_write(tmp_path, [rec])), *common(demo_root)]) == 2
-    assert message in caplog.text and "d.json" in caplog.text
+    err = capsys.readouterr().err
+    assert err.startswith("eval_voc.py: error: ") and message in err and "d.json" in err
 
 
-def test_classes_that_do_not_match_the_data(demo_root, tmp_path, caplog):
+def test_classes_that_do_not_match_the_data(demo_root, tmp_path, capsys):
     path = _write(tmp_path, [])
     assert run(["--detections", str(path), "--data-root", str(demo_root), "--classes", "circle"]) == 2
-    assert "not in the class list [circle]" in caplog.text and "'ring' x12" in caplog.text
+    err = capsys.readouterr().err
+    assert "not in the class list [circle]" in err and "'ring' x12" in err
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """An untrained ResNet18 detector for the demo classes (its detections are arbitrary but
-    deterministic, which is all the plumbing below needs)."""
-    import torch
-
-    from ssd_da.engine.checkpoint import save_checkpoint
-    from ssd_da.models.ssd import build_ssd
-
-    torch.manual_seed(0)
-    model = build_ssd("resnet18", num_classes=len(DEMO_CLASSES) + 1)
-    path = tmp_path_factory.mktemp("evalckpt") / "r18.pth"
-    save_checkpoint({"model": model.state_dict(), "backbone": "resnet18",
-                     "class_names": list(DEMO_CLASSES), "config": {}, "iteration": 0}, path)
-    return path
+def checkpoint(untrained_checkpoint) -> Path:
+    """An untrained ResNet18 detector for the demo classes."""
+    return untrained_checkpoint("resnet18", DEMO_CLASSES, 0)
 
 
 def test_checkpoint_inference_and_saved_detections(demo_root, checkpoint, tmp_path, capsys):
@@ -158,11 +148,11 @@ def test_checkpoint_inference_and_saved_detections(demo_root, checkpoint, tmp_pa
     assert second["ap"] == pytest.approx(first["ap"], abs=1e-12)
 
 
-def test_checkpoint_classes_must_match(demo_root, checkpoint, tmp_path, caplog):
+def test_checkpoint_classes_must_match(demo_root, checkpoint, tmp_path, capsys):
     args = ["--checkpoint", str(checkpoint), "--data-root", str(demo_root), "--device", "cpu"]
     assert run([*args, "--classes", "circle,square"]) == 2
-    assert "differ from the classes" in caplog.text and "r18.pth" in caplog.text
-    caplog.clear()
+    err = capsys.readouterr().err
+    assert "differ from the classes" in err and str(checkpoint) in err
     import torch
 
     state = torch.load(checkpoint, weights_only=False)
@@ -170,8 +160,9 @@ def test_checkpoint_classes_must_match(demo_root, checkpoint, tmp_path, caplog):
     other = tmp_path / "other.pth"
     torch.save(state, other)
     assert run(["--checkpoint", str(other), "--data-root", str(demo_root), "--device", "cpu"]) == 2
-    assert "not in the class list" in caplog.text and repr(DEMO_CLASSES[-1]) in caplog.text
-    assert "--classes" not in caplog.text.split("not in the class list")[1]  # no hint it cannot follow
+    err = capsys.readouterr().err
+    assert "not in the class list" in err and repr(DEMO_CLASSES[-1]) in err
+    assert "--classes" not in err.split("not in the class list")[1]  # no hint it cannot follow
 
 
 def test_json_without_any_ground_truth_is_valid_json(tmp_path):

@@ -1,10 +1,13 @@
 """Grad-CAM of SSD300 detections (ssd_da/visualize/cam.py) and tools/gradcam.py, on CPU.
 
-A resnet18-SSD300 is trained briefly on a fixed batch of two synthetic images (a red square,
-class 1, and a blue disc, class 2, on noise). To stay within seconds the stem..layer3 keep their
-random weights and their outputs are computed once; layer4 (the Grad-CAM layer), the extra
-blocks and the head are trained, 80 Adam steps. Objects are ~140 px so that their default boxes
-lie on the 10x10 (layer4) and smaller maps, which depend on layer4.
+The tests whose values need a detector that finds the objects (marked slow) use a
+resnet18-SSD300 trained briefly on a fixed batch of two synthetic images (a red square, class 1,
+and a blue disc, class 2, on noise). To stay within seconds the stem..layer3 keep their random
+weights and their outputs are computed once; layer4 (the Grad-CAM layer), the extra blocks and
+the head are trained, 80 Adam steps. Objects are ~140 px so that their default boxes lie on the
+10x10 (layer4) and smaller maps, which depend on layer4. The other tests (targets resolved from
+the model's own detections, layer paths, the command line) hold for any weights and use an
+untrained detector.
 """
 from __future__ import annotations
 
@@ -20,13 +23,12 @@ from PIL import Image
 
 from ssd_da.engine.checkpoint import load_detector, save_checkpoint
 from ssd_da.models.ssd import build_ssd
-from ssd_da.engine.inference import predict_image, preprocess
+from ssd_da.data.transforms import preprocess
+from ssd_da.engine.inference import predict_image
 from ssd_da.visualize.cam import (METHODS, AnchorScoreTarget, CamTarget, anchor_map_sizes,
                                   block_paths, default_layer, explain, get_method, resolve_layer)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import gradcam as gradcam_tool  # noqa: E402
+import gradcam as gradcam_tool
 
 CLASSES = ["square", "disc"]
 # (label, x1, y1, x2, y2) per image, in the 300x300 image's pixels.
@@ -73,31 +75,44 @@ def train_detector(images: list[np.ndarray], steps: int) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(model, checkpoint path, images, image paths) shared by this module."""
-    folder = tmp_path_factory.mktemp("gradcam")
+def _scene_files(folder: Path) -> tuple[list[np.ndarray], list[Path]]:
     images = [make_scene(objs, seed) for seed, objs in enumerate(SCENES)]
-    model = train_detector(images, TRAIN_STEPS)
-    ckpt = folder / "resnet18.pth"
-    save_checkpoint({"model": model.state_dict(), "backbone": "resnet18", "class_names": CLASSES,
-                     "config": {"backbone": "resnet18"}, "iteration": TRAIN_STEPS}, ckpt)
     paths = []
     for i, image in enumerate(images):
         paths.append(folder / f"scene{i}.png")
         Image.fromarray(image).save(paths[-1])
+    return images, paths
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model, checkpoint path, images, image paths): the detector trained on the scenes, for
+    the tests whose expected values need a detector that finds the objects (marked slow)."""
+    folder = tmp_path_factory.mktemp("gradcam")
+    images, paths = _scene_files(folder)
+    model = train_detector(images, TRAIN_STEPS)
+    ckpt = folder / "resnet18.pth"
+    save_checkpoint({"model": model.state_dict(), "backbone": "resnet18", "class_names": CLASSES,
+                     "config": {"backbone": "resnet18"}, "iteration": TRAIN_STEPS}, ckpt)
     return model, ckpt, images, paths
 
 
 @pytest.fixture(scope="module")
-def other_ckpt(tmp_path_factory) -> Path:
+def untrained(tmp_path_factory, untrained_checkpoint):
+    """(model, checkpoint path, images, image paths) as ``trained`` but freshly initialised:
+    for the plumbing (targets resolved from its own detections, layers, the CLI), which holds
+    for any weights."""
+    images, paths = _scene_files(tmp_path_factory.mktemp("gradcam_untrained"))
+    ckpt = untrained_checkpoint("resnet18", CLASSES, 2)
+    torch.manual_seed(2)  # the same weights as the checkpoint, built here independently
+    model = build_ssd("resnet18", num_classes=len(CLASSES) + 1).eval()
+    return model, ckpt, images, paths
+
+
+@pytest.fixture(scope="module")
+def other_ckpt(untrained_checkpoint) -> Path:
     """An untrained da_resnet18 checkpoint with a different class list (3 classes)."""
-    torch.manual_seed(1)
-    model = build_ssd("da_resnet18", num_classes=4)
-    path = tmp_path_factory.mktemp("other") / "da.pth"
-    save_checkpoint({"model": model.state_dict(), "backbone": "da_resnet18",
-                     "class_names": ["cat", "dog", "disc"], "config": {}, "iteration": 0}, path)
-    return path
+    return untrained_checkpoint("da_resnet18", ["cat", "dog", "disc"], 1)
 
 
 def box_mean(cam: np.ndarray, box) -> float:
@@ -105,6 +120,7 @@ def box_mean(cam: np.ndarray, box) -> float:
     return float(cam[y1:y2, x1:x2].mean())
 
 
+@pytest.mark.slow  # needs the detector trained by the fixture
 def test_detector_learned_the_scenes(trained):
     model, _, images, _ = trained
     for image, objects in zip(images, SCENES):
@@ -116,6 +132,7 @@ def test_detector_learned_the_scenes(trained):
             assert np.abs(best - np.array(box)).max() < 30  # pixels, on ~140 px objects
 
 
+@pytest.mark.slow  # needs the detector trained by the fixture
 def test_cam_size_range_and_class_dependence(trained):
     """At the original (non-square) size, in [0, 1], not constant, different per class, and
     each class's map puts more mass on its own object than on the other one."""
@@ -137,12 +154,12 @@ def test_cam_size_range_and_class_dependence(trained):
     assert np.abs(cams[1] - cams[2]).mean() > 0.05
 
 
-def test_top_target_is_the_first_detection(trained):
-    model, _, images, _ = trained
+def test_top_target_is_the_first_detection(untrained):
+    model, _, images, _ = untrained
     result = explain(model, images[1], CamTarget("top"), class_names=CLASSES)
     det, target = result.detections, result.target
     assert target.anchors.shape == (1,)
-    assert target.labels[0] == det["labels"][0] and target.anchors[0] == det["anchors"][0]
+    assert target.labels[0] == det["labels"][0] and target.anchors[0] == det["default_box"][0]
     assert target.scores[0] == pytest.approx(float(det["scores"][0]), abs=1e-6)
     np.testing.assert_allclose(target.boxes[0], det["boxes"][0], atol=1e-3)
     # The detections are the model's own output, and each carries the default box behind it.
@@ -151,10 +168,11 @@ def test_top_target_is_the_first_detection(trained):
     np.testing.assert_array_equal(det["labels"], ref["labels"])
     with torch.no_grad():
         probs = torch.softmax(model.head_outputs(preprocess(images[1]))["cls_logits"][0], -1)
-    np.testing.assert_allclose(probs[det["anchors"], det["labels"]].numpy(), det["scores"],
+    np.testing.assert_allclose(probs[det["default_box"], det["labels"]].numpy(), det["scores"],
                                atol=1e-6)
 
 
+@pytest.mark.slow  # needs the detector trained by the fixture
 def test_box_target_and_fallback(trained):
     model, _, images, _ = trained
     disc = SCENES[0][1][1:]
@@ -166,6 +184,7 @@ def test_box_target_and_fallback(trained):
     assert "default box IoU" in corner.target.description
 
 
+@pytest.mark.slow  # needs the detector trained by the fixture
 def test_other_methods_and_layers(trained):
     model, _, images, _ = trained
     for method, layer in (("eigencam", None), ("gradcam++", "backbone.layer3.1")):
@@ -177,8 +196,8 @@ def test_other_methods_and_layers(trained):
     assert set(METHODS) == {"gradcam", "gradcam++", "eigencam"}
 
 
-def test_layer_paths(trained):
-    model = trained[0]
+def test_layer_paths(untrained):
+    model = untrained[0]
     assert default_layer(model) == "backbone.layer4.1"  # resnet18: two blocks per stage
     assert resolve_layer(model, "backbone.layer4.1") is model.backbone.layer4[1]
     assert block_paths(model) == [f"backbone.layer{i}.{j}" for i in range(1, 5) for j in range(2)]
@@ -199,18 +218,16 @@ def test_anchor_map_sizes_and_target_value_by_hand():
     assert float(value) == pytest.approx(np.log(1.5) + np.log(1 / 3), abs=1e-6)
 
 
-def test_cli_figure_for_two_checkpoints(trained, other_ckpt, tmp_path, monkeypatch):
-    from ssd_da.visualize import draw
-
-    _, ckpt, images, paths = trained
+def test_cli_figure_for_two_checkpoints(untrained, other_ckpt, tmp_path, monkeypatch):
+    _, ckpt, images, paths = untrained
     out = tmp_path / "fig.png"
-    figures, real_save = [], draw.save_figure
+    figures, real_save = [], gradcam_tool.save_figure
 
     def keep(fig, path):
         figures.append(fig)
         real_save(fig, path)
 
-    monkeypatch.setattr(draw, "save_figure", keep)
+    monkeypatch.setattr(gradcam_tool, "save_figure", keep)
     args = gradcam_tool.get_args_parser().parse_args(
         [*map(str, paths), "--checkpoint", str(ckpt), "--checkpoint", str(other_ckpt),
          "--out", str(out), "--draw-boxes", "--device", "cpu"])
@@ -241,8 +258,8 @@ def run_cli(capsys, *argv: str) -> str:
     return capsys.readouterr().err
 
 
-def test_cli_errors(trained, other_ckpt, capsys):
-    _, ckpt, _, paths = trained
+def test_cli_errors(untrained, other_ckpt, capsys):
+    _, ckpt, _, paths = untrained
     img, ck = str(paths[0]), str(ckpt)
     err = run_cli(capsys, img, "--checkpoint", ck, "--layer", "backbone.layer5.0")
     assert "backbone.layer5.0" in err and "backbone.layer1.0" in err and "backbone.layer4.1" in err
@@ -256,17 +273,17 @@ def test_cli_errors(trained, other_ckpt, capsys):
     assert "--box" in err
 
 
-def test_cli_missing_image_exit_code(trained, tmp_path):
+def test_cli_missing_image_exit_code(untrained, tmp_path):
     missing = tmp_path / "nope.jpg"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gradcam.py"), str(missing),
-                           "--checkpoint", str(trained[1])], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, gradcam_tool.__file__, str(missing),
+                           "--checkpoint", str(untrained[1])], capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"image {missing} does not exist" in proc.stderr
 
 
-def test_checkpoint_round_trip(trained):
-    """The CLI's models (load_detector) give the fixture model's detections."""
-    model, ckpt, images, _ = trained
+def test_checkpoint_round_trip(untrained):
+    """The CLI's models (load_detector) give the detections of the model the checkpoint holds."""
+    model, ckpt, images, _ = untrained
     loaded, state = load_detector(ckpt, "cpu")
     assert state["class_names"] == CLASSES
     a, b = predict_image(model, images[0]), predict_image(loaded, images[0])

@@ -9,15 +9,15 @@ import torch
 import torchvision
 
 from ssd_da.models.pretrained import infer_resnet_layout, load_pretrained, resolve_weights
-from ssd_da.models.resnet import BACKBONE_NAMES, BasicBlock, Bottleneck, build_resnet, \
-    parse_backbone_name
+from ssd_da.models.names import BACKBONE_NAMES, parse_backbone_name
+from ssd_da.models.resnet import BasicBlock, Bottleneck, build_resnet
 
 # He et al. 2016, Table 1: blocks per stage, and each stage's output width (block expansion x).
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 WIDTHS = {18: (64, 128, 256, 512), 34: (64, 128, 256, 512),
           50: (256, 512, 1024, 2048), 101: (256, 512, 1024, 2048)}
 PLAIN = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160}  # torchvision
-DA = {18: 11_689_672, 34: 21_797_992, 50: 25_557_352, 101: 44_549_820}     # PAPER_NOTES.md
+DA = {18: 11_689_672, 34: 21_797_992, 50: 25_557_352, 101: 44_549_820}     # docs/method.md
 SE_PAPER_M = {18: 11.7766, 34: 21.9549, 50: 28.0720, 101: 49.2923}         # Table II, in M
 
 
@@ -131,6 +131,20 @@ def test_init_is_torchvision_and_attention_keeps_its_own():
     weights = torch.cat([b.attn.spatial.conv.weight.flatten() for b in da.modules()
                          if isinstance(b, BasicBlock)])
     assert weights.abs().max() <= 1 / 3
+
+
+def test_one_home_for_backbone_names():
+    from ssd_da.models.attention import ATTENTIONS
+    from ssd_da.models.names import BLOCK_ATTENTIONS, DEPTHS, backbone_name, display_name
+    from ssd_da.models.resnet import STAGES
+
+    assert tuple(STAGES) == DEPTHS and set(BLOCK_ATTENTIONS) < set(ATTENTIONS)
+    for name in BACKBONE_NAMES:  # parse and format are inverses, and ResNet.name agrees
+        assert backbone_name(*parse_backbone_name(name)) == name
+    assert _meta("da_cs_resnet34", num_classes=None).name == "da_cs_resnet34"
+    assert parse_backbone_name("da_s_resnet101").attention == "da_s"
+    assert display_name("da_par_resnet50") == "DA(s|c)-ResNet50"
+    assert display_name("resnet101", detector=True) == "ResNet101-SSD"
 
 
 def test_names_and_errors():

@@ -196,6 +196,7 @@ def test_voc07_ap_helper_by_hand():
     assert _voc07_ap(dets, targets, 1) == pytest.approx((6 * 1.0 + 5 * 2 / 3) / 11)
 
 
+@pytest.mark.slow
 def test_overfit_one_batch_then_detect():
     torch.manual_seed(0)
     images, targets = _synthetic_batch()
@@ -253,6 +254,7 @@ def test_postprocess_by_hand(ssd18):
     head = {"cls_logits": logits, "bbox_regression": torch.zeros(1, 8732, 4)}
     det = ssd18.postprocess(head)[0]
     assert det["labels"].tolist() == [2, 5, 7]
+    assert det["default_box"].tolist() == [8728, 0, 8729]  # where each detection came from
     # Softmax against background at 10 (the other classes at -10 add < 1e-12).
     expected_scores = [1 / (1 + math.exp(-10)), 1 / (1 + math.exp(-9.8)),
                        1 / (1 + math.exp(-0.5) + math.exp(-9.5))]
@@ -284,6 +286,12 @@ def test_torchvision_resnet_backbone_and_bad_arguments(ssd18):
     ssd18.train()
     try:
         images = torch.zeros(1, 3, 300, 300)
+        # Training mode computes losses: without targets it is an error, raised before the
+        # network runs (a detection pass in training mode would move BatchNorm's statistics).
+        before = ssd18.backbone.bn1.running_mean.clone()
+        with pytest.raises(ValueError, match=r"training mode .* needs targets.*model\.eval\(\)"):
+            ssd18(images)
+        assert torch.equal(ssd18.backbone.bn1.running_mean, before)
         with pytest.raises(ValueError, match=r"targets\[0\]\['labels'\]: must lie in 1..20"):
             ssd18(images, [_target([[0, 0, 10, 10]], [21])])
         with pytest.raises(ValueError, match=r"targets\[0\]\['boxes'\]: every box"):

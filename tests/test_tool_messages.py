@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from urllib.error import URLError
 
@@ -14,14 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ssd_da.engine.checkpoint import save_checkpoint
-from ssd_da.models.ssd import build_ssd
+import eval_voc
+import gradcam as gradcam_tool
 from voc_tree import add_sample, write_set
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import eval_voc  # noqa: E402
-import gradcam as gradcam_tool  # noqa: E402
+from ssd_da.engine.checkpoint import save_checkpoint
+from ssd_da.models.ssd import build_ssd
 
 CLASSES = ["dog", "cat"]
 
@@ -115,17 +112,16 @@ def test_eval_json_metric_is_the_option_value(small_tree, tmp_path):
         assert json.loads(out.read_text())["metric"] == metric
 
 
-def test_eval_output_folder_that_is_a_file(small_tree, tmp_path, caplog):
+def test_eval_output_folder_that_is_a_file(small_tree, tmp_path, capsys):
     root, dets = small_tree
     plots = tmp_path / "plots"
     plots.write_text("")
     assert eval_cli("--detections", str(dets), "--data-root", str(root), "--classes", "dog,cat",
                     "--no-coco", "--plots", str(plots)) == 2
-    assert f"--plots {plots}: {plots} exists and is not a folder" in caplog.text
-    caplog.clear()
+    assert f"--plots {plots}: {plots} exists and is not a folder" in capsys.readouterr().err
     assert eval_cli("--detections", str(dets), "--data-root", str(root), "--classes", "dog,cat",
                     "--no-coco", "--json", str(tmp_path)) == 2
-    assert f"--json {tmp_path} is a folder" in caplog.text
+    assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
 
 
 def test_eval_other_classes_left_out_on_request(small_tree, capsys):

@@ -14,7 +14,7 @@ from PIL import Image
 from ssd_da.data.transforms import build_eval_transform, build_train_transform
 from ssd_da.data.voc import (
     SPLITS, VOC_CLASSES, AnnotationError, MissingSizeError, VOCDetection, detection_collate,
-    parse_annotation, resolve_split, worker_init_fn,
+    parse_annotation, resolve_split,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,24 +298,28 @@ def test_detection_collate(devkit: Path) -> None:
         detection_collate([raw[0], (torch.zeros(3, 5, 5), {})])
 
 
-def test_worker_init_fn_gives_workers_different_augmentations(tmp_path: Path) -> None:
+def test_training_loader_augments_per_sample_whatever_the_workers(tmp_path: Path) -> None:
+    """The same image twice in one batch gets two different augmentations (each sample has its
+    own seed, so forked workers do not repeat each other), and 0 or 2 workers give the same
+    batch (the seeds depend on the sample, not on the worker)."""
+    from ssd_da.config import load_config
+    from ssd_da.engine.data import build_train_loader
+
     year = tmp_path / "VOCdevkit" / "VOC2007"
     noise = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     for image_id in ("n1", "n2"):  # the same picture twice: worker 0 gets item 0, worker 1 item 1
         _write_sample(year, image_id, _xml([_obj("cat", (5, 5, 30, 30))], 50, 40), Image.fromarray(noise),
                       ext=".png")
     _write_set(year, "trainval", ["n1", "n2"])
+    ds = VOCDetection(tmp_path / "VOCdevkit", "voc07_trainval", CLASSES, transform=build_train_transform(32))
 
-    def first_two(init_fn) -> list[torch.Tensor]:
-        ds = VOCDetection(tmp_path / "VOCdevkit", "voc07_trainval", CLASSES, transform=build_train_transform(32))
-        loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, collate_fn=detection_collate,
-                                             worker_init_fn=init_fn, multiprocessing_context="fork")
-        return [images[0] for images, _ in loader]
+    def first_batch(workers: int) -> torch.Tensor:
+        cfg = load_config(None, ["batch_size=2", "iters=1", f"workers={workers}"])
+        return next(iter(build_train_loader(ds, cfg, 0, 0, 1, pin_memory=False)))[0]
 
-    same = first_two(None)  # forked workers inherit one generator state: identical augmentations
-    torch.testing.assert_close(same[0], same[1])
-    different = first_two(worker_init_fn)
-    assert not torch.equal(different[0], different[1])
+    two = first_batch(2)
+    assert not torch.equal(two[0], two[1])
+    torch.testing.assert_close(first_batch(0), two, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- BCCD (real LabelImg XML)

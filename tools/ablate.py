@@ -20,27 +20,22 @@ the same command skips finished runs and resumes interrupted ones.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-ROOT = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("ssd_da") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+from ssd_da.config import add_config_arguments, parse_key_values, resolve_config
+from ssd_da.engine.data import class_names_from_config
+from ssd_da.experiments.ablate import (check_gpus, plan_runs, run_suite, suite_backbones,
+                                       write_reports)
+from ssd_da.utils.cli import fail, report_error
 
 logger = logging.getLogger("ablate")
+# The training tool each subprocess of --gpus runs (its sibling in tools/).
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 # Config keys the runner sets per run; giving them as key=value would be silently replaced.
 OWNED_KEYS = ("backbone", "seed", "output_dir")
-
-
-def _load_train_tool():
-    """tools/train.py as a module: its parser and config resolution are reused, not copied."""
-    spec = importlib.util.spec_from_file_location("ssd_da_tools_train", TRAIN_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _int_list(text: str) -> list[int]:
@@ -55,9 +50,10 @@ def _str_list(text: str) -> list[str]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parent = _load_train_tool().get_args_parser(add_help=False)
-    p = argparse.ArgumentParser(description=__doc__, parents=[parent],
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p)  # the options of tools/train.py, passed to every run
+    p.add_argument("--resume", help=argparse.SUPPRESS)  # accepted only to say why it is refused
     g = p.add_argument_group("ablation")
     g.add_argument("--suite", choices=("order", "attention"),
                    help="order: Table I (resnet, da, da_cs, da_par, da_s, da_c); attention: "
@@ -77,15 +73,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str) -> None:
-    """A usage error the way argparse reports one: message on stderr, exit status 2."""
-    print(f"ablate.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def _fail(message: str) -> NoReturn:
+    fail("ablate.py", message)
 
 
 def _check_owned(args: argparse.Namespace) -> None:
-    from ssd_da.config import parse_key_values
-
     for option, instead in (("backbone", "--backbones or --suite"),
                             ("seed", "--seeds or --seed-list"),
                             ("resume", "nothing: rerunning the command resumes interrupted runs")):
@@ -104,8 +96,6 @@ def _check_owned(args: argparse.Namespace) -> None:
 
 
 def _backbones_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]]:
-    from ssd_da.experiments.ablate import suite_backbones
-
     if (args.suite is None) == (args.backbones is None):
         _fail("give exactly one of --suite {order,attention} and --backbones a,b,c")
     if args.depths and args.suite is None:
@@ -125,10 +115,8 @@ def _backbones_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]
 
 
 def main(args: argparse.Namespace) -> int:
-    """Plan, train (unless --report-only) and report. 0: every run finished; 1: some did not."""
-    from ssd_da.engine.data import class_names_from_config
-    from ssd_da.experiments.ablate import check_gpus, plan_runs, run_suite, write_reports
-
+    """Plan, train (unless --report-only) and report. 0: every run finished; 1: some did not;
+    2: bad input (message on stderr)."""
     _check_owned(args)
     backbones, seeds = _backbones_and_seeds(args)
     if args.gpus and not args.report_only:
@@ -139,14 +127,13 @@ def main(args: argparse.Namespace) -> int:
     root = Path(args.output_dir)
     run_args = argparse.Namespace(**{**vars(args), "output_dir": None})
     try:
-        base = _load_train_tool().resolve_config(run_args)
+        base = resolve_config(run_args)
         specs = plan_runs(base, backbones, seeds, root)
         outcomes = [] if args.report_only else run_suite(specs, args.gpus, train_script=TRAIN_SCRIPT)
         paths = write_reports(specs, outcomes, root, class_names_from_config(base),
                               "order" if args.suite == "order" else "attention", args.level)
     except (ValueError, FileNotFoundError) as exc:
-        logger.error("%s", exc)
-        return 2
+        return report_error("ablate.py", exc)
     bad = [o for o in outcomes if o.status in ("diverged", "failed")]
     for o in bad:
         logger.error("%s %s: %s", o.spec.name, o.status, o.message)

@@ -20,20 +20,23 @@ import platform
 import pstats
 import re
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchvision
+
+from ssd_da.data.voc import VOC_CLASSES
+from ssd_da.evaluation.voc import evaluate_voc
+from ssd_da.models.ssd import build_ssd
+from ssd_da.utils.cli import fail
+from ssd_da.utils.device import autocast_context, resolve_device
+
+from bench_env import cpu_model  # tools/bench_env.py, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ssd_da.evaluation.voc import evaluate_voc  # noqa: E402
-
-from bench_env import cpu_model  # noqa: E402 (tools/bench_env.py)
-
-from ssd_da.data.voc import VOC_CLASSES  # noqa: E402
 
 
 def environment_lines() -> list[str]:
@@ -103,9 +106,9 @@ def synthetic_voc(num_images: int, num_classes: int, dets_per_image: int, seed: 
 def run_metric(args: argparse.Namespace) -> str:
     """Time evaluate_voc (VOC07 11-point) on one core: median of ``--repeats`` runs."""
     if args.dets_per_image < 40 or args.images < 1 or args.repeats < 1:
-        raise SystemExit("metric needs --dets-per-image >= 40 (10 per gt, up to 4 gts), "
-                         f"--images >= 1 and --repeats >= 1; got {args.dets_per_image}, "
-                         f"{args.images}, {args.repeats}")
+        fail("benchmark.py", "metric needs --dets-per-image >= 40 (10 per gt, up to 4 gts), "
+             f"--images >= 1 and --repeats >= 1; got {args.dets_per_image}, {args.images}, "
+             f"{args.repeats}")
     pinned = pin_to_one_core()
     names = [VOC_CLASSES[i % 20] + ("" if i < 20 else str(i)) for i in range(args.classes)]
     dets, anns = synthetic_voc(args.images, args.classes, args.dets_per_image, args.seed)
@@ -144,15 +147,73 @@ def run_metric(args: argparse.Namespace) -> str:
     ])
 
 
+# ---------------------------------------------------------------- model throughput
+@dataclass
+class SpeedResult:
+    mode: str  # "train" or "inference"
+    images_per_s: float
+    ms_per_batch: float
+    peak_memory_mb: float | None  # CUDA only
+
+
+def synthetic_batch(batch: int, num_classes: int, device: torch.device, seed: int = 0
+                    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Random (B, 3, 300, 300) images and 1-5 random xyxy boxes per image in 300-px space."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 300, 300, generator=g)
+    targets = []
+    for _ in range(batch):
+        n = int(torch.randint(1, 6, (1,), generator=g))
+        xy = torch.rand(n, 2, generator=g) * 200
+        wh = 20 + torch.rand(n, 2, generator=g) * 80
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, num_classes, (n,), generator=g).to(device)})
+    return images.to(device), targets
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(model: torch.nn.Module, mode: str, batch: int, device: torch.device, steps: int,
+            warmup: int, amp: bool = False, channels_last: bool = False) -> SpeedResult:
+    """Median time per batch over ``steps`` after ``warmup`` (SGD step included in train mode)."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    images, targets = synthetic_batch(batch, model.num_classes, device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    model.train(mode == "train")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        if mode == "train":
+            with autocast_context(device, amp):
+                loss = sum(model(images, targets).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        else:
+            with torch.inference_mode(), autocast_context(device, amp):
+                model(images)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    median = times[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return SpeedResult(mode, batch / median, 1000 * median, peak)
+
+
 def run_model(args: argparse.Namespace) -> str:
     """SSD300 training-step and inference throughput on synthetic 300x300 batches."""
-    import torch
-
-    from ssd_da.models.ssd import build_ssd
-    from ssd_da.utils.speed import measure
-
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     rows = []
     for backbone in args.backbones.split(","):
         for mode, batch in (("train", args.batch_size), ("inference", args.eval_batch_size)):
@@ -166,8 +227,6 @@ def run_model(args: argparse.Namespace) -> str:
             print(rows[-1], flush=True)
             del model
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    import torchvision
-
     return "\n".join([
         f"## model: SSD300 throughput on {device.type.upper()}",
         "",

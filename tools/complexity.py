@@ -1,7 +1,7 @@
 """Params and GFLOPs of backbones (DA paper Table II) or of the SSD300 detector built on them.
 
 Counts follow torchstat's rules (``ssd_da/utils/flops.py``), which the paper used; the numbers
-are not comparable with thop / ptflops / fvcore. Examples::
+are not comparable with thop / ptflops / fvcore (docs/method.md). Examples::
 
     # Table II (ImageNet classifiers, 1000-way FC, 224x224, batch 1)
     python tools/complexity.py --classifier resnet18 se_resnet18 da_resnet18
@@ -10,28 +10,21 @@ are not comparable with thop / ptflops / fvcore. Examples::
     # raw integer counts
     python tools/complexity.py --classifier --csv resnet50 da_resnet50
 
-Models are built on (or moved to) PyTorch's ``meta`` device: no weight initialisation, no
-arithmetic, since shapes alone decide the counts; a model whose forward does not run there is
-measured on the CPU (``--no-meta`` forces the CPU; the test suite checks both agree).
+Models are built on (or moved to) PyTorch's ``meta`` device (``ssd_da.models.complexity``);
+``--no-meta`` measures on the CPU instead (the test suite checks both agree).
+Exit status 2 with a message on stderr for bad input.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import NoReturn, Sequence
 
-import torch
-from torch import nn
-
-if importlib.util.find_spec("ssd_da") is None:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ssd_da.utils.flops import count_flops, count_params  # noqa: E402
-
-logger = logging.getLogger("complexity")
+from ssd_da.models.complexity import (CLASSIFIER_CLASSES, CLASSIFIER_SIZE, DETECTOR_SIZE,
+                                      VOC_NUM_CLASSES, measure_backbone, measure_detector)
+from ssd_da.models.names import BACKBONE_NAMES
+from ssd_da.utils.cli import fail
 
 # DA paper Table II, in its row order.
 TABLE_II_BACKBONES = (
@@ -40,14 +33,6 @@ TABLE_II_BACKBONES = (
     "resnet50", "se_resnet50", "da_resnet50",
     "resnet101", "se_resnet101", "da_resnet101",
 )
-CLASSIFIER_CLASSES = 1000  # Table II counts the ImageNet form, with its 1000-way FC
-VOC_NUM_CLASSES = 21  # 20 VOC classes + background (design.md: num_classes counts background)
-CLASSIFIER_SIZE = 224
-DETECTOR_SIZE = 300
-# Methods of the SSD model that return raw head outputs, tried in this order.
-RAW_FORWARD_METHODS = ("forward_raw", "head_outputs")
-
-ForwardFn = Callable[[nn.Module, torch.Tensor], object]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,10 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str) -> None:
-    """Report a usage error the way argparse does: message on stderr, exit status 2."""
-    print(f"complexity.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def _fail(message: str) -> NoReturn:
+    fail("complexity.py", message)
 
 
 def _input_shape(args: argparse.Namespace) -> tuple[int, int, int, int]:
@@ -88,62 +71,18 @@ def _input_shape(args: argparse.Namespace) -> tuple[int, int, int, int]:
 
 def _check_names(names: Sequence[str]) -> None:
     """Exit with status 2 listing the valid names if any name is unknown (nothing built yet)."""
-    try:
-        from ssd_da.models.resnet import BACKBONE_NAMES
-    except ImportError as exc:
-        _fail(f"the backbones are not available yet (ssd_da.models.resnet: {exc})")
     unknown = [n for n in names if n not in BACKBONE_NAMES]
     if unknown:
         _fail(f"unknown backbone(s) {', '.join(unknown)}; valid names: "
               f"{', '.join(BACKBONE_NAMES)}")
 
 
-def _build(name: str, classifier: bool) -> tuple[nn.Module, ForwardFn | None]:
-    """The model to measure and, for the detector, how to run only its network (no postprocess)."""
-    if classifier:
-        from ssd_da.models.resnet import build_resnet
-        return build_resnet(name, num_classes=CLASSIFIER_CLASSES), None
-    try:
-        from ssd_da.models.ssd import build_ssd
-    except ImportError as exc:
-        _fail(f"the SSD300 detector is not available yet (ssd_da.models.ssd: {exc}); "
-              "use --classifier to measure the backbones as in Table II")
-    try:
-        model = build_ssd(name, num_classes=VOC_NUM_CLASSES)
-    except ValueError as exc:
-        _fail(str(exc))
-    for method in RAW_FORWARD_METHODS:
-        if callable(getattr(model, method, None)):
-            # Backbone + extras + heads only; box decoding and NMS have no FLOPs under the rules
-            # anyway, but skipping them keeps the meta device usable and the run short.
-            return model, lambda m, x, _method=method: getattr(m, _method)(x)
-    return model, None  # eval-mode forward; postprocessing contributes 0 FLOPs
-
-
-def _build_meta(name: str, classifier: bool) -> tuple[nn.Module, ForwardFn | None]:
-    """The model with its parameters and buffers on the meta device (shapes only)."""
-    try:
-        with torch.device("meta"):
-            return _build(name, classifier)
-    except (RuntimeError, TypeError) as exc:
-        # Some constructors compute tensors on the CPU explicitly (torchvision's
-        # DefaultBoxGenerator in SSD300 does); build there and move: counts need shapes only.
-        logger.debug("%s: cannot be built on the meta device (%s); moving it there", name, exc)
-        model, forward_fn = _build(name, classifier)
-        return model.to("meta"), forward_fn
-
-
 def measure(name: str, classifier: bool, input_shape: Sequence[int],
             meta: bool = True) -> tuple[int, int]:
     """(params, flops) of one backbone, classifier or SSD300 form, at batch ``input_shape[0]``."""
-    if meta:
-        model, forward_fn = _build_meta(name, classifier)
-        try:
-            return count_params(model), count_flops(model, input_shape, forward_fn)
-        except (RuntimeError, TypeError) as exc:  # e.g. an op without a meta kernel
-            logger.info("%s: meta device failed (%s); measuring on the CPU", name, exc)
-    model, forward_fn = _build(name, classifier)
-    return count_params(model), count_flops(model, input_shape, forward_fn)
+    if classifier:
+        return measure_backbone(name, input_shape, meta)
+    return measure_detector(name, VOC_NUM_CLASSES, tuple(input_shape), meta)
 
 
 def format_table(rows: Sequence[tuple[str, int, int]]) -> str:
@@ -162,7 +101,8 @@ def format_csv(rows: Sequence[tuple[str, int, int]]) -> str:
     return "\n".join(["backbone,params,flops"] + [f"{n},{p},{f}" for n, p, f in rows])
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> int:
+    """0 after printing the table; exits with status 2 (message on stderr) for bad input."""
     names = list(args.backbones) or list(TABLE_II_BACKBONES)
     shape = _input_shape(args)
     _check_names(names)
@@ -174,13 +114,14 @@ def main(args: argparse.Namespace) -> None:
             _fail(f"{name} at input {tuple(shape)}: {exc}")
     if args.csv:
         print(format_csv(rows))
-        return
+        return 0
     form = (f"ImageNet classifier ({CLASSIFIER_CLASSES} classes)" if args.classifier
             else f"SSD300 detector ({VOC_NUM_CLASSES} classes incl. background)")
     print(f"{form}, input {shape[2]}x{shape[3]}, batch 1, torchstat FLOP rules\n")
     print(format_table(rows))
+    return 0
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(get_args_parser().parse_args())
+    sys.exit(main(get_args_parser().parse_args()))

@@ -19,7 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from PIL import Image
+
+from ssd_da.data.voc import load_rgb
+from ssd_da.engine.checkpoint import load_detector
+from ssd_da.engine.inference import predict_image
+from ssd_da.utils.cli import report_error
+from ssd_da.utils.device import resolve_device
+from ssd_da.visualize.draw import draw_detections
 
 logger = logging.getLogger("detect")
 
@@ -64,10 +71,6 @@ def check_inputs(args: argparse.Namespace) -> list[str]:
 def detect_one(model: Any, path: str, class_names: list[str],
                score: float) -> tuple[Any, list[dict]]:
     """(picture (H, W, 3) uint8, JSON records) for one image file."""
-    from ssd_da.data.voc import load_rgb
-    from ssd_da.engine.inference import predict_image
-    from ssd_da.visualize.draw import draw_detections
-
     image = load_rgb(path)
     det = predict_image(model, image)
     keep = det["scores"] >= score
@@ -81,11 +84,6 @@ def main(args: argparse.Namespace) -> int:
     """Exit code 0 on success, 2 on bad input (message on stderr)."""
     try:
         names = check_inputs(args)
-        from PIL import Image
-
-        from ssd_da.engine.checkpoint import load_detector
-        from ssd_da.engine.inference import resolve_device
-
         model, ckpt = load_detector(args.checkpoint, resolve_device(args.device))
         class_names = list(ckpt["class_names"])
         out_dir = Path(args.out)
@@ -100,8 +98,7 @@ def main(args: argparse.Namespace) -> int:
         (out_dir / "detections.json").write_text(json.dumps(records, indent=1))
     except (ValueError, OSError) as exc:
         # Bad input (CheckpointError is a ValueError, FileNotFoundError an OSError): exit code 2.
-        print(f"detect.py: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("detect.py", exc)
     logger.info("wrote %d detections to %s", len(records), out_dir / "detections.json")
     return 0
 

@@ -18,11 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ssd_da.data.download import DEFAULT_MIRROR, VOC_ARCHIVES, DownloadError, fetch_archive  # noqa: E402
-
-logger = logging.getLogger("download_voc")
+from ssd_da.data.download import DEFAULT_MIRROR, VOC_ARCHIVES, DownloadError, fetch_archive
+from ssd_da.utils.cli import report_error
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -47,9 +44,9 @@ def main(args: argparse.Namespace) -> int:
     names = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in names if s not in VOC_ARCHIVES]
     if not names or unknown:
-        print(f"error: --sets: unknown set {unknown[0] if unknown else args.sets!r}; valid names: "
-              f"{', '.join(VOC_ARCHIVES)}", file=sys.stderr)
-        return 2
+        return report_error("download_voc.py", f"--sets: unknown set "
+                            f"{unknown[0] if unknown else args.sets!r}; valid names: "
+                            f"{', '.join(VOC_ARCHIVES)}")
     data_root = Path(args.data_root)
     archive_dir = Path(args.archive_dir) if args.archive_dir else data_root.parent
     try:
@@ -57,8 +54,7 @@ def main(args: argparse.Namespace) -> int:
             fetch_archive(name, data_root, archive_dir, mirror=args.mirror,
                           keep_archive=not args.remove_archives, timeout=args.timeout)
     except (DownloadError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("download_voc.py", exc)
     print(f"VOC sets {', '.join(names)} are in {data_root}: "
           f"python tools/train.py --data-root {data_root}")
     return 0

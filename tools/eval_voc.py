@@ -10,7 +10,9 @@ default), COCO AP (pycocotools).
 VOC detection files are a JSON list of {"image_id": "000001", "label": "dog", "score": 0.93,
 "bbox": [x1, y1, x2, y2]} with boxes in the annotation XML's (1-based) pixel coordinates; with
 --data-format coco they are COCO results, [{"image_id": 42, "category_id": 18, "bbox": [x, y,
-w, h], "score": 0.93}], and the COCO figures are pycocotools' own evaluation on the JSON.
+w, h], "score": 0.93}], and the COCO figures are pycocotools' own evaluation on the JSON
+(both formats: ssd_da/evaluation/detection_file.py, ssd_da/evaluation/coco.py). Exit status 2
+with a message on stderr for bad input.
 """
 from __future__ import annotations
 
@@ -21,17 +23,26 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-logger = logging.getLogger("eval_voc")
+from ssd_da.data.coco import CocoDetection
+from ssd_da.data.transforms import build_eval_transform
+from ssd_da.data.voc import VOC_CLASSES, UnknownClassError, VOCDetection
+from ssd_da.engine.checkpoint import load_detector
+from ssd_da.engine.inference import coco_metrics_of, format_coco, predict
+from ssd_da.evaluation.coco import coco_metrics, coco_results, load_coco_results
+from ssd_da.evaluation.detection_file import load_detection_file, write_detection_file
+from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
+from ssd_da.evaluation.voc import VOCResult, evaluate_voc
+from ssd_da.utils.cli import report_error
+from ssd_da.utils.device import resolve_device
+from ssd_da.utils.paths import ensure_dir, ensure_file_parent
 
 
 class EvalInputError(ValueError):
-    """A bad detection file, class list or checkpoint/dataset mismatch (message says which)."""
+    """A class list or checkpoint that does not fit the dataset (message says which)."""
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -81,70 +92,8 @@ def parse_classes(text: str | None) -> list[str] | None:
     return [c.strip() for c in text.split(",") if c.strip()] if text else None
 
 
-def _is_number(value: Any) -> bool:
-    """A JSON number (true/false are not numbers here, although Python's bool is an int)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def load_detection_file(path: str | Path, image_ids: Sequence[str], class_names: Sequence[str]
-                        ) -> list[dict[str, np.ndarray]]:
-    """Read the JSON format above into per-image arrays (0-based boxes, labels 1..C)."""
-    path = Path(path)
-    try:
-        records = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EvalInputError(f"{path}: cannot read detections: {exc}") from exc
-    if not isinstance(records, list):
-        raise EvalInputError(f"{path}: expected a JSON list of detections")
-    index = {img: i for i, img in enumerate(image_ids)}
-    label_of = {c: i + 1 for i, c in enumerate(class_names)}
-    per_image: list[list[tuple]] = [[] for _ in image_ids]
-    for n, rec in enumerate(records):
-        where = f"{path}: detection #{n}"
-        if not isinstance(rec, dict) or not {"image_id", "label", "score", "bbox"} <= set(rec):
-            raise EvalInputError(f"{where} must have image_id, label, score and bbox; got {rec!r}")
-        img, label, box = str(rec["image_id"]), rec["label"], rec["bbox"]
-        if img not in index:
-            raise EvalInputError(f"{where}: image_id {img!r} is not in the split "
-                                 f"({len(image_ids)} images, e.g. {', '.join(image_ids[:3])})")
-        if not isinstance(label, str) or label not in label_of:
-            raise EvalInputError(f"{where}: unknown label {label!r}; valid: {', '.join(class_names)}")
-        ok = isinstance(box, list) and len(box) == 4 and all(
-            _is_number(v) and math.isfinite(v) for v in box)
-        if not ok or box[2] < box[0] or box[3] < box[1]:
-            raise EvalInputError(f"{where}: bbox must be 4 finite numbers [x1, y1, x2, y2] with "
-                                 f"x2 >= x1 and y2 >= y1; got {box!r}")
-        score = rec["score"]
-        if not _is_number(score) or not math.isfinite(score):
-            raise EvalInputError(f"{where}: score must be a finite number; got {score!r}")
-        per_image[index[img]].append((*[v - 1.0 for v in box], float(score), label_of[label]))
-    out = []
-    for dets in per_image:
-        arr = np.asarray(dets, dtype=np.float64).reshape(-1, 6)
-        out.append({"boxes": arr[:, :4], "scores": arr[:, 4], "labels": arr[:, 5].astype(np.int64)})
-    return out
-
-
-def detections_to_records(detections: Sequence[dict[str, np.ndarray]], image_ids: Sequence[str],
-                          class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """The inverse of load_detection_file: XML (1-based) coordinates, class names."""
-    records = []
-    for img, det in zip(image_ids, detections):
-        for box, score, label in zip(det["boxes"], det["scores"], det["labels"]):
-            records.append({"image_id": img, "label": class_names[int(label) - 1],
-                            "score": float(score),  # full precision: re-evaluating a saved
-                            "bbox": [float(v) + 1.0 for v in box]})  # file gives the same mAP
-    return records
-
-
 def run_model(args: argparse.Namespace, class_names: list[str] | None):
     """Inference with the checkpoint over the split; returns (dataset, class names, dets, img/s)."""
-    import torch
-
-    from ssd_da.data.transforms import build_eval_transform
-    from ssd_da.engine.checkpoint import load_detector
-    from ssd_da.engine.inference import predict
-    from ssd_da.engine.inference import resolve_device
 
     device = resolve_device(args.device)
     model, ckpt = load_detector(args.checkpoint, device)
@@ -156,8 +105,7 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
     ignore = args.ignore_other_classes
     if ignore is None:  # training's rule for objects of other classes, so the mAPs agree
         ignore = bool(saved.get("ignore_other_classes", False))
-    size = int(saved.get("image_size", 300))
-    dataset = load_split(args, trained, build_eval_transform(size), ignore,
+    dataset = load_split(args, trained, build_eval_transform(model.image_size), ignore,
                          f"{args.checkpoint} was trained on these classes: evaluate it on data "
                          f"of them, or pass --ignore-other-classes to leave the others out")
     with torch.inference_mode():
@@ -166,16 +114,13 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
 
 
 def load_split(args: argparse.Namespace, class_names: Sequence[str] | None, transform,
-               ignore_other_classes: bool, advice: str | None = None):
+               ignore_other_classes: bool, advice: str | None = None
+               ) -> VOCDetection | CocoDetection:
     """The split as a VOCDetection or CocoDetection (difficult objects kept; ``class_names``
     None: the COCO categories). Objects of classes the model does not know are an error unless
     ignored: otherwise their APs would silently be missing."""
-    from ssd_da.data.voc import VOC_CLASSES, UnknownClassError, VOCDetection
-
-    dataset_class = VOCDetection
-    if args.data_format == "coco":
-        from ssd_da.data.coco import CocoDetection as dataset_class  # type: ignore[assignment]
-    elif class_names is None:
+    dataset_class = CocoDetection if args.data_format == "coco" else VOCDetection
+    if args.data_format != "coco" and class_names is None:
         class_names = list(VOC_CLASSES)
     try:
         return dataset_class(args.data_root, args.split, class_names=class_names,
@@ -187,9 +132,8 @@ def load_split(args: argparse.Namespace, class_names: Sequence[str] | None, tran
         raise EvalInputError(f"{exc.problem}; {advice}") from None
 
 
-def report(result, coco: dict[str, float] | None, dataset, rate: float | None) -> None:
-    from ssd_da.engine.inference import format_coco
-
+def report(result: VOCResult, coco: dict[str, float] | None,
+           dataset: VOCDetection | CocoDetection, rate: float | None) -> None:
     print(result.table())
     if coco is not None and hasattr(dataset, "coco"):
         print(f"COCO (pycocotools on {dataset.split}'s JSON): {format_coco(coco)}")
@@ -210,8 +154,6 @@ def report(result, coco: dict[str, float] | None, dataset, rate: float | None) -
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Output paths that cannot be written fail before the inference, naming the option."""
-    from ssd_da.utils.paths import ensure_dir, ensure_file_parent
-
     for option, path in (("--save-detections", args.save_detections), ("--json", args.json)):
         if path:
             ensure_file_parent(path, option)
@@ -223,8 +165,6 @@ def read_detections(args: argparse.Namespace, class_names: list[str] | None):
     """--detections over the split: (dataset, class names, detections aligned with it)."""
     dataset = load_split(args, class_names, None, bool(args.ignore_other_classes))
     if args.data_format == "coco":
-        from ssd_da.evaluation.coco import load_coco_results
-
         detections = load_coco_results(args.detections, dataset.coco_ids, dataset.cat_ids)
     else:
         ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
@@ -234,9 +174,6 @@ def read_detections(args: argparse.Namespace, class_names: list[str] | None):
 
 def coco_figures(args: argparse.Namespace, dataset, detections) -> dict[str, float] | None:
     """pycocotools' figures: on a COCO split's own JSON, else on the VOC training view."""
-    from ssd_da.engine.inference import coco_metrics_of
-    from ssd_da.evaluation.coco import coco_metrics
-
     if args.no_coco:
         return None
     if hasattr(dataset, "coco"):
@@ -250,9 +187,7 @@ def coco_figures(args: argparse.Namespace, dataset, detections) -> dict[str, flo
 
 
 def main(args: argparse.Namespace) -> int:
-    from ssd_da.engine.checkpoint import CheckpointError
-    from ssd_da.evaluation.voc import evaluate_voc
-
+    """0 after printing the AP table, 2 for bad input (message on stderr)."""
     try:
         check_outputs(args)
         class_names = parse_classes(args.classes)
@@ -267,9 +202,8 @@ def main(args: argparse.Namespace) -> int:
         report(result, coco, dataset, rate)
         image_ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
         write_outputs(args, result, detections, image_ids, class_names, dataset, coco)
-    except (EvalInputError, CheckpointError, ValueError, OSError) as exc:
-        logger.error("%s", exc)
-        return 2
+    except (ValueError, OSError) as exc:  # EvalInputError, CheckpointError, DetectionFileError
+        return report_error("eval_voc.py", exc)
     return 0
 
 
@@ -279,13 +213,12 @@ def write_outputs(args, result, detections, image_ids, class_names, dataset=None
     is_coco = hasattr(dataset, "coco")
     if args.save_detections:
         if is_coco:
-            from ssd_da.evaluation.coco import coco_results
-
             recs = coco_results(detections, dataset.coco_ids, dataset.cat_ids)
+            Path(args.save_detections).write_text(json.dumps(recs))
+            count = len(recs)
         else:
-            recs = detections_to_records(detections, image_ids, class_names)
-        Path(args.save_detections).write_text(json.dumps(recs))
-        print(f"wrote {len(recs)} detections to {args.save_detections}")
+            count = write_detection_file(args.save_detections, detections, image_ids, class_names)
+        print(f"wrote {count} detections to {args.save_detections}")
     if args.json:
         # JSON has no NaN: a class without ground truth (AP undefined) and the mAP of a split
         # with no ground truth at all are written as null.
@@ -297,8 +230,6 @@ def write_outputs(args, result, detections, image_ids, class_names, dataset=None
             payload["coco"] = {k: (None if math.isnan(v) else v) for k, v in coco.items()}
         Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False))
     if args.plots:
-        from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
-
         out = Path(args.plots)
         out.mkdir(parents=True, exist_ok=True)
         paths = plot_pr_curves(result, out)

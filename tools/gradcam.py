@@ -30,14 +30,21 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ssd_da.data.images import check_image
+from ssd_da.data.voc import load_rgb
+from ssd_da.engine.checkpoint import load_detector
+from ssd_da.models.names import display_name
+from ssd_da.utils.cli import report_error
+from ssd_da.utils.device import resolve_device
+from ssd_da.utils.figures import save_figure
+from ssd_da.utils.paths import ensure_file_parent
+from ssd_da.visualize.cam import METHODS, CamTarget, default_layer, explain, resolve_layer
+from ssd_da.visualize.draw import cam_figure, draw_detections, overlay_heatmap
 
 logger = logging.getLogger("gradcam")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from ssd_da.visualize.cam import METHODS
-
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files (any format PIL reads)")
@@ -86,9 +93,6 @@ def _check_file(path: str, what: str) -> None:
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail before loading any model: missing or unreadable files, bad numbers, a --box outside
     an image, eigencam with a target it would ignore, an --out that cannot be written."""
-    from ssd_da.data.images import check_image
-    from ssd_da.utils.paths import ensure_file_parent
-
     for path in args.checkpoint:
         _check_file(path, "checkpoint")
     if not 0.0 <= args.score <= 1.0:
@@ -111,9 +115,6 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def load_models(args: argparse.Namespace, device: Any) -> list[tuple[Any, dict, str]]:
     """[(model, checkpoint, layer path)], checking --class and --layer against each checkpoint."""
-    from ssd_da.engine.checkpoint import load_detector
-    from ssd_da.visualize.cam import default_layer, resolve_layer
-
     models = []
     for path in args.checkpoint:
         model, ckpt = load_detector(path, device)
@@ -131,8 +132,6 @@ def load_models(args: argparse.Namespace, device: Any) -> list[tuple[Any, dict, 
 
 
 def make_target(args: argparse.Namespace, class_names: Sequence[str]):
-    from ssd_da.visualize.cam import CamTarget
-
     if args.class_name is not None:
         return CamTarget("class", label=list(class_names).index(args.class_name) + 1)
     if args.box is not None:
@@ -143,9 +142,6 @@ def make_target(args: argparse.Namespace, class_names: Sequence[str]):
 def panel(image: Any, model: Any, ckpt: dict, layer: str,
           args: argparse.Namespace) -> tuple[Any, str]:
     """(overlay image, title) of one image under one checkpoint."""
-    from ssd_da.visualize.cam import explain
-    from ssd_da.visualize.draw import display_name, draw_detections, overlay_heatmap
-
     names = list(ckpt["class_names"])
     result = explain(model, image, make_target(args, names), layer=layer, method=args.method,
                      score_thresh=args.score, class_names=names)
@@ -160,29 +156,24 @@ def panel(image: Any, model: Any, ckpt: dict, layer: str,
                 ", ".join(f"{names[l - 1]} {s:.2f}" for l, s in
                           zip(result.target.labels.tolist(), result.target.scores.tolist())))
     where = layer.removeprefix("backbone.")
-    return overlay, f"{display_name(ckpt['backbone'])}\n{args.method} {where}: {target_text}"
+    title = f"{display_name(ckpt['backbone'], detector=True)}\n{args.method} {where}: {target_text}"
+    return overlay, title
 
 
 def main(args: argparse.Namespace) -> int:
     """Exit code 0 on success, 2 on bad input (message on stderr)."""
     try:
         check_inputs(args)
-        from ssd_da.data.voc import load_rgb
-        from ssd_da.engine.inference import resolve_device
-        from ssd_da.visualize.draw import cam_figure, save_figure
-
         models = load_models(args, resolve_device(args.device))
         rows = []
         for path in args.images:
             image = load_rgb(path)
             rows.append([(image, Path(path).name)] + [panel(image, m, c, layer, args)
                                                       for m, c, layer in models])
-        fig = cam_figure(rows, dpi=args.dpi)
-        save_figure(fig, args.out)
+        save_figure(cam_figure(rows, dpi=args.dpi), args.out)
     except (ValueError, OSError) as exc:
         # Bad input (CheckpointError is a ValueError, FileNotFoundError an OSError): exit code 2.
-        print(f"gradcam.py: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("gradcam.py", exc)
     logger.info("wrote %s (%d rows x %d columns)", args.out, len(rows), 1 + len(models))
     return 0
 

@@ -2,7 +2,7 @@
 """Train SSD300 on PASCAL VOC (or any VOC-layout or COCO-format dataset) with an
 attention-ResNet backbone.
 
-    python tools/train.py --backbone da_resnet50                 # the paper's recipe, VOC07+12
+    python tools/train.py --backbone da_resnet50                 # standard recipe, VOC07+12
     python tools/train.py --config configs/demo.yaml             # synthetic demo, CPU, minutes
     python tools/train.py --data-format coco --data-root data/coco --train-split train2017 \
         --test-split val2017                                     # COCO layout, its categories
@@ -10,7 +10,9 @@ attention-ResNet backbone.
                                                   # --batch-size is per process: global 32
     python tools/train.py --resume runs/da_resnet50/last.pth     # continue exactly
 
-Precedence: Config defaults < --config YAML < trailing key=value overrides < explicit options.
+Precedence: Config defaults < --config YAML < trailing key=value overrides < explicit options
+(with --resume and no --config, the checkpoint's saved config replaces the defaults).
+Exit status: 0 done, 2 bad input (message on stderr), 3 non-finite loss.
 """
 from __future__ import annotations
 
@@ -18,74 +20,32 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ssd_da.config import Config, apply_overrides, load_config, parse_key_values  # noqa: E402
-
-logger = logging.getLogger("train")
-
-# Options that map one-to-one onto Config fields (None: not given, keep the config's value).
-FIELD_OPTIONS = {
-    "backbone": str, "data_format": str, "data_root": str, "train_split": str, "test_split": str,
-    "classes": str, "iters": int, "batch_size": int, "lr": float, "workers": int, "eval_every": int,
-    "output_dir": str, "pretrained": str, "device": str, "seed": int, "metric": str,
-}
+from ssd_da.config import add_config_arguments, resolve_config
+from ssd_da.engine.checkpoint import load_checkpoint
+from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError, train
+from ssd_da.utils.cli import report_error
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of Config overrides, e.g. configs/demo.yaml")
-    for name, typ in FIELD_OPTIONS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
-                       help=f"Config.{name} (default: {getattr(Config(), name)!r})")
     p.add_argument("--resume", help="last.pth of an interrupted run; continues it exactly")
-    p.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on GPU")
-    p.add_argument("--sync-bn", dest="sync_bn", action="store_true", default=None,
-                   help="SyncBatchNorm across processes under torchrun")
-    p.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
-                   help="skip samples with a malformed XML or a missing, unreadable or "
-                        "undecodable image (each named in a warning, and counted)")
-    p.add_argument("--ignore-other-classes", dest="ignore_other_classes", action="store_true",
-                   default=None, help="leave out objects of classes not in the class list "
-                                      "(counted per class); without it they stop the run")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="any Config field, e.g. lr_steps=[80000,100000] warmup_iters=1000")
+    add_config_arguments(p)
     return p
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults, YAML, key=value, then explicit options. Resuming without --config starts from
-    the checkpoint's own saved config so the run continues with the same recipe."""
-    if args.resume and not args.config:
-        from ssd_da.engine.checkpoint import load_checkpoint
-
-        saved = load_checkpoint(args.resume).get("config", {})
-        cfg = apply_overrides(Config(), saved, f"config saved in {args.resume}")
-        cfg = apply_overrides(cfg, parse_key_values(args.overrides), "command line")
-    else:
-        cfg = load_config(args.config, args.overrides)
-    explicit = {k: getattr(args, k) for k in (*FIELD_OPTIONS, "amp", "sync_bn", "skip_bad",
-                                              "ignore_other_classes")
-                if getattr(args, k) is not None}
-    return apply_overrides(cfg, explicit, "command-line options")
-
-
 def main(args: argparse.Namespace) -> int:
-    from ssd_da.engine.checkpoint import CheckpointError
-    from ssd_da.engine.trainer import NonFiniteLossError, train
-
+    """0 when training finished, 2 for bad input, 3 for a non-finite loss (message on stderr)."""
     try:
-        cfg = resolve_config(args)
+        saved = load_checkpoint(args.resume).get("config", {}) if args.resume else None
+        cfg = resolve_config(args, saved)
         summary = train(cfg, resume=args.resume)
     except NonFiniteLossError as exc:
-        logger.error("%s", exc)
-        return 3
-    except (ValueError, OSError, CheckpointError) as exc:
-        logger.error("%s", exc)
-        return 2
+        report_error("train.py", exc)
+        return EXIT_NON_FINITE
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
+        return report_error("train.py", exc)
     if int(os.environ.get("RANK", "0")) == 0:
         best = summary["best_map"]
         print(f"\ndone: {summary['backbone']}, {summary['iterations']} iterations in "

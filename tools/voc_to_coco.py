@@ -21,9 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-logger = logging.getLogger("voc_to_coco")
+from ssd_da.data.convert import coco_split_to_voc, voc_class_names, voc_split_to_coco
+from ssd_da.data.voc import AnnotationError
+from ssd_da.utils.cli import report_error
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -44,9 +44,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ssd_da.data.convert import coco_split_to_voc, voc_class_names, voc_split_to_coco
-    from ssd_da.data.voc import AnnotationError
-
+    """0 when every split is converted, 2 for bad input (message on stderr)."""
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     try:
         if not splits:
@@ -68,8 +66,7 @@ def main(args: argparse.Namespace) -> int:
                   f"{Path(args.coco_root) / 'annotations' / f'instances_{split}.json'}")
         print(f"categories: {', '.join(classes)}")
     except (AnnotationError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("voc_to_coco.py", exc)
     return 0
 
 

@@ -173,7 +173,7 @@ class SSDAugment:
         self.last_params: tuple[PhotometricParams | None, GeometryParams] | None = None
 
     def set_random_state(self, random_generator: Any, py_random: random.Random) -> None:
-        """The albumentations protocol (SeededDataset, worker_init_fn): draws use ``py_random``."""
+        """The albumentations protocol (used by SeededDataset): draws use ``py_random``."""
         self.rng = py_random
 
     def sample(self, height: int, width: int, boxes: np.ndarray

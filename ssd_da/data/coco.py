@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from pycocotools.coco import COCO
 
 from ssd_da.data.images import check_image
 from ssd_da.data.voc import (Annotation, AnnotationError, Transform, UnknownClassError, VOCDetection,
@@ -63,8 +64,6 @@ def load_coco_json(json_path: str | Path):
     ``categories`` lists whose records have the fields COCO requires, unique ids, 4-number
     bboxes with w, h >= 0. ``iscrowd`` defaults to 0 and ``area`` to w * h (COCOeval needs
     both). Raises AnnotationError naming the file and the record."""
-    from pycocotools.coco import COCO
-
     json_path = Path(json_path)
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))

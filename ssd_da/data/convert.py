@@ -19,6 +19,9 @@ from xml.sax.saxutils import escape
 from pathlib import Path
 from typing import Any, Sequence
 
+from PIL import Image
+
+from ssd_da.data.coco import coco_paths, load_coco_json
 from ssd_da.data.voc import SPLITS, VOC_CLASSES, AnnotationError, find_image, resolve_split
 
 logger = logging.getLogger(__name__)
@@ -86,8 +89,6 @@ def voc_split_to_coco(voc_root: str | Path, split: str, class_names: Sequence[st
                              f"{image_path.name} in {coco_root / split}")
         placed[image_path.name] = image_path
         if meta["width"] <= 0 or meta["height"] <= 0:
-            from PIL import Image
-
             with Image.open(image_path) as img:
                 meta["width"], meta["height"] = img.size
         images.append({"id": len(images) + 1, "file_name": image_path.name,
@@ -145,8 +146,6 @@ def coco_split_to_voc(coco_root: str | Path, split: str, voc_root: str | Path,
     ``ImageSets/Main/<split>.txt``; a split named like a VOC split (``voc07_test``) goes to
     that split's folder and set file instead. Image ids are the file names without extension;
     ``iscrowd`` becomes ``difficult``. Returns counts of images and objects."""
-    from ssd_da.data.coco import coco_paths, load_coco_json
-
     json_path, image_dir = coco_paths(coco_root, split)
     coco = load_coco_json(json_path)
     year_name, set_name = SPLITS.get(split, (f"VOC{year}", split))

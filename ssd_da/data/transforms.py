@@ -14,11 +14,13 @@ first four; the transforms keep those columns and may drop rows.
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, Sequence
 
 import albumentations as A
 import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from ssd_da.models.pretrained import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (public here too)
@@ -320,10 +322,29 @@ def build_eval_transform(size: int = 300, backend: str = "fast", output: str = "
     _check_size(size)
     _check_backend(backend, output)
     if backend == "fast":
-        from ssd_da.data.augment import ResizeNormalize
+        from ssd_da.data.augment import ResizeNormalize  # augment imports this module
 
         return ResizeNormalize(size, output)
     steps: list[A.BasicTransform] = [A.Resize(size, size)]
     if output == "float":
         steps.append(A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0))
     return A.Compose(steps + [ToTensorV2()], bbox_params=_bbox_params())
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_transform(size: int) -> Any:
+    return build_eval_transform(size)
+
+
+def preprocess(image: np.ndarray, size: int = 300) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, size, size) float32, resized and ImageNet-normalised by
+    the evaluation pipeline (:func:`build_eval_transform`), so CAMs and pictures see what
+    evaluation sees."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+            or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) \
+            else type(image).__name__
+        raise ValueError(f"image: expected an (H, W, 3) uint8 RGB array, got {desc}")
+    out = _eval_transform(size)(image=image, bboxes=np.zeros((0, 4), np.float32),
+                                labels=np.zeros((0,), np.int64))
+    return out["image"].unsqueeze(0).float()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import random
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,7 +21,7 @@ import torch
 from ssd_da.data.decode import EncodedImage
 from ssd_da.data.images import check_image, load_rgb, read_image  # noqa: F401 (re-exported)
 from ssd_da.data.voc_xml import (Annotation, AnnotationError, MissingSizeError,  # noqa: F401
-                                 parse_annotation)
+                                 clip_boxes, parse_annotation)
 
 logger = logging.getLogger(__name__)
 
@@ -299,10 +298,7 @@ class VOCDetection(torch.utils.data.Dataset):
             # The XML's <size> disagrees with the file; keep the boxes inside the real image.
             logger.warning("%s is %dx%d but its annotation says %dx%d; clipping boxes to the image",
                            self.image_paths[index], width, height, ann.width, ann.height)
-            boxes = boxes.copy()
-            np.clip(boxes[:, 0::2], 0, width - 1, out=boxes[:, 0::2])
-            np.clip(boxes[:, 1::2], 0, height - 1, out=boxes[:, 1::2])
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, keep = clip_boxes(boxes, width, height)
             boxes, labels = boxes[keep], labels[keep]
         if isinstance(image, np.ndarray) and image.shape[:2] != (height, width):
             # Shrunk to max_side: scale the boxes with it.
@@ -340,20 +336,3 @@ def detection_collate(
         raise ValueError(f"images in a batch must share one shape to be stacked, got {sorted(shapes)}; "
                          f"use a transform that resizes (build_train_transform / build_eval_transform)")
     return torch.stack(images, dim=0), [target for _, target in batch]
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` giving each worker (and each epoch) its own augmentation stream.
-
-    albumentations transforms keep private generators; forked workers would otherwise inherit
-    identical copies and draw the same augmentations. ``torch.initial_seed()`` in a worker is the
-    loader's per-epoch base seed + worker_id, so it differs across workers and epochs.
-    """
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset if info is not None else None
-    while dataset is not None and not hasattr(dataset, "transform") and hasattr(dataset, "dataset"):
-        dataset = dataset.dataset  # torch.utils.data.Subset and similar wrappers
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_state"):
-        seed = torch.initial_seed() % 2**32
-        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))

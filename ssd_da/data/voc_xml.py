@@ -139,6 +139,16 @@ def _parse_objects(
     return boxes, labels, difficult, proper, other
 
 
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) xyxy 0-based pixels -> (a clipped copy inside (0..width-1, 0..height-1), (N,) bool
+    keep mask of the boxes with positive area after clipping). A box lying entirely outside the
+    image collapses to zero area and is not kept; inverted and zero-area boxes neither."""
+    boxes = boxes.copy()
+    np.clip(boxes[:, 0::2], 0, width - 1, out=boxes[:, 0::2])
+    np.clip(boxes[:, 1::2], 0, height - 1, out=boxes[:, 1::2])
+    return boxes, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+
 def parse_annotation(
     xml_path: str | Path,
     class_names: Sequence[str],
@@ -170,11 +180,7 @@ def parse_annotation(
     raw = np.asarray(boxes_l, dtype=np.float32).reshape(-1, 4) - 1.0
     labels = np.asarray(labels_l, dtype=np.int64)
     difficult = np.asarray(difficult_l, dtype=np.bool_)
-    boxes = raw.copy()
-    np.clip(boxes[:, 0::2], 0, width - 1, out=boxes[:, 0::2])
-    np.clip(boxes[:, 1::2], 0, height - 1, out=boxes[:, 1::2])
-    # A box lying entirely outside the image collapses to zero area once clipped.
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, keep = clip_boxes(raw, width, height)
     for k in np.flatnonzero(~keep & np.asarray(proper_l, dtype=np.bool_)):
         logger.warning("%s: box %d (label %d) lies outside the %dx%d image; left out of training",
                        xml_path, int(k), int(labels[k]), width, height)

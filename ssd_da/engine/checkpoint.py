@@ -1,15 +1,34 @@
-"""Checkpoints: written atomically, and checked against the architecture they are loaded into."""
+"""Checkpoints: written atomically, checked against the architecture they are loaded into, and
+(for ``last.pth``) holding everything an exact ``--resume`` needs.
+
+A checkpoint is a dict: ``model`` (state dict), ``backbone``, ``class_names``, ``config`` (the
+resolved config), ``iteration``, ``best_map``, ``backbone_init``, ``world_size``, ``timing``;
+``last.pth`` adds ``optimizer``, ``scheduler`` and ``rng`` (Python, numpy, torch and CUDA
+generator states). Checkpoints written before GradScaler was removed also hold a ``scaler``
+entry (always disabled: bf16 needs no loss scaling); it is ignored.
+"""
 from __future__ import annotations
 
 import logging
 import os
+import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from ssd_da.engine import distributed as dist_utils
+from ssd_da.models.ssd import build_ssd
+
+if TYPE_CHECKING:  # type hints only: the trainer imports this module
+    from ssd_da.config import Config
+    from ssd_da.engine.trainer import TrainState
+
 logger = logging.getLogger(__name__)
+# Entries of last.pth that only resuming needs; best.pth leaves them out.
+RESUME_KEYS = ("optimizer", "scheduler", "rng")
 
 
 class CheckpointError(ValueError):
@@ -79,6 +98,64 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     model.load_state_dict(state_dict)
 
 
+def rng_states() -> dict[str, Any]:
+    """The Python, numpy, torch (and CUDA, when present) generator states."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_states` (a CUDA state is skipped on a machine without CUDA)."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def training_checkpoint(state: TrainState, cfg: Config, class_names: list[str],
+                        resumable: bool = True) -> dict[str, Any]:
+    """The checkpoint dict of a training run (module docstring); ``resumable=False`` leaves
+    out optimizer, scheduler and RNG states (best.pth is for evaluation)."""
+    ckpt = {
+        "model": dist_utils.unwrap(state.model).state_dict(), "backbone": cfg.backbone,
+        "class_names": class_names, "config": cfg.to_dict(), "iteration": state.iteration,
+        "best_map": state.best_map, "backbone_init": state.backbone_init,
+        "world_size": dist_utils.get_world_size(), "timing": dict(state.timing),
+    }
+    if resumable:
+        ckpt.update(optimizer=state.optimizer.state_dict(),
+                    scheduler=state.scheduler.state_dict(), rng=rng_states())
+    return ckpt
+
+
+def restore_training_state(state: TrainState, path: str | Path, cfg: Config,
+                           class_names: list[str]) -> None:
+    """Continue exactly: weights, optimizer, scheduler, iteration, timing and RNG states."""
+    ckpt = load_checkpoint(path)
+    if ckpt["backbone"] != cfg.backbone or list(ckpt["class_names"]) != class_names:
+        raise CheckpointError(
+            f"--resume {path}: checkpoint is {ckpt['backbone']} with classes "
+            f"{ckpt['class_names']}, but this run is {cfg.backbone} with classes {class_names}")
+    if any(key not in ckpt for key in RESUME_KEYS):
+        raise CheckpointError(f"--resume {path}: no optimizer state (use last.pth, not best.pth)")
+    load_model_state(dist_utils.unwrap(state.model), ckpt["model"], f"--resume {path}")
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    state.iteration, state.best_map = int(ckpt["iteration"]), float(ckpt["best_map"])
+    state.timing.update(ckpt.get("timing", {}))
+    state.backbone_init = ckpt.get("backbone_init", state.backbone_init)
+    set_rng_states(ckpt["rng"])
+    saved_world, world = ckpt.get("world_size", 1), dist_utils.get_world_size()
+    if saved_world != world:
+        logger.warning("--resume %s: saved with %d process(es), resumed with %d: the data order "
+                       "differs from the uninterrupted run", path, saved_world, world)
+    logger.info("resumed from %s at iteration %d", path, state.iteration)
+
+
 def load_detector(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -88,8 +165,6 @@ def load_detector(
     and ``class_names`` decide the architecture, so a file from another architecture fails here
     with a message naming it rather than deep inside ``load_state_dict``.
     """
-    from ssd_da.models.ssd import build_ssd  # deferred: tools that never load models stay light
-
     state = load_checkpoint(path)
     class_names = list(state.get("class_names") or [])
     if not class_names:

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssd_da.config import Config
+from ssd_da.config import DATA_FORMATS, Config
+from ssd_da.data.coco import CocoDetection, coco_class_names
+from ssd_da.data.demo import DEMO_CLASSES
+from ssd_da.data.transforms import build_eval_transform, build_train_transform
 from ssd_da.data.voc import VOC_CLASSES, VOCDetection, detection_collate
+from ssd_da.models.ssd import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
-
-
-DATA_FORMATS = ("voc", "coco")
 
 
 def class_names_from_config(cfg: Config) -> list[str]:
@@ -30,12 +31,8 @@ def class_names_from_config(cfg: Config) -> list[str]:
     if cfg.classes:
         return list(cfg.classes)
     if cfg.data_format == "coco":
-        from ssd_da.data.coco import coco_class_names
-
         return coco_class_names(cfg.data_root, cfg.train_split)
     if cfg.demo:
-        from ssd_da.data.demo import DEMO_CLASSES
-
         return list(DEMO_CLASSES)
     return list(VOC_CLASSES)
 
@@ -120,18 +117,14 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
     VOC or COCO format per ``cfg.data_format`` (``ssd_da.data.coco.CocoDetection`` shares
     VOCDetection's items and annotations). ValueError when the training set holds no object to
     learn from."""
-    from ssd_da.data.transforms import build_eval_transform, build_train_transform
-
     if cfg.data_format not in DATA_FORMATS:
         raise ValueError(f"data_format {cfg.data_format!r} is not one of: {', '.join(DATA_FORMATS)}")
-    dataset_class = VOCDetection
-    if cfg.data_format == "coco":
-        from ssd_da.data.coco import CocoDetection as dataset_class  # type: ignore[assignment]
+    dataset_class = CocoDetection if cfg.data_format == "coco" else VOCDetection
     names = class_names_from_config(cfg)
     train_set = None
     if train:
         train_set = dataset_class(cfg.data_root, cfg.train_split, class_names=names,
-                                  transform=build_train_transform(cfg.image_size),
+                                  transform=build_train_transform(IMAGE_SIZE),
                                   keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad,
                                   ignore_other_classes=cfg.ignore_other_classes,
                                   max_side=TRAIN_MAX_SIDE)
@@ -142,7 +135,7 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
                              f"{'' if cfg.keep_difficult else 'non-difficult '}object of the "
                              f"classes {', '.join(names)}: there is nothing to learn")
     test_set = dataset_class(cfg.data_root, cfg.test_split, class_names=names,
-                             transform=build_eval_transform(cfg.image_size),
+                             transform=build_eval_transform(IMAGE_SIZE),
                              keep_difficult=True, skip_bad=cfg.skip_bad,
                              ignore_other_classes=cfg.ignore_other_classes)
     return train_set, test_set

@@ -82,6 +82,11 @@ def check_replicas_agree(model: torch.nn.Module) -> None:
                            f"rank {digests}")
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel wrapper (``model`` itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

@@ -1,8 +1,6 @@
 """Inference: batched over a dataset (with VOC evaluation of the result) and on one image array."""
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import time
 from typing import Any, Sequence
@@ -11,18 +9,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ssd_da.data.transforms import build_eval_transform
+from ssd_da.data.transforms import preprocess
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.data import build_eval_loader
+from ssd_da.evaluation.coco import coco_metrics_on_gt, coco_results
+from ssd_da.evaluation.voc import VOCResult, evaluate_voc
+from ssd_da.utils.device import autocast_context
 
 logger = logging.getLogger(__name__)
-
-
-def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``amp``; a no-op elsewhere (CPU runs stay float32)."""
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -60,13 +54,12 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: t
 
 def evaluate_model(model: torch.nn.Module, dataset: Any, class_names: Sequence[str],
                    device: torch.device, batch_size: int = 32, workers: int = 2,
-                   amp: bool = False, metric: str = "voc07", progress: bool = True):
+                   amp: bool = False, metric: str = "voc07", progress: bool = True
+                   ) -> tuple[VOCResult, list[dict[str, np.ndarray]], float]:
     """Predict on ``dataset`` (sharded over ranks under torchrun) and compute VOC AP.
 
     Returns ``(VOCResult, detections list aligned with the dataset, images/s)`` on every rank.
     """
-    from ssd_da.evaluation.voc import evaluate_voc
-
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
     mine, rate = predict(model, dataset, device, batch_size, workers, amp,
                          indices=range(rank, len(dataset), world), progress=progress)
@@ -87,8 +80,6 @@ def coco_metrics_of(dataset: Any, detections: Sequence[dict[str, np.ndarray]]) -
     aligned with a COCO-format dataset (``ssd_da.data.coco.CocoDetection``); None for others."""
     if not hasattr(dataset, "coco"):
         return None
-    from ssd_da.evaluation.coco import coco_metrics_on_gt, coco_results
-
     results = coco_results(detections, dataset.coco_ids, dataset.cat_ids)
     return coco_metrics_on_gt(dataset.coco, results, dataset.coco_ids, dataset.cat_ids)
 
@@ -99,47 +90,6 @@ def format_coco(stats: dict[str, float]) -> str:
     names = {"AP": "AP", "AP50": "AP50", "AP75": "AP75", "AP_small": "APs", "AP_medium": "APm",
              "AP_large": "APl"}
     return "  ".join(f"{short} {100 * stats[key]:.2f}" for key, short in names.items())
-
-
-@functools.lru_cache(maxsize=4)
-def _eval_transform(size: int):
-    return build_eval_transform(size)
-
-
-def preprocess(image: np.ndarray, size: int = 300) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (1, 3, size, size) float32, resized and ImageNet-normalised by
-    the evaluation pipeline (``build_eval_transform``), so CAMs and pictures see what
-    evaluation sees."""
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
-            or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-        desc = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) \
-            else type(image).__name__
-        raise ValueError(f"image: expected an (H, W, 3) uint8 RGB array, got {desc}")
-    out = _eval_transform(size)(image=image, bboxes=np.zeros((0, 4), np.float32),
-                                labels=np.zeros((0,), np.int64))
-    return out["image"].unsqueeze(0).float()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``--device`` value -> torch.device. "auto" is cuda when available, else cpu; a bare
-    "cuda" becomes ``cuda:<local_rank>`` (one process per GPU under torchrun). ValueError for a
-    malformed name or a CUDA device this machine does not have."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device: {name!r} is not a device; "
-                         "valid: auto, cpu, cuda, cuda:<index>")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda" and (not torch.cuda.is_available()
-                                  or device.index >= torch.cuda.device_count()):
-        raise ValueError(f"--device: {name!r} is not available here "
-                         f"({torch.cuda.device_count()} CUDA device(s)); use --device cpu")
-    return device
 
 
 @torch.no_grad()

@@ -1,39 +1,29 @@
-"""Training curves from a run's JSONL log (matplotlib, Agg: works on headless machines)."""
+"""Training curves of a run: loss terms, learning rate and test mAP against iteration."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def read_log(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """Split a run's log.jsonl into (training records, evaluation records)."""
-    train, evals = [], []
-    path = Path(path)
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write
-            (evals if "map" in rec else train).append(rec)
-    return train, evals
+from ssd_da.engine.runlog import read_run_log
+from ssd_da.utils.figures import save_figure
 
 
 def plot_training_curves(log_path: str | Path, png_path: str | Path) -> Path:
-    """Loss terms and learning rate against iteration, and mAP at each evaluation."""
-    train, evals = read_log(log_path)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    """Loss terms (log scale) and learning rate of the training records of ``log.jsonl``, and
+    mAP (%) at each evaluation record; one PNG of three panels."""
+    records = read_run_log(log_path)
+    train = [r for r in records if "map" not in r]
+    evals = [r for r in records if "map" in r]
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
     if train:
         its = [r["iter"] for r in train]
         for key in ("loss", "classification", "bbox_regression"):
             if key in train[0]:
                 axes[0].plot(its, [r[key] for r in train], label=key)
         axes[0].set_yscale("log")
+        axes[0].legend()
         axes[1].plot(its, [r["lr"] for r in train])
     if evals:
         axes[2].plot([r["iter"] for r in evals], [100 * r["map"] for r in evals], marker="o")
@@ -41,8 +31,5 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    axes[0].legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return Path(png_path)
+    return save_figure(fig, png_path, dpi=100)

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +81,7 @@ def _annotations(items: Sequence[Mapping], with_scores: bool) -> list[dict]:
     return anns
 
 
-def _coco(images: list[dict], categories: list[dict], anns: list[dict]):
-    from pycocotools.coco import COCO
-
+def _coco(images: list[dict], categories: list[dict], anns: list[dict]) -> COCO:
     coco = COCO()
     coco.dataset = {"images": images, "categories": categories, "annotations": anns}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -160,8 +160,6 @@ def coco_metrics_on_gt(coco_gt, results: Sequence[Mapping], image_ids: Sequence[
 
 def _run_cocoeval(coco_gt, coco_dt, image_ids: Sequence[int] | None = None,
                   cat_ids: Sequence[int] | None = None) -> dict[str, float]:
-    from pycocotools.cocoeval import COCOeval
-
     evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
     if image_ids is not None:
         evaluator.params.imgIds = list(image_ids)

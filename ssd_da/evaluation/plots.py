@@ -1,7 +1,7 @@
 """Precision-recall curves and per-class AP bars of a :class:`~ssd_da.evaluation.voc.VOCResult`.
 
-Figures are drawn with ``matplotlib.figure.Figure`` and the Agg canvas directly, so no pyplot
-global state or interactive backend is touched (safe in scripts, tests and worker processes).
+Figures are bare ``matplotlib.figure.Figure`` objects saved with
+:func:`ssd_da.utils.figures.save_figure` (no pyplot state).
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ssd_da.evaluation.voc import VOC07_RECALL_THRESHOLDS, VOCResult
+from ssd_da.utils.figures import save_figure
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +22,6 @@ logger = logging.getLogger(__name__)
 def _safe_name(name: str) -> str:
     """A file-name-safe version of a class name ("potted plant" -> "potted_plant")."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "class"
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100)
-    return path
 
 
 def plot_pr_curves(result: VOCResult, out_dir: str | Path) -> list[Path]:
@@ -64,7 +57,7 @@ def plot_pr_curves(result: VOCResult, out_dir: str | Path) -> list[Path]:
         ax.set_title(f"{name}: AP {100.0 * ap:.2f} ({result.metric}), "
                      f"{result.npos[name]} gt, {result.num_detections[name]} dets", fontsize=9)
         ax.legend(loc="lower left", fontsize=8)
-        paths.append(_save(fig, out_dir / f"pr_{_safe_name(name)}.png"))
+        paths.append(save_figure(fig, out_dir / f"pr_{_safe_name(name)}.png", dpi=100))
     return paths
 
 
@@ -91,4 +84,4 @@ def plot_ap_bars(result: VOCResult, path: str | Path) -> Path:
     ax.set_ylim(0.0, 100.0)
     ax.set_ylabel(f"AP (%), {result.metric}")
     fig.tight_layout()
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path), dpi=100)

@@ -3,7 +3,7 @@
 The paper reports SSD300 mAP on VOC2007 test with the 11-point interpolation at IoU 0.5
 (DA paper, section III). Published VOC07 numbers come from the Python port of the devkit
 (``voc_eval.py`` in py-faster-rcnn and its descendants), so this module reproduces that
-algorithm to the last bit (see ``shared/PAPER_NOTES.md``, "VOC 11-point AP"):
+algorithm to the last bit (docs/method.md, "The VOC evaluator"):
 
 * IoU uses the inclusive pixel convention: ``w = x2 - x1 + 1`` (shift-invariant, so 0-based
   boxes, as the data pipeline produces them, give the devkit's numbers).
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("voc07", "area")
 # Exactly what the Python evaluators behind published VOC07 results iterate over; note
-# 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001 (PAPER_NOTES.md).
+# 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001 (docs/method.md).
 VOC07_RECALL_THRESHOLDS = np.arange(0.0, 1.1, 0.1)
 
 

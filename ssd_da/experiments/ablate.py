@@ -4,13 +4,13 @@ One folder per run, ``<root>/<backbone>/seed<k>/`` (the run's ``output_dir``), s
 stopped and restarted at any time: a run whose ``summary.json`` records ``cfg.iters`` iterations
 is skipped, one with a ``last.pth`` but no finished summary continues from it (``--resume``), the
 rest start fresh. Runs go one after another in this process through ``train(cfg)``, or one per
-GPU as ``CUDA_VISIBLE_DEVICES=k python tools/train.py --config <run>/config.yaml`` subprocesses
-fed from a queue. The mAP of a run is its evaluation at the last iteration (``log.jsonl``), not
-the best one, which would be selected on the test set itself.
+GPU as ``CUDA_VISIBLE_DEVICES=k python <train_script> --config <run>/config.yaml`` subprocesses
+fed from a queue (the caller names the script: tools/ablate.py passes tools/train.py). The mAP of
+a run is its evaluation at the last iteration (``log.jsonl``), not the best one, which would be
+selected on the test set itself.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -24,12 +24,18 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import Any, Callable, Sequence
 
+import torch
 import yaml
 
 from ssd_da.config import Config, apply_overrides, save_config
+from ssd_da.data.voc import VOC_CLASSES
+from ssd_da.engine import trainer
+from ssd_da.engine.runlog import read_run_log
+from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError
 from ssd_da.experiments.report import (RunRecord, format_markdown, plot_map_vs_params, summarize,
                                        write_results_csv)
-from ssd_da.models.resnet import STAGES, parse_backbone_name
+from ssd_da.models.complexity import measure_detector
+from ssd_da.models.names import DEPTHS, backbone_name, parse_backbone_name
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +51,6 @@ DEFAULT_DEPTHS = {"order": (50,), "attention": (18, 34, 50, 101)}
 # these differ from its saved config.yaml (``iters`` is checked against the summary instead).
 RESULT_NEUTRAL_FIELDS = frozenset({"workers", "device", "eval_batch_size", "log_every",
                                    "ckpt_every", "eval_every", "iters", "output_dir"})
-DETECTOR_SIZE = 300  # SSD300; the trainer always builds the 300x300 model
-DEFAULT_TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "train.py"
 TrainFn = Callable[..., dict[str, Any]]
 
 
@@ -76,18 +80,14 @@ class RunOutcome:
     message: str = ""
 
 
-def backbone_name(attention: str, depth: int) -> str:
-    return f"resnet{depth}" if attention == "none" else f"{attention}_resnet{depth}"
-
-
 def suite_backbones(suite: str, depths: Sequence[int] | None = None) -> list[str]:
     """Backbone names of a suite, depth-major (``resnet50, da_resnet50, ...``)."""
     if suite not in SUITE_ATTENTIONS:
         raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITE_ATTENTIONS)}")
     depths = tuple(depths) if depths else DEFAULT_DEPTHS[suite]
-    bad = [d for d in depths if d not in STAGES]
+    bad = [d for d in depths if d not in DEPTHS]
     if bad:
-        raise ValueError(f"--depths: {bad} not available; valid depths: {sorted(STAGES)}")
+        raise ValueError(f"--depths: {bad} not available; valid depths: {list(DEPTHS)}")
     return [backbone_name(a, d) for d in depths for a in SUITE_ATTENTIONS[suite]]
 
 
@@ -155,16 +155,8 @@ def run_state(spec: RunSpec) -> tuple[str, Path | None]:
 
 def final_evaluation(out_dir: Path, iteration: int) -> dict[str, Any] | None:
     """The last evaluation record of ``log.jsonl`` at ``iteration`` (keys map, ap), if any."""
-    path = out_dir / "log.jsonl"
-    if not path.is_file():
-        return None
-    found = None
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if "map" in rec and rec.get("iter") == iteration:
-                found = rec
-    return found
+    found = [r for r in read_run_log(out_dir / "log.jsonl") if "map" in r and r["iter"] == iteration]
+    return found[-1] if found else None
 
 
 def _finished(spec: RunSpec) -> RunOutcome:
@@ -183,8 +175,6 @@ def _finished(spec: RunSpec) -> RunOutcome:
 
 
 def _train_in_process(spec: RunSpec, resume: Path | None, train_fn: TrainFn) -> RunOutcome:
-    from ssd_da.engine.trainer import NonFiniteLossError
-
     try:
         train_fn(spec.cfg, resume=resume)
     except NonFiniteLossError as exc:  # a seed that diverges is a result, not a crash
@@ -193,7 +183,7 @@ def _train_in_process(spec: RunSpec, resume: Path | None, train_fn: TrainFn) -> 
 
 
 def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script: Path) -> RunOutcome:
-    """tools/train.py on one GPU, fed the run's resolved config; its output goes to train.log."""
+    """The training script on one GPU, fed the run's resolved config; output to train.log."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     config_path = spec.out_dir / "config.yaml"
     save_config(spec.cfg, config_path)  # train.py writes the same file again
@@ -204,7 +194,7 @@ def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script
     logger.info("[gpu %s] %s: %s", gpu, spec.name, " ".join(cmd))
     with open(spec.out_dir / "train.log", "a") as log:
         rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc == 3:  # tools/train.py's exit status for a non-finite loss
+    if rc == EXIT_NON_FINITE:  # a seed that diverges is a result, not a crash
         return RunOutcome(spec, "diverged", f"non-finite loss; see {spec.out_dir / 'train.log'}")
     if rc != 0:
         return RunOutcome(spec, "failed", f"exit status {rc}; see {spec.out_dir / 'train.log'}")
@@ -241,8 +231,6 @@ def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str
 def visible_gpus() -> list[str]:
     """The ids ``--gpus`` may name: ``CUDA_VISIBLE_DEVICES``'s entries when it is set (each run
     gets one of them as its own ``CUDA_VISIBLE_DEVICES``), else 0..device_count-1."""
-    import torch
-
     count = torch.cuda.device_count()
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
@@ -266,21 +254,24 @@ def check_gpus(gpus: Sequence[str]) -> None:
 
 
 def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
-              train_fn: TrainFn | None = None,
-              train_script: Path = DEFAULT_TRAIN_SCRIPT) -> list[RunOutcome]:
+              train_fn: TrainFn | None = None, train_script: Path | None = None
+              ) -> list[RunOutcome]:
     """Train every unfinished run; returns one outcome per spec, in order.
 
     Args:
         specs: from :func:`plan_runs`.
-        gpus: CUDA device ids; one ``tools/train.py`` subprocess per id at a time. None: in-process.
+        gpus: CUDA device ids; one ``train_script`` subprocess per id at a time. None: in-process.
         train_fn: in-process training function (default ``ssd_da.engine.trainer.train``).
-        train_script: tools/train.py, for the subprocess mode.
+        train_script: for ``gpus``: a script taking ``--config`` and ``--resume`` and exiting
+            with :data:`~ssd_da.engine.trainer.EXIT_NON_FINITE` on a non-finite loss.
     """
     if gpus:
         check_gpus(gpus)
     if gpus and specs and specs[0].cfg.device not in ("auto", "cuda"):
         raise ValueError(f"--device {specs[0].cfg.device!r} cannot be combined with --gpus: each "
                          "run sees its one GPU as cuda:0 (use --device auto or cuda)")
+    if gpus and train_script is None:
+        raise ValueError("run_suite: gpus needs train_script (e.g. tools/train.py)")
     states = [run_state(spec) for spec in specs]  # every folder checked before anything trains
     done = {s.name for s, (state, _) in zip(specs, states) if state == "done"}
     jobs = [(s, resume) for s, (state, resume) in zip(specs, states) if state != "done"]
@@ -289,39 +280,13 @@ def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
     if gpus:
         trained = _run_on_gpus(jobs, [str(g) for g in gpus], Path(train_script))
     else:
-        if train_fn is None:
-            from ssd_da.engine.trainer import train as train_fn
+        train_fn = train_fn or trainer.train  # looked up now: tests replace it
         trained = []
         for spec, resume in jobs:
             logger.info("%s: %s", spec.name, f"resuming from {resume}" if resume else "training")
             trained.append(_train_in_process(spec, resume, train_fn))
     by_name = {o.spec.name: o for o in trained}
     return [RunOutcome(s, "skipped") if s.name in done else by_name[s.name] for s in specs]
-
-
-@functools.lru_cache(maxsize=None)
-def measure_detector(backbone: str, num_classes: int) -> tuple[int, int]:
-    """(params, FLOPs) of SSD300 on ``backbone`` at 300x300, torchstat rules (utils/flops.py),
-    network only (``head_outputs``; decoding and NMS count 0 under those rules anyway)."""
-    import torch
-
-    from ssd_da.models.ssd import build_ssd
-    from ssd_da.utils.flops import count_flops, count_params
-
-    shape = (1, 3, DETECTOR_SIZE, DETECTOR_SIZE)
-
-    def forward(model: torch.nn.Module, x: torch.Tensor) -> object:
-        return model.head_outputs(x)
-
-    try:  # the meta device: shapes only, no weights to initialise
-        with torch.device("meta"):
-            model = build_ssd(backbone, num_classes=num_classes)
-        return count_params(model), count_flops(model, shape, forward)
-    except (RuntimeError, NotImplementedError, TypeError) as exc:
-        # SSD300's default boxes are computed on the CPU at construction: a normal fallback.
-        logger.debug("%s: meta device failed (%s); measuring on the CPU", backbone, exc)
-    model = build_ssd(backbone, num_classes=num_classes)
-    return count_params(model), count_flops(model, shape, forward)
 
 
 def collect_records(specs: Sequence[RunSpec], num_classes: int,
@@ -395,8 +360,6 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
     inits = [str(s["backbone_init"]) for s in summaries if "backbone_init" in s]  # older runs: none
     notes = describe(specs[0].cfg, backbones, seeds, inits) if specs else []
     failures = [f"{name}: {why}" for name, why in missing.items()]
-    from ssd_da.data.voc import VOC_CLASSES
-
     paper = list(class_names) == list(VOC_CLASSES)  # the paper's numbers are VOC07 test mAP
     paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper))
     plot_map_vs_params(groups, paths["png"], layout)

@@ -12,10 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ssd_da.experiments.stats import Estimate, difference, mean_ci
-from ssd_da.models.resnet import parse_backbone_name
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ["RunRecord", "BackboneSummary", "PAPER_MAP", "display_name", "summarize",
+from ssd_da.experiments.stats import Estimate, difference, mean_ci
+from ssd_da.models.names import display_name, parse_backbone_name
+from ssd_da.utils.figures import save_figure
+
+__all__ = ["RunRecord", "BackboneSummary", "PAPER_MAP", "table_label", "summarize",
            "write_results_csv", "read_results_csv", "format_markdown", "plot_map_vs_params"]
 
 # mAP (%) on VOC07 test printed by the DA paper: Table II (plain / SE / DA), Table III (SGE, ECA;
@@ -29,8 +33,6 @@ PAPER_MAP = {
     "sge_resnet50": 76.3, "eca_resnet50": 76.8, "sge_resnet101": 77.4, "eca_resnet101": 78.0,
     "da_cs_resnet50": 76.8, "da_par_resnet50": 76.6,
 }
-_PREFIX = {"none": "", "se": "SE-", "da": "DA-", "eca": "ECA-", "sge": "SGE-", "cbam": "CBAM-",
-           "da_cs": "DA(c>s)-", "da_par": "DA(s|c)-", "da_s": "DA(s)-", "da_c": "DA(c)-"}
 # Table I's wording for the branch orders (section III.C).
 _ORDER_LABEL = {"none": "", "da": "+spatial+channel", "da_cs": "+channel+spatial",
                 "da_par": "+spatial and channel in parallel", "da_s": "+spatial only",
@@ -68,13 +70,13 @@ class BackboneSummary:
     baseline: str = ""
 
 
-def display_name(backbone: str, layout: str = "attention") -> str:
-    """``"se_resnet50"`` -> ``"SE-ResNet50"``; with layout "order", Table I's wording
-    (``"da_cs_resnet50"`` -> ``"ResNet50+channel+spatial"``)."""
+def table_label(backbone: str, layout: str = "attention") -> str:
+    """Row label: the paper's name (``"se_resnet50"`` -> ``"SE-ResNet50"``); with layout
+    "order", Table I's wording (``"da_cs_resnet50"`` -> ``"ResNet50+channel+spatial"``)."""
     attention, depth = parse_backbone_name(backbone)
     if layout == "order" and attention in _ORDER_LABEL:
         return f"ResNet{depth}{_ORDER_LABEL[attention]}"
-    return f"{_PREFIX.get(attention, attention + '-')}ResNet{depth}"
+    return display_name(backbone)
 
 
 def summarize(records: Sequence[RunRecord], level: float = 0.95) -> list[BackboneSummary]:
@@ -152,7 +154,7 @@ def _main_table(groups: Sequence[BackboneSummary], layout: str, level: float,
              f"| Δ mAP vs plain ResNet [{pct} CI] |" + (" Paper mAP |" if paper else ""),
              "|---|---:|---:|---:|---:|---|" + ("---:|" if paper else "")]
     for g in groups:
-        lines.append(f"| {display_name(g.backbone, layout)} | {g.params / 1e6:.4f} "
+        lines.append(f"| {table_label(g.backbone, layout)} | {g.params / 1e6:.4f} "
                      f"| {g.gflops:.4f} | {_fmt_map(g.estimate)} | {g.estimate.n} "
                      f"| {_fmt_delta(g, names)} |" + (f" {_paper(g.backbone)} |" if paper else ""))
     return lines
@@ -164,7 +166,7 @@ def _ap_table(groups: Sequence[BackboneSummary], layout: str) -> list[str]:
              "|---|" + "---:|" * len(classes)]
     for g in groups:
         cells = [f"{math.fsum(g.ap[c]) / len(g.ap[c]):.2f}" if g.ap.get(c) else "-" for c in classes]
-        lines.append(f"| {display_name(g.backbone, layout)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {table_label(g.backbone, layout)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -197,24 +199,18 @@ def format_markdown(groups: Sequence[BackboneSummary], layout: str = "attention"
 
 def plot_map_vs_params(groups: Sequence[BackboneSummary], path: Path, layout: str = "attention") -> None:
     """mAP (mean, error bar = sample std; none for one seed) against detector params."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
     for g in groups:
         std = 0.0 if math.isnan(g.estimate.std) else g.estimate.std
         ax.errorbar(g.params / 1e6, g.estimate.mean, yerr=std, fmt="o", capsize=4)
-        ax.annotate(display_name(g.backbone, layout), (g.params / 1e6, g.estimate.mean),
+        ax.annotate(table_label(g.backbone, layout), (g.params / 1e6, g.estimate.mean),
                     textcoords="offset points", xytext=(5, 5), fontsize=8)
     ax.set_xlabel("detector parameters (M)")
     # Attention adds a few hundred parameters: plain numbers, not an "+1.41e1" axis offset.
     ax.ticklabel_format(axis="x", useOffset=False, style="plain")
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
+    ax.xaxis.set_major_locator(MaxNLocator(4))
     ax.set_ylabel("mAP (%), mean ± std over seeds")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

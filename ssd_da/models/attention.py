@@ -3,7 +3,7 @@
 Every module here is built as ``Module(channels, **options)`` and maps a feature map
 ``(B, C, H, W)`` to a tensor of the same shape, so ``ssd_da.models.resnet`` can place any of them
 after the block's last BatchNorm and before the shortcut addition (the SE-ResNet placement, which
-the DA paper follows; see ``docs/design.md`` and ``../shared/PAPER_NOTES.md``).
+the DA paper follows; see docs/method.md, "Placement").
 
 Variants come from the plain dict :data:`ATTENTIONS`; :func:`build_attention` looks a name up and
 checks the options against the module's constructor.
@@ -49,7 +49,7 @@ class NoAttention(nn.Identity):
 
 
 # --------------------------------------------------------------------------------------------
-# DA: the paper's dual attention (seeds/004, section II)
+# DA: the paper's dual attention (section II)
 # --------------------------------------------------------------------------------------------
 class _SpatialMask(nn.Module):
     """DA spatial branch (paper section II.A, Fig. 2): the mask, ``(B, C, H, W) -> (B, 1, H, W)``.
@@ -79,8 +79,9 @@ class _ChannelMask(nn.Module):
     """DA channel branch (paper section II.B, Fig. 3): the mask, ``(B, C, H, W) -> (B, C, 1, 1)``.
 
     ``sigmoid(GAP(x))``: the paper's "parameterized weighting" must be parameter-free for Table
-    II's counts to hold (PAPER_NOTES.md). With ``affine=True`` a learnable scalar scale and shift
-    (initialised 1 and 0, so the mask starts equal to the default) act before the sigmoid:
+    II's counts to hold (docs/method.md, "Why 20 parameters per block"). With ``affine=True`` a
+    learnable scalar scale and shift (initialised 1 and 0, so the mask starts equal to the
+    default) act before the sigmoid:
     ``sigmoid(a * GAP(x) + b)``, 2 parameters -- an ablation, not the paper's count.
     """
 
@@ -102,7 +103,7 @@ class _ChannelMask(nn.Module):
 
 
 class DualAttention(nn.Module):
-    """DA attention (the DA paper, seeds/004, section II and Fig. 1), ``(B, C, H, W) -> same``.
+    """DA attention (the DA paper, section II and Fig. 1), ``(B, C, H, W) -> same``.
 
     ``order`` selects the Table I arrangement:
       * ``"sc"`` (default, best in Table I: 77.0 mAP): ``y = x * ms(x)``, then ``y * mc(y)``;

@@ -1,11 +1,12 @@
-"""ResNet18/34/50/101 with one attention slot per residual block (DA paper, seeds/004).
+"""ResNet18/34/50/101 with one attention slot per residual block (the DA paper, section II).
 
 The layout and parameter names are torchvision's (``conv1, bn1, relu, maxpool, layer1..layer4``,
 blocks ``conv1/bn1/conv2/bn2[/conv3/bn3]``, ``downsample.0/.1``, ``avgpool, fc``), so torchvision
 ImageNet state dicts load with only the attention keys (``*.attn.*``) missing. Each block gets one
 module named ``attn`` from :mod:`ssd_da.models.attention`, applied on the residual branch after the
 block's last BatchNorm and before the shortcut addition -- the SE-ResNet placement, which the DA
-paper's parameter counts (Table II) fit (see PAPER_NOTES.md).
+paper's parameter counts (Table II) fit (docs/method.md). Backbone names are parsed in
+:mod:`ssd_da.models.names`.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import logging
 from torch import Tensor, nn
 
 from ssd_da.models.attention import ATTENTIONS, build_attention
+from ssd_da.models.names import backbone_name, parse_backbone_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "BACKBONE_NAMES", "parse_backbone_name",
-           "build_resnet", "STAGES"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "build_resnet", "backbone_features", "STAGES"]
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -91,7 +92,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-# depth -> (block, blocks per stage), as in He et al. 2016, Table 1.
+# depth -> (block, blocks per stage), as in He et al. 2016, Table 1 (names.DEPTHS lists the same).
 STAGES: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
     18: (BasicBlock, (2, 2, 2, 2)),
     34: (BasicBlock, (3, 4, 6, 3)),
@@ -175,8 +176,7 @@ class ResNet(nn.Module):
     @property
     def name(self) -> str:
         """Backbone name as :func:`build_resnet` takes it, e.g. ``"da_resnet50"``."""
-        prefix = "" if self.attention == "none" else f"{self.attention}_"
-        return f"{prefix}resnet{self.depth}"
+        return backbone_name(self.attention, self.depth)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         downsample = None
@@ -203,48 +203,50 @@ class ResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def _stem(self, x: Tensor) -> Tensor:
-        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
-
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """Feature maps for SSD: ``(B, 3, H, W) -> {"layer2": (B, C2, H/8, W/8),
         "layer3": (B, C3, H/16, W/16), "layer4": (B, C4, H/32, W/32)}`` (sizes rounded up; at
         300x300: 38, 19, 10), with C from :attr:`out_channels`; "layer4" is taken after
         ``end_attn``.
         """
-        x = self.layer1(self._stem(x))
-        c2 = self.layer2(x)
-        c3 = self.layer3(c2)
-        return {"layer2": c2, "layer3": c3, "layer4": self.end_attn(self.layer4(c3))}
+        features = _stages(self, x)
+        features["layer4"] = self.end_attn(features["layer4"])
+        return features
 
     def forward(self, x: Tensor) -> Tensor:
         """Classifier: ``(B, 3, H, W) -> (B, num_classes)`` logits."""
         if self.num_classes is None:
             raise RuntimeError(f"{self.name} was built without a classifier (num_classes=None); "
                                "use forward_features(x)")
-        x = self.end_attn(self.layer4(self.layer3(self.layer2(self.layer1(self._stem(x))))))
-        return self.fc(self.avgpool(x).flatten(1))
+        return self.fc(self.avgpool(self.forward_features(x)["layer4"]).flatten(1))
 
 
-_BACKBONE_ATTENTIONS = ("da", "se", "eca", "sge", "cbam", "da_cs", "da_par", "da_s", "da_c")
-BACKBONE_NAMES: list[str] = [f"resnet{d}" for d in STAGES] + [
-    f"{a}_resnet{d}" for a in _BACKBONE_ATTENTIONS for d in STAGES]
+def _stages(resnet: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """Stem, then layer1..layer4 of any module with torchvision ResNet's attribute names;
+    returns the layer2/3/4 outputs (see :meth:`ResNet.forward_features`)."""
+    x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x))))
+    c2 = resnet.layer2(resnet.layer1(x))
+    c3 = resnet.layer3(c2)
+    return {"layer2": c2, "layer3": c3, "layer4": resnet.layer4(c3)}
 
 
-def parse_backbone_name(name: str) -> tuple[str, int]:
-    """``"da_cs_resnet50" -> ("da_cs", 50)``; ``"resnet18" -> ("none", 18)``.
-
-    Raises:
-        ValueError: ``name`` not in :data:`BACKBONE_NAMES` (the message lists them).
-    """
-    if name not in BACKBONE_NAMES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {BACKBONE_NAMES}")
-    head, _, depth = name.rpartition("resnet")
-    return (head[:-1] if head else "none"), int(depth)
+def backbone_features(backbone: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """``backbone.forward_features(x)`` for our :class:`ResNet`; for another module with
+    torchvision ResNet's layout (e.g. ``torchvision.models.resnet18()``), the same stages
+    called directly, layer4 through its ``end_attn`` if it has one. ``{"layer2", "layer3",
+    "layer4"}`` maps, as forward_features."""
+    if isinstance(backbone, ResNet):
+        return backbone.forward_features(x)
+    features = _stages(backbone, x)
+    end = getattr(backbone, "end_attn", None)
+    if end is not None:
+        features["layer4"] = end(features["layer4"])
+    return features
 
 
 def build_resnet(name: str, num_classes: int | None = 1000, **attn_kw) -> ResNet:
-    """Build backbone ``name`` (one of :data:`BACKBONE_NAMES`), e.g. ``"da_resnet50"``.
+    """Build backbone ``name`` (one of ``ssd_da.models.names.BACKBONE_NAMES``), e.g.
+    ``"da_resnet50"``.
 
     Args:
         name: ``resnet{18,34,50,101}`` or ``{attention}_resnet{18,34,50,101}``.

@@ -2,7 +2,7 @@
 
 The DA paper (section III.A) trains "SSD [9] ... on the VOC data set" at 300x300 with the
 attention-ResNets as backbone, and shows Grad-CAM at "layer4 2", so the backbone keeps layer4.
-Six source maps (PAPER_NOTES "Detector and protocol"):
+Six source maps (docs/method.md, "The detector"):
 
 ====  =================================  =====  =====================  ============
 map   source                             size   default boxes / loc.   scales (s_k)
@@ -41,14 +41,15 @@ from torchvision.models.detection.ssd import SSDHead
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from ssd_da.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, load_pretrained
-from ssd_da.models.resnet import build_resnet
+from ssd_da.models.resnet import backbone_features, build_resnet
 from ssd_da.models.ssd_loss import check_targets, ssd_loss
 
-__all__ = ["SSD300", "build_ssd", "SSD300_ASPECT_RATIOS", "SSD300_SCALES", "SSD300_STEPS",
+__all__ = ["SSD300", "build_ssd", "IMAGE_SIZE", "SSD300_ASPECT_RATIOS", "SSD300_SCALES", "SSD300_STEPS",
            "SSD300_FEATURE_SIZES", "DEFAULT_EXTRA_CHANNELS"]
 
 logger = logging.getLogger(__name__)
 
+IMAGE_SIZE = 300  # SSD300: the default boxes and the six map sizes below are defined for it
 SSD300_ASPECT_RATIOS: list[list[int]] = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
 SSD300_SCALES: list[float] = [0.1, 0.2, 0.37, 0.54, 0.71, 0.88, 1.05]
 SSD300_STEPS: list[int] = [8, 16, 32, 64, 100, 300]
@@ -96,21 +97,9 @@ def _backbone_channels(backbone: nn.Module) -> list[int]:
     device = next(backbone.parameters()).device
     backbone.eval()  # eval: the probe must not touch BatchNorm running statistics
     with torch.no_grad():
-        feats = _run_backbone(backbone, torch.zeros(1, 3, 64, 64, device=device))
+        feats = backbone_features(backbone, torch.zeros(1, 3, 64, 64, device=device))
     backbone.train(was_training)
-    return [f.shape[1] for f in feats]
-
-
-def _run_backbone(backbone: nn.Module, x: Tensor) -> list[Tensor]:
-    """(B, 3, H, W) -> [layer2, layer3, layer4] outputs, calling the ResNet stages directly;
-    layer4's map goes through the backbone's end-of-backbone attention ``end_attn`` when it has
-    one (the LGA paper's placement), so the 10x10 source map is the attended one."""
-    x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
-    c2 = backbone.layer2(backbone.layer1(x))
-    c3 = backbone.layer3(c2)
-    c4 = backbone.layer4(c3)
-    end = getattr(backbone, "end_attn", None)
-    return [c2, c3, c4 if end is None else end(c4)]
+    return [f.shape[1] for f in feats.values()]
 
 
 def _ssd300_default_boxes(generator: DefaultBoxGenerator, image_size: int) -> Tensor:
@@ -124,8 +113,8 @@ class SSD300(nn.Module):
     """SSD300 detector: ResNet layer2/3/4 + three extra blocks, torchvision ``SSDHead``.
 
     Args:
-        backbone: a torchvision-style ResNet without classifier (``build_resnet(name,
-            num_classes=None)``); its conv1..layer4 are called directly.
+        backbone: a ResNet without classifier (``build_resnet(name, num_classes=None)``), or
+            any module with torchvision ResNet's layout (see ``backbone_features``).
         num_classes: number of classes including background (VOC: 21).
         extra_channels: (reduce, out) channels of the three extra blocks (5x5, 3x3, 1x1 maps).
         score_thresh: minimum class score of a detection (SSD paper: 0.01).
@@ -195,7 +184,7 @@ class SSD300(nn.Module):
 
     def feature_maps(self, images: Tensor) -> list[Tensor]:
         """(B, 3, 300, 300) -> six maps (B, C_k, S_k, S_k), S_k = 38, 19, 10, 5, 3, 1."""
-        features = _run_backbone(self.backbone, images)
+        features = list(backbone_features(self.backbone, images).values())
         x = features[-1]
         for block in self.extras:
             x = block(x)
@@ -228,34 +217,52 @@ class SSD300(nn.Module):
     def forward(self, images: Tensor, targets: Optional[list[dict[str, Tensor]]] = None,
                 original_sizes: Optional[list[tuple[int, int]]] = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses in training mode with targets, detections otherwise.
+        """Losses in training mode, detections in eval mode (as torchvision's detectors).
 
         Args:
             images: (B, 3, 300, 300) float, ImageNet-normalised, or uint8 RGB pixels
                 (normalised here, on the images' device).
-            targets: B dicts, ``boxes`` (N, 4) float xyxy in the 300x300 input's pixels and
-                ``labels`` (N,) int64 in 1..num_classes-1; N may be 0.
-            original_sizes: optional B (height, width) pairs to rescale detections to.
+            targets: training mode only, and required there: B dicts, ``boxes`` (N, 4) float
+                xyxy in the 300x300 input's pixels and ``labels`` (N,) int64 in
+                1..num_classes-1; N may be 0. Ignored in eval mode.
+            original_sizes: eval mode: optional B (height, width) pairs to rescale detections to.
 
         Returns:
-            training with targets: ``{"bbox_regression": scalar, "classification": scalar}``;
-            else: see :meth:`postprocess`.
+            training: ``{"bbox_regression": scalar, "classification": scalar}``;
+            eval: see :meth:`postprocess`.
+
+        Raises:
+            ValueError: training mode without targets (a silent detection pass would update the
+                BatchNorm running statistics), or malformed targets; both before the network runs.
         """
-        if self.training and targets is not None:
-            check_targets(targets, self.num_classes, images.shape[0])  # fail before the network
-            return self._loss(self.head_outputs(images), targets)
+        if self.training:
+            if targets is None:
+                raise ValueError("targets: SSD300 in training mode computes losses and needs "
+                                 "targets; call model.eval() for detections")
+            check_targets(targets, self.num_classes, images.shape[0])
+            return self.compute_loss(self.head_outputs(images), targets)
         return self.postprocess(self.head_outputs(images), original_sizes)
 
     def compute_loss(self, head_outputs: dict[str, Tensor],
                      targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """SSD multibox loss (see :mod:`ssd_da.models.ssd_loss`); targets as in :meth:`forward`."""
-        check_targets(targets, self.num_classes, head_outputs["cls_logits"].shape[0])
-        return self._loss(head_outputs, targets)
-
-    def _loss(self, head_outputs: dict[str, Tensor],
-              targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """SSD multibox loss of :meth:`head_outputs` (see :mod:`ssd_da.models.ssd_loss`); the one
+        loss path, which ``forward`` takes in training mode. Targets as in :meth:`forward`,
+        already checked (``check_targets``)."""
         return ssd_loss(head_outputs["cls_logits"], head_outputs["bbox_regression"], targets,
                         self.default_boxes, self.box_coder, self.iou_thresh, self.neg_to_pos_ratio)
+
+    def decode(self, head_outputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Class probabilities and boxes of every default box: ``(scores (B, A, num_classes)``
+        softmax over all classes, background in column 0; ``boxes (B, A, 4)`` xyxy in the
+        300x300 input's pixels, clipped to it). A = 8732. Used by :meth:`postprocess` and by
+        Grad-CAM, so both see the same numbers."""
+        cls_logits, regression = head_outputs["cls_logits"], head_outputs["bbox_regression"]
+        batch, num_anchors, _ = cls_logits.shape
+        scores = F.softmax(cls_logits.float(), dim=-1)
+        anchors = self.default_boxes.float().repeat(batch, 1)
+        boxes = self.box_coder.decode_single(regression.float().reshape(-1, 4), anchors)
+        size = (self.image_size, self.image_size)
+        return scores, clip_boxes_to_image(boxes, size).view(batch, num_anchors, 4)
 
     @torch.no_grad()
     def postprocess(self, head_outputs: dict[str, Tensor],
@@ -264,40 +271,38 @@ class SSD300(nn.Module):
         """Decode, threshold, per-class top-k and NMS (SSD paper section 3 / torchvision SSD).
 
         Returns B dicts: ``boxes`` (K, 4) float xyxy, ``scores`` (K,) descending, ``labels`` (K,)
-        int64 in 1..num_classes-1, K <= detections_per_img. Boxes are in the 300x300 input's
-        pixels clipped to [0, 300], or, with ``original_sizes`` [(h, w), ...], scaled by
-        (w/300, h/300) and clipped to [0, w] x [0, h].
+        int64 in 1..num_classes-1, ``default_box`` (K,) int64 index into :attr:`default_boxes`
+        of the box each detection was decoded from; K <= detections_per_img. Boxes are in the
+        300x300 input's pixels clipped to [0, 300], or, with ``original_sizes`` [(h, w), ...],
+        as :meth:`rescale_boxes` maps them.
         """
-        cls_logits, regression = head_outputs["cls_logits"], head_outputs["bbox_regression"]
-        batch, num_anchors, _ = cls_logits.shape
-        if original_sizes is not None and len(original_sizes) != batch:
-            raise ValueError(f"original_sizes: got {len(original_sizes)} sizes for {batch} images")
-        # Softmax and decoding once for the whole batch; background column dropped.
-        scores = F.softmax(cls_logits.float(), dim=-1)[:, :, 1:]  # (B, A, C-1)
-        anchors = self.default_boxes.float().repeat(batch, 1)
-        boxes = self.box_coder.decode_single(regression.float().reshape(-1, 4), anchors)
-        size = (self.image_size, self.image_size)
-        boxes = clip_boxes_to_image(boxes, size).view(batch, num_anchors, 4)
+        if original_sizes is not None and len(original_sizes) != len(head_outputs["cls_logits"]):
+            raise ValueError(f"original_sizes: got {len(original_sizes)} sizes for "
+                             f"{len(head_outputs['cls_logits'])} images")
+        scores, boxes = self.decode(head_outputs)
+        scores = scores[:, :, 1:]  # background column dropped: labels are column + 1
         # Top-k per class over the anchors, then the score threshold: the same set torchvision
         # keeps by thresholding first (top-k of those above threshold).
-        top_scores, top_idx = scores.topk(min(self.topk_candidates, num_anchors), dim=1)
+        top_scores, top_idx = scores.topk(min(self.topk_candidates, scores.shape[1]), dim=1)
         detections = []
-        for b in range(batch):
+        for b in range(len(scores)):
             keep = top_scores[b] > self.score_thresh  # (k, C-1)
             cand_scores = top_scores[b][keep]
-            cand_boxes = boxes[b, top_idx[b][keep]]
+            cand_anchors = top_idx[b][keep]
             cand_labels = keep.nonzero()[:, 1] + 1
+            cand_boxes = boxes[b, cand_anchors]
             kept = batched_nms(cand_boxes, cand_scores, cand_labels, self.nms_thresh)
             kept = kept[: self.detections_per_img]
             det = {"boxes": cand_boxes[kept], "scores": cand_scores[kept],
-                   "labels": cand_labels[kept]}
+                   "labels": cand_labels[kept], "default_box": cand_anchors[kept]}
             if original_sizes is not None:
-                det["boxes"] = self._rescale(det["boxes"], original_sizes[b], b)
+                det["boxes"] = self.rescale_boxes(det["boxes"], original_sizes[b], b)
             detections.append(det)
         return detections
 
-    def _rescale(self, boxes: Tensor, original_size: tuple[int, int], index: int) -> Tensor:
-        """(K, 4) xyxy in input pixels -> xyxy in an (h, w) original image, clipped to it."""
+    def rescale_boxes(self, boxes: Tensor, original_size: tuple[int, int], index: int = 0) -> Tensor:
+        """(K, 4) xyxy in input pixels -> xyxy in an (h, w) original image: scaled by
+        (w/300, h/300) and clipped to [0, w] x [0, h]. ``index`` names the image in errors."""
         height, width = (int(v) for v in original_size)
         if height <= 0 or width <= 0:
             raise ValueError(f"original_sizes[{index}]: expected positive (height, width), "

@@ -23,8 +23,9 @@ Targets (:class:`CamTarget`):
   ``score_thresh`` whose box has the highest IoU with it; if no such detection overlaps it, the
   default box whose decoded box overlaps it most, with that box's most likely object class.
 
-Detections are matched back to the default box that produced them by recomputing the decoded
-boxes and scores from the same head outputs (see :func:`_match_anchors`).
+Each detection carries the index of the default box it was decoded from
+(``SSD300.postprocess``'s ``default_box``), and the (default box, class) pairs are scored with
+the same ``SSD300.decode`` that postprocessing uses.
 
 Limit of layer4 on SSD: the 38x38 and 19x19 maps are read from layer2 and layer3, before layer4,
 so boxes predicted there (objects below ~100 px of the 300 px input) have no gradient at layer4
@@ -41,14 +42,13 @@ import torch
 import torch.nn.functional as F
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from torch import Tensor, nn
-from torchvision.ops import box_iou, clip_boxes_to_image
+from torchvision.ops import box_iou
 
-from ssd_da.engine.inference import preprocess
+from ssd_da.data.transforms import preprocess
 from ssd_da.models.ssd import SSD300_FEATURE_SIZES
 
 __all__ = ["METHODS", "TARGET_KINDS", "CamTarget", "ResolvedTarget", "CamResult", "get_method",
-           "block_paths", "default_layer",
-           "resolve_layer", "resolve_target", "anchor_map_sizes", "explain", "compute_cam",
+           "block_paths", "default_layer", "resolve_layer", "anchor_map_sizes", "explain",
            "AnchorScoreTarget"]
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class CamResult:
     """cam: (H, W) float32 in [0, 1] at the original image size; target: the resolved target;
     detections: the model's detections of the image (as ``model(...)`` returns them, all scores
     >= the model's own threshold) as numpy: ``boxes`` (K, 4) xyxy original pixels 0-based,
-    ``scores`` (K,), ``labels`` (K,) in 1..C, ``anchors`` (K,) default-box indices."""
+    ``scores`` (K,), ``labels`` (K,) in 1..C, ``default_box`` (K,) default-box indices."""
 
     cam: np.ndarray
     target: ResolvedTarget
@@ -182,43 +182,21 @@ class AnchorScoreTarget:
 
 @dataclass
 class _Decoded:
-    """One image's head outputs, decoded: probs (A, C+1); boxes300 (A, 4) xyxy input pixels,
-    clipped, as postprocess decodes them; dets: postprocess output with anchors and boxes300."""
+    """One image's head outputs, decoded by ``SSD300.decode``: probs (A, C+1); boxes300 (A, 4)
+    xyxy input pixels, clipped; dets: ``model.postprocess`` output at the original size, with
+    ``boxes300``, the detections' boxes in input pixels, added."""
 
     probs: Tensor
     boxes300: Tensor
     dets: dict[str, Tensor]
 
 
-def _match_anchors(probs: Tensor, boxes300: Tensor, det: dict[str, Tensor], size: int) -> Tensor:
-    """(K,) default-box index of each detection: the box whose class score and decoded box equal
-    the detection's (zero distance up to float rounding; postprocess computes them the same way)."""
-    if det["scores"].numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=probs.device)
-    score_gap = (probs[:, det["labels"]].T - det["scores"][:, None]).abs()  # (K, A)
-    box_gap = torch.cdist(det["boxes"].float(), boxes300, p=1) / size
-    return (score_gap + box_gap).argmin(dim=1)
-
-
 def _decode(model: nn.Module, head: dict[str, Tensor], original_size: tuple[int, int]) -> _Decoded:
-    """Softmax, decoded boxes and detections (with default-box indices) of a batch of one."""
-    size = model.image_size
-    probs = F.softmax(head["cls_logits"][0].float(), dim=-1)
-    boxes = model.box_coder.decode_single(head["bbox_regression"][0].float(),
-                                          model.default_boxes.float())
-    boxes300 = clip_boxes_to_image(boxes, (size, size))
-    det300 = model.postprocess(head)[0]
+    """Softmax, decoded boxes and detections of a batch of one."""
+    probs, boxes300 = model.decode(head)
     dets = model.postprocess(head, [original_size])[0]
-    dets["boxes300"] = det300["boxes"]
-    dets["anchors"] = _match_anchors(probs, boxes300, det300, size)
-    return _Decoded(probs, boxes300, dets)
-
-
-def _to_original(boxes300: Tensor, original_size: tuple[int, int], size: int) -> Tensor:
-    """(K, 4) xyxy input pixels -> original pixels, clipped (as SSD300.postprocess rescales)."""
-    height, width = original_size
-    scale = boxes300.new_tensor([width, height, width, height]) / size
-    return clip_boxes_to_image(boxes300 * scale, (height, width))
+    dets["boxes300"] = boxes300[0, dets["default_box"]]
+    return _Decoded(probs[0], boxes300[0], dets)
 
 
 def _name(label: int, class_names: Optional[Sequence[str]]) -> str:
@@ -241,25 +219,12 @@ def _resolve_box(model: nn.Module, dec: _Decoded, box: Sequence[float],
         best = int(ious.argmax())
         if ious[best] > 0:
             pick = slice(best, best + 1)
-            return (dec.dets["anchors"][keep][pick], dec.dets["labels"][keep][pick],
+            return (dec.dets["default_box"][keep][pick], dec.dets["labels"][keep][pick],
                     f"IoU {float(ious[best]):.2f}")
     ious = box_iou(query, dec.boxes300)[0]
     anchor = ious.argmax().reshape(1)
     label = dec.probs[anchor, 1:].argmax(dim=1) + 1
     return anchor, label, f"default box IoU {float(ious[anchor]):.2f}"
-
-
-def resolve_target(model: nn.Module, head_outputs: dict[str, Tensor], target: CamTarget,
-                   original_size: tuple[int, int], score_thresh: float = 0.3,
-                   class_names: Optional[Sequence[str]] = None) -> ResolvedTarget:
-    """Resolve ``target`` to (default box, class) pairs (rules: module docstring).
-
-    ``head_outputs``: ``model.head_outputs(x)`` of one preprocessed image (batch of 1);
-    ``original_size``: that image's (height, width) before resizing to 300x300.
-    """
-    with torch.no_grad():
-        return _resolve(model, _decode(model, head_outputs, original_size), target, original_size,
-                        score_thresh, class_names)
 
 
 def _resolve(model: nn.Module, dec: _Decoded, target: CamTarget, original_size: tuple[int, int],
@@ -275,7 +240,7 @@ def _resolve(model: nn.Module, dec: _Decoded, target: CamTarget, original_size: 
             raise ValueError(f"target: label {target.label} out of range 1..{num_classes - 1}")
         mask = (dec.dets["labels"] == target.label) & (dec.dets["scores"] >= score_thresh)
         if mask.any():
-            anchors, labels = dec.dets["anchors"][mask], dec.dets["labels"][mask]
+            anchors, labels = dec.dets["default_box"][mask], dec.dets["labels"][mask]
             note = f"{int(mask.sum())} box(es) >= {score_thresh:g}"
         else:
             anchors = dec.probs[:, target.label].argmax().reshape(1)
@@ -287,7 +252,7 @@ def _resolve(model: nn.Module, dec: _Decoded, target: CamTarget, original_size: 
     else:
         anchors, labels, note = _resolve_box(model, dec, target.box, original_size, score_thresh)
     scores = dec.probs[anchors, labels]
-    boxes = _to_original(dec.boxes300[anchors], original_size, model.image_size)
+    boxes = model.rescale_boxes(dec.boxes300[anchors], original_size)
     best = int(scores.argmax())
     text = f"{_name(int(labels[best]), class_names)} {float(scores[best]):.2f} ({note})"
     return ResolvedTarget(anchors.cpu().numpy(), labels.cpu().numpy(), scores.cpu().numpy(),
@@ -361,12 +326,6 @@ def explain(model: nn.Module, image: np.ndarray, target: CamTarget = CamTarget()
     heat = F.interpolate(heat[None, None].float(), size=original_size, mode="bilinear",
                          align_corners=False)
     cam = heat[0, 0].clamp_(0.0, 1.0).numpy()
-    detections = {k: dec.dets[k].cpu().numpy() for k in ("boxes", "scores", "labels", "anchors")}
+    detections = {k: dec.dets[k].cpu().numpy()
+                  for k in ("boxes", "scores", "labels", "default_box")}
     return CamResult(cam, resolved, detections)
-
-
-def compute_cam(model: nn.Module, image: np.ndarray, target: CamTarget = CamTarget(),
-                layer: Optional[str] = None, method: str = "gradcam",
-                score_thresh: float = 0.3) -> np.ndarray:
-    """(H, W) float32 heatmap in [0, 1] at the original image size; see :func:`explain`."""
-    return explain(model, image, target, layer, method, score_thresh).cam

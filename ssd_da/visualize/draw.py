@@ -3,22 +3,21 @@
 Images are (H, W, 3) uint8 RGB arrays; boxes are (K, 4) xyxy in that image's pixels, 0-based,
 as ``SSD300`` returns them with ``original_sizes``. The figure is drawn on a bare
 ``matplotlib.figure.Figure`` (no pyplot state), with a size that depends only on the number of
-rows and columns, so its pixel size is known in advance (:func:`figure_size_px`).
+rows and columns, so its pixel size is known in advance (:func:`figure_size_px`); save it with
+:func:`ssd_da.utils.figures.save_figure`.
 """
 from __future__ import annotations
 
 import logging
-import re
-from pathlib import Path
-from typing import BinaryIO, Optional, Sequence, Union
+from typing import Sequence
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["PANEL_INCHES", "FIGURE_DPI", "display_name", "overlay_heatmap", "draw_detections",
-           "figure_size_px", "cam_figure", "save_figure"]
+__all__ = ["PANEL_INCHES", "FIGURE_DPI", "overlay_heatmap", "draw_detections",
+           "figure_size_px", "cam_figure"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,18 +28,6 @@ PANEL_INCHES: tuple[float, float] = (3.0, 3.25)
 FIGURE_DPI: int = 100
 _TITLE_INCHES = 0.5  # room above each image for its title
 _MARGIN_INCHES = 0.05
-_BACKBONE_RE = re.compile(r"^(?:(?P<attn>[a-z_]+)_)?resnet(?P<depth>\d+)$")
-
-
-def display_name(backbone: str) -> str:
-    """Backbone name as the paper prints it: "da_resnet50" -> "DA-ResNet50-SSD",
-    "resnet18" -> "ResNet18-SSD", "da_cs_resnet50" -> "DA-CS-ResNet50-SSD"; others + "-SSD"."""
-    match = _BACKBONE_RE.match(backbone)
-    if match is None:
-        return f"{backbone}-SSD"
-    attn = match.group("attn")
-    prefix = f"{attn.upper().replace('_', '-')}-" if attn else ""
-    return f"{prefix}ResNet{match.group('depth')}-SSD"
 
 
 def _check_image(image: np.ndarray, name: str = "image") -> None:
@@ -146,8 +133,3 @@ def cam_figure(panels: Sequence[Sequence[tuple[np.ndarray, str]]], dpi: int = FI
             ax.set_title(title, fontsize=title_size)
             ax.set_axis_off()
     return fig
-
-
-def save_figure(fig: Figure, path: Union[str, Path, BinaryIO], dpi: Optional[int] = None) -> None:
-    """Save at the figure's own dpi (no tight bounding box, so the size stays as documented)."""
-    fig.savefig(path, dpi=dpi or fig.dpi)
