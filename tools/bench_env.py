@@ -41,3 +41,12 @@ def environment_lines(device: str = "cpu") -> list[str]:
             f"{torchvision.__version__}, numpy {np.__version__}",
             f"- load average when it started: {load_average()} (other processes on the machine "
             f"inflate wall-clock times)"]
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (docs name no machine's paths)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)

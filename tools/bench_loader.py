@@ -176,18 +176,9 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def shown_path(path: str | Path) -> str:
-    """``path`` relative to the repository when it lies inside it (docs name no machine's paths)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        return str(Path(path).resolve().relative_to(root))
-    except ValueError:
-        return str(path)
-
-
 def run(args: Any) -> str:
     """``tools/benchmark.py loader``: the CPU loader table (Markdown)."""
-    from bench_env import environment_lines, load_average
+    from bench_env import environment_lines, load_average, shown_path
 
     root, split, made = Path(args.data_root), args.split, None
     if args.resize:

@@ -4,6 +4,9 @@
     python tools/benchmark.py model --amp       # SSD300 train/inference images/s, peak memory
     python tools/benchmark.py loader            # CPU data pipeline images/s per core
     python tools/benchmark.py memory            # bytes saved for backward per attention module
+    python tools/benchmark.py train             # training images/s: ours vs torchvision, e2e
+    python tools/benchmark.py eval              # inference images/s, VOC07-test-sized evaluation
+    python tools/benchmark.py gpu-suite         # the whole GPU measurement, under 8 minutes
 
 To add a benchmark: write ``run_<name>(args) -> str`` returning the Markdown body of its
 section (use :func:`environment_lines` for the device lines), register it in
@@ -291,14 +294,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     # The data-pipeline and memory benchmarks live beside this file (tools/bench_*.py).
     import bench_loader
     import bench_memory
+    import bench_suite
 
     bench_loader.register(sub, ROOT)
     bench_memory.register(sub)
+    bench_suite.register(sub, ROOT)
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
-    body = args.func(args)
+    try:
+        body = args.func(args)
+    except ModuleNotFoundError as exc:  # a bare GPU machine: name the package, no traceback
+        fail("benchmark.py", f"{args.name} needs the package {exc.name!r}, not installed here "
+                             f"(`pip install -r requirements.txt`)")
     if not args.no_write:
         write_section(args.doc, args.name, body)
         print(f"wrote section {args.name!r} of {args.doc}")
