@@ -118,3 +118,25 @@ def test_gpu_suite_fails_fast_naming_what_is_missing(monkeypatch: pytest.MonkeyP
     assert exc.value.code == 2
     assert "gpu-suite measures a CUDA GPU and none is visible here" in capsys.readouterr().err
 
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_its_parts_in_order_and_skips_what_does_not_fit(
+        devkit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's orchestration on the CPU (the GPU check patched out; tiny parts): every part
+    that fits the budget runs, one that does not is skipped and named, the table is written."""
+    import bench_suite
+
+    tiny = dict(backbones="resnet18", tv="tv-ssd-our-trunk", tv_backbone="resnet18", modes="network",
+                channels_last=False, compile=False)
+    monkeypatch.setattr(bench_suite, "SUITE_PARTS", (
+        ("network", 0, tiny), ("evaluation", 0, dict(tiny, backbones="resnet18")),
+        ("too long", 10 ** 6, dict(tiny, backbones="da_resnet18"))))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    text = _run(["gpu-suite", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                 "--workers", "0", "--eval-images", "4", "--data-root", str(devkit)], tmp_path / "b.md")
+    section = _section(text, "gpu-suite")
+    assert [r[0] for r in _rows(section, "ours") + _rows(section, "tv-ssd-our-trunk")] == ["ours", "tv-ssd-our-trunk"]
+    assert _rows(section, "resnet18")[1][1].startswith("whole evaluation of 4 images")
+    assert "skipped for time: too long" in section  # and no da_resnet18 row (above)
+    assert "ours / torchvision's SSD class on the resnet18 trunk" in section

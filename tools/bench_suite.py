@@ -223,5 +223,6 @@ def register(sub: Any, root: Path) -> None:
     p.set_defaults(func=run_eval)
     p = sub.add_parser("gpu-suite", help="the whole GPU measurement in one command (< 8 minutes)")
     _common(p, root)
+    p.add_argument("--eval-images", type=int, default=4952, help="images of the timed evaluation")
     p.set_defaults(func=run_gpu_suite, amp=True, tv="", tv_backbone="da_resnet50", eval_split="voc07_test",
-                   eval_images=4952, modes="network", backbones="da_resnet50")
+                   modes="network", backbones="da_resnet50")
