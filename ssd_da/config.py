@@ -1,4 +1,9 @@
-"""One dataclass config whose defaults are the standard SSD300 VOC07+12 recipe.
+"""One dataclass config whose defaults are the ssd.pytorch/lufficc SSD300 VOC0712 recipe.
+
+The DA paper (section III) states no training recipe: only PyTorch, a Tesla K80, "the SSD
+algorithm on the VOC data set" and 300x300 inputs. The defaults below are therefore the widely
+used SSD300 VOC0712 recipe of the amdegroot/ssd.pytorch and lufficc/SSD code bases, chosen
+because the paper is silent; training on VOC07+12 trainval is our assumption too.
 
 YAML files in ``configs/`` hold only the changes; ``key=value`` overrides on the command line
 come last; explicit command-line options (``--lr``) override all of them. Only the ``build_*``
@@ -31,9 +36,10 @@ DATA_FORMATS: tuple[str, ...] = ("voc", "coco")
 
 @dataclass
 class Config:
-    """Training and evaluation settings. Defaults: SSD300 on VOC07+12 with the recipe of the
-    ssd.pytorch / lufficc SSD codebases. The DA paper states no recipe of its own (section III
-    names only SSD, VOC and 300x300), so these are ours, not the paper's (docs/method.md)."""
+    """Training and evaluation settings. Defaults: SSD300 on VOC07+12 trainval, tested on VOC07
+    test, with the ssd.pytorch / lufficc SSD300 VOC0712 recipe. The DA paper states no recipe of
+    its own (section III names only SSD, VOC and 300x300), so none of these values is the paper's
+    (module docstring, docs/method.md)."""
 
     # model
     backbone: str = "da_resnet50"
@@ -63,7 +69,9 @@ class Config:
     workers: int = -1
 
     # optimisation: SGD, lr 1e-3, momentum 0.9, weight decay 5e-4, batch 32, 120k iterations with
-    # lr x0.1 at 80k and 100k (SSD paper, sec. 3.2), plus a linear warmup as in ssd.pytorch/lufficc.
+    # lr x0.1 at 80k and 100k: the VOC0712 config of ssd.pytorch and lufficc/SSD (the SSD paper's
+    # own VOC schedule, sec. 3.1, is 1e-3 for 40k, then 1e-4 and 1e-5 for 10k each). The 500-step
+    # linear warmup from lr/3 is lufficc's; ssd.pytorch has none (warmup_iters=0 gives its recipe).
     batch_size: int = 32  # per process: under torchrun the global batch is N x batch_size
     lr: float = 1e-3
     momentum: float = 0.9

@@ -185,17 +185,48 @@ def test_sge_single_pixel_and_bad_groups():
 
 
 def test_cbam_by_hand():
-    m = build_attention("cbam", 2).eval()  # eval BN: (v - 0) / sqrt(1 + 1e-5)
+    m = build_attention("cbam", 2).eval()  # eval BN: (v - 0) / sqrt(1 + 1e-5) * 1 + 0
     assert m.mlp[0].bias is not None and m.spatial_conv.bias is None
     with torch.no_grad():
         for p in m.mlp.parameters():
             p.zero_()
+        m.spatial_bn.weight.fill_(1.0)  # the released init has 0 here (next test)
         m.spatial_conv.weight.zero_()
         m.spatial_conv.weight[0, 0, 3, 3] = 1.0  # centre tap of the channel-max map only
     # Channel gate 0.5 -> y = [0.5, 1.5]; spatial input [max, mean] = [1.5, 1.0] -> uses 1.5.
     x = torch.tensor([1.0, 3.0]).view(1, 2, 1, 1)
     gate = _sig(1.5 / math.sqrt(1 + 1e-5))
     torch.testing.assert_close(m(x), torch.tensor([0.5, 1.5]).view(1, 2, 1, 1) * gate)
+
+
+def test_cbam_init_as_the_released_code():
+    # Jongchan/attention-module: SpatialGate BN weight 0, all biases 0, conv Kaiming-normal
+    # fan-out. With the BN weight and bias 0 the spatial gate is sigmoid(0) = 0.5 everywhere, in
+    # train and eval mode; with the MLP weights also zeroed (biases are already 0) the channel
+    # gate is sigmoid(0 + 0) = 0.5 too, so the module returns exactly x * 0.25.
+    torch.manual_seed(0)
+    m = build_attention("cbam", 64)
+    assert m.spatial_bn.weight.item() == 0.0 and m.spatial_bn.bias.item() == 0.0
+    assert all(layer.bias.abs().max().item() == 0.0 for layer in (m.mlp[0], m.mlp[2]))
+    assert m.mlp[0].weight.abs().sum() > 0  # MLP weights keep PyTorch's (random) default
+    x = torch.randn(2, 64, 5, 6)
+    with torch.no_grad():
+        m.mlp[0].weight.zero_()
+        m.mlp[2].weight.zero_()
+        for mode in (True, False):
+            assert torch.equal(m.train(mode)(x), x * 0.25)
+
+
+def test_cbam_spatial_conv_is_kaiming_normal_fan_out():
+    # fan_out = 1 output channel x 7 x 7 = 49 -> std sqrt(2 / 49) = 0.2020. PyTorch's default
+    # (Kaiming-uniform, a = sqrt(5), fan_in 2 x 49 = 98) would give U(-1/sqrt(98), 1/sqrt(98)):
+    # std 0.0583 and |w| <= 0.101. Over 200 modules (19,600 weights) the sample std is within
+    # ~1% of the target, and a normal sample reaches far past the uniform's bound.
+    torch.manual_seed(0)
+    w = torch.cat([build_attention("cbam", 16).spatial_conv.weight.flatten() for _ in range(200)])
+    assert w.std().item() == pytest.approx(math.sqrt(2 / 49), rel=0.03)
+    assert abs(w.mean().item()) < 0.01
+    assert w.abs().max().item() > 3 * math.sqrt(2 / 49)  # a tail a uniform init cannot have
 
 
 def test_build_attention_errors():

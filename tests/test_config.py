@@ -1,4 +1,4 @@
-"""Config: paper defaults, YAML + key=value precedence, clear errors."""
+"""Config: ssd.pytorch/lufficc defaults, YAML + key=value precedence, clear errors."""
 from __future__ import annotations
 
 import pytest
@@ -8,12 +8,15 @@ from ssd_da.config import Config, load_config
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
-def test_defaults_are_the_paper_recipe():
+def test_defaults_are_the_ssd_pytorch_lufficc_voc0712_recipe():
+    # The DA paper states no recipe; these are ssd.pytorch's/lufficc's VOC0712 values, with
+    # lufficc's warmup (500 iterations from lr/3).
     cfg = Config()
     assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (32, 1e-3, 0.9, 5e-4)
     assert (cfg.iters, cfg.lr_steps, cfg.lr_gamma) == (120_000, [80_000, 100_000], 0.1)
     assert cfg.train_split == "voc07_trainval+voc12_trainval" and cfg.test_split == "voc07_test"
     assert cfg.metric == "voc07" and not hasattr(cfg, "image_size")  # a constant: SSD300
+    assert (cfg.warmup_iters, cfg.warmup_factor) == (500, 1.0 / 3.0)
 
 
 def test_yaml_then_overrides(tmp_path):

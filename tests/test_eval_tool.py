@@ -70,6 +70,38 @@ def test_perfect_detections_then_one_missing(demo_root, tmp_path, capsys):
     assert json.loads(out_json.read_text())["ap"][cls] == pytest.approx(expected)
 
 
+def test_iou_rule_matlab_counts_an_exact_half_overlap(demo_root, tmp_path):
+    # Perfect detections (score 0.9), except that one non-difficult object of the busiest class
+    # is found only by a box twice its height (same x extent and top): inclusive areas w*h and
+    # 2*w*h, so IoU = w*h / (2*w*h) = 0.5 exactly, scored 0.5 so it comes last.
+    # python (IoU > 0.5): a FP after n-1 TPs -> recall tops at (n-1)/n with precision 1;
+    # matlab (IoU >= 0.5): a TP -> recall 1 with precision 1 -> AP 1.
+    recs = gt_records(demo_root)
+    present = {r["label"] for r in recs if not r["difficult"]}
+    cls = max(present, key=lambda c: sum(r["label"] == c and not r["difficult"] for r in recs))
+    n = sum(r["label"] == cls and not r["difficult"] for r in recs)
+
+    def alone(r):  # no other object of the class in its image the tall box could prefer
+        return sum(o["label"] == cls and o["image_id"] == r["image_id"] for o in recs) == 1
+    k = next(i for i, r in enumerate(recs) if r["label"] == cls and not r["difficult"] and alone(r))
+    x1, y1, x2, y2 = recs[k]["bbox"]
+    tall = {"image_id": recs[k]["image_id"], "label": cls, "score": 0.5,
+            "bbox": [x1, y1, x2, y1 + 2 * (y2 - y1 + 1) - 1]}
+    kept = [{f: r[f] for f in ("image_id", "label", "score", "bbox")}
+            for i, r in enumerate(recs) if i != k]
+    dets, out = tmp_path / "dets.json", tmp_path / "res.json"
+    dets.write_text(json.dumps(kept + [tall]))
+    args = ["--detections", str(dets), *common(demo_root), "--json", str(out), "--no-coco"]
+    assert run(args) == 0
+    res = json.loads(out.read_text())
+    expected = sum(t <= (n - 1) / n for t in np.arange(0.0, 1.1, 0.1)) / 11
+    assert res["iou_rule"] == "python" and res["ap"][cls] == pytest.approx(expected)
+    assert expected < 1.0
+    assert run([*args, "--iou-rule", "matlab"]) == 0
+    res = json.loads(out.read_text())
+    assert res["iou_rule"] == "matlab" and res["ap"][cls] == pytest.approx(1.0)
+
+
 def test_save_detections_round_trip(demo_root, tmp_path):
     ids = (demo_root / "VOC2007/ImageSets/Main/test.txt").read_text().split()
     rng = np.random.default_rng(0)
@@ -176,5 +208,5 @@ def test_json_without_any_ground_truth_is_valid_json(tmp_path):
     path = tmp_path / "r.json"
     args = argparse.Namespace(save_detections=None, json=str(path), plots=None, metric="voc07")
     eval_voc.write_outputs(args, result, [], ["x"], ["a", "b"])
-    assert json.loads(path.read_text()) == {"metric": "voc07", "map": None,
+    assert json.loads(path.read_text()) == {"metric": "voc07", "iou_rule": "python", "map": None,
                                             "ap": {"a": None, "b": None}, "num_images": 1}

@@ -42,6 +42,31 @@ def test_parameter_counts_table2(depth):
     assert round((PLAIN[depth] + se_extra) / 1e6, 4) == SE_PAPER_M[depth]
 
 
+# ECA adds k parameters per block. Released k by stage (BangguWu/ECANet eca_resnet50_k3557,
+# eca_resnet101_k3357) vs the formula k = psi(C) (256, 512, 1024 -> 5; 2048 -> 7), with
+# 3/4/6/3 (R50) or 3/4/23/3 (R101) blocks:
+#   R50  released 3*3 + 4*5 + 6*5 + 3*7 = 80,   formula 3*5 + 4*5 + 6*5 + 3*7 = 86;
+#   R101 released 3*3 + 4*3 + 23*5 + 3*7 = 157, formula 3*5 + 4*5 + 23*5 + 3*7 = 171.
+# ResNet18 (no released model; the authors' constructor uses k 3 everywhere): 8 * 3 = 24, and
+# the formula (64 -> 3; 128, 256, 512 -> 5): 2 * (3 + 5 + 5 + 5) = 36.
+@pytest.mark.parametrize("name, extra, stage_k", [
+    ("eca_resnet50", 80, (3, 5, 5, 7)), ("eca_adaptive_resnet50", 86, (5, 5, 5, 7)),
+    ("eca_resnet101", 157, (3, 3, 5, 7)), ("eca_adaptive_resnet101", 171, (5, 5, 5, 7)),
+    ("eca_resnet18", 24, (3, 3, 3, 3)), ("eca_adaptive_resnet18", 36, (3, 5, 5, 5)),
+])
+def test_eca_kernel_sizes_released_and_formula(name, extra, stage_k):
+    depth = int(name.rpartition("resnet")[2])
+    assert _count(name) == PLAIN[depth] + extra
+    model = _meta(name, num_classes=None)
+    for stage, k in enumerate(stage_k, start=1):
+        assert {b.attn.conv.kernel_size for b in getattr(model, f"layer{stage}")} == {(k,)}
+
+
+def test_eca_kernel_size_option_overrides_the_stage_table():
+    model = _meta("eca_resnet50", num_classes=None, kernel_size=9)
+    assert {b.attn.conv.kernel_size for b in model.modules() if isinstance(b, Bottleneck)} == {(9,)}
+
+
 def test_se_resnet50_exact():
     assert _count("se_resnet50") == 28_071_976
 
@@ -148,7 +173,8 @@ def test_one_home_for_backbone_names():
 
 
 def test_names_and_errors():
-    assert len(BACKBONE_NAMES) == 40 and "da_par_resnet101" in BACKBONE_NAMES
+    assert len(BACKBONE_NAMES) == 44 and "da_par_resnet101" in BACKBONE_NAMES
+    assert parse_backbone_name("eca_adaptive_resnet50") == ("eca_adaptive", 50)
     assert parse_backbone_name("da_cs_resnet50") == ("da_cs", 50)
     assert parse_backbone_name("resnet18") == ("none", 18)
     assert _meta("da_par_resnet18", num_classes=None).attention == "da_par"

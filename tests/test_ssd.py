@@ -77,6 +77,46 @@ def test_default_boxes_by_hand(ssd18):
     torch.testing.assert_close(boxes[8692], torch.tensor([-56.5, -56.5, 156.5, 156.5]))
 
 
+def _centre_clamped_default_boxes() -> torch.Tensor:
+    """(8732, 4) xyxy pixels, generated as ssd.pytorch's / lufficc's PriorBox does: (cx, cy, w, h)
+    in image units, all four clamped to [0, 1] (so centres past the border move onto it)."""
+    mins, maxs = [30, 60, 111, 162, 213, 264], [60, 111, 162, 213, 264, 315]
+    ratios, steps = [[2], [2, 3], [2, 3], [2, 3], [2], [2]], [8, 16, 32, 64, 100, 300]
+    rows = []
+    for k, f in enumerate((38, 19, 10, 5, 3, 1)):
+        for i in range(f):
+            for j in range(f):
+                cx, cy, s = (j + 0.5) * steps[k] / 300, (i + 0.5) * steps[k] / 300, mins[k] / 300
+                big = math.sqrt(s * maxs[k] / 300)
+                rows += [[cx, cy, s, s], [cx, cy, big, big]]
+                for a in ratios[k]:
+                    rows += [[cx, cy, s * math.sqrt(a), s / math.sqrt(a)],
+                             [cx, cy, s / math.sqrt(a), s * math.sqrt(a)]]
+    p = torch.tensor(rows, dtype=torch.float64).clamp(0, 1)
+    return torch.cat([p[:, :2] - p[:, 2:] / 2, p[:, :2] + p[:, 2:] / 2], dim=1) * 300
+
+
+def test_default_box_clipping_differs_from_ssd_pytorch_on_114_boxes(ssd18):
+    # The 10x10 map has step 32: its last row/column of centres lies at 9.5 * 32 = 304 px.
+    # torchvision (ours) clamps only w and h, ssd.pytorch/lufficc clamp cx, cy too (304 -> 300).
+    # 19 edge locations x 6 boxes = 114 boxes differ, by exactly 4 px in x and/or y. E.g. the
+    # bottom-right location (index 5776 + 2166 + 99 * 6 = 8536), first box (side 111 px):
+    # ours centred at (304, 304), ssd.pytorch's at (300, 300).
+    ours = ssd18.default_boxes.double()
+    torch.testing.assert_close(ours[8536], torch.tensor([248.5, 248.5, 359.5, 359.5],
+                                                        dtype=torch.float64), rtol=0, atol=1e-3)
+    ref = _centre_clamped_default_boxes()
+    torch.testing.assert_close(ref[8536], torch.tensor([244.5, 244.5, 355.5, 355.5],
+                                                       dtype=torch.float64), rtol=0, atol=1e-9)
+    diff = (ours - ref).abs().amax(dim=1)
+    differ = torch.nonzero(diff > 1e-3).flatten()
+    assert len(differ) == 114 and diff.max().item() == pytest.approx(4.0, abs=1e-3)
+    start = MAP_COUNTS[0] + MAP_COUNTS[1]  # the 10x10 map's boxes are start .. start + 599
+    loc = (differ - start) // 6
+    assert bool(((loc >= 0) & (loc < 100)).all())
+    assert bool(((loc // 10 == 9) | (loc % 10 == 9)).all())  # last row or last column
+
+
 def _random_boxes(gen: torch.Generator, n: int) -> torch.Tensor:
     xy = torch.rand(n, 2, generator=gen) * 250
     wh = 2 + torch.rand(n, 2, generator=gen) * 200

@@ -11,7 +11,8 @@ from ssd_da.evaluation.voc import _pair_iou, evaluate_class, evaluate_voc, voc_a
 BOX = [0.0, 0.0, 9.0, 9.0]
 
 
-def one_class(dets, gts, difficult=None, metric="voc07", image_ids=None, gt_image_ids=None):
+def one_class(dets, gts, difficult=None, metric="voc07", image_ids=None, gt_image_ids=None,
+              iou_rule="python"):
     """evaluate_class on one image; dets: list of (box, score), gts: list of boxes."""
     det_boxes = np.array([d[0] for d in dets], dtype=float).reshape(-1, 4)
     scores = np.array([d[1] for d in dets], dtype=float)
@@ -19,7 +20,8 @@ def one_class(dets, gts, difficult=None, metric="voc07", image_ids=None, gt_imag
     difficult = np.zeros(len(gts), bool) if difficult is None else np.array(difficult)
     det_img = np.zeros(len(dets), int) if image_ids is None else np.array(image_ids)
     gt_img = np.zeros(len(gts), int) if gt_image_ids is None else np.array(gt_image_ids)
-    return evaluate_class(det_img, det_boxes, scores, gt_img, gt_boxes, difficult, metric)
+    return evaluate_class(det_img, det_boxes, scores, gt_img, gt_boxes, difficult, metric,
+                          iou_rule=iou_rule)
 
 
 def test_inclusive_pixel_iou():
@@ -45,6 +47,53 @@ def test_iou_exactly_half_is_not_a_match():
     np.testing.assert_array_equal(r.recall, [0.0, 1.0])
     np.testing.assert_array_equal(r.precision, [0.0, 0.5])
     assert r.ap == pytest.approx(0.5, abs=1e-15)
+
+
+def test_iou_exactly_half_matches_under_the_matlab_rule():
+    # The same two detections under VOCevaldet.m's rule (IoU >= 0.5): A (0.9, IoU exactly 0.5)
+    # is now the TP and B (0.8), whose best gt is the one A took, a FP:
+    # tp [1, 0], fp [0, 1] -> recall [1, 1], precision [1, 0.5] -> p = 1 at all 11 t -> AP 1.
+    r = one_class([([0, 0, 9, 4], 0.9), ([0, 0, 9, 5], 0.8)], [BOX], iou_rule="matlab")
+    np.testing.assert_array_equal(r.recall, [1.0, 1.0])
+    np.testing.assert_array_equal(r.precision, [1.0, 0.5])
+    assert r.ap == pytest.approx(1.0, abs=1e-15)
+
+
+def test_iou_rule_on_a_10x20_detection_over_a_10x10_gt():
+    # gt A = BOX (10x10 = 100 px), gt B [40,0,49,9]. d1 [0,0,9,19] (10x20 = 200 px) contains A:
+    # IoU = 100 / (200 + 100 - 100) = 0.5 exactly. d2 = B exactly (IoU 1). Scores d1 0.9, d2 0.8.
+    # python (IoU > 0.5): d1 FP, d2 TP -> recall [0, .5], precision [0, .5]; 11-point: t = 0, .1,
+    #   .2, .3+, .4, .5 reach recall .5 with p = .5, t >= .6 get 0 -> AP = 6 * .5 / 11 = 3/11.
+    # matlab (IoU >= 0.5): both TP -> recall [.5, 1], precision [1, 1] -> AP = 1.
+    gts = [BOX, [40, 0, 49, 9]]
+    dets = [([0, 0, 9, 19], 0.9), ([40, 0, 49, 9], 0.8)]
+    np.testing.assert_array_equal(_pair_iou(np.array([[0.0, 0, 9, 19]]), np.array([BOX])), [0.5])
+    python = one_class(dets, gts)
+    np.testing.assert_array_equal(python.recall, [0.0, 0.5])
+    np.testing.assert_array_equal(python.precision, [0.0, 0.5])
+    assert python.ap == pytest.approx(3 / 11, abs=1e-15)
+    matlab = one_class(dets, gts, iou_rule="matlab")
+    np.testing.assert_array_equal(matlab.recall, [0.5, 1.0])
+    np.testing.assert_array_equal(matlab.precision, [1.0, 1.0])
+    assert matlab.ap == pytest.approx(1.0, abs=1e-15)
+    # Through evaluate_voc: the same numbers, and the table names the rule.
+    ann = [_img(gts, [1, 1])]
+    det = [_img([d[0] for d in dets], [1, 1], scores=[d[1] for d in dets])]
+    res = evaluate_voc(det, ann, ["a"])
+    assert res.ap["a"] == pytest.approx(3 / 11, abs=1e-15) and "IoU > 0.5" in res.table()
+    res = evaluate_voc(det, ann, ["a"], iou_rule="matlab")
+    assert res.ap["a"] == pytest.approx(1.0, abs=1e-15) and res.iou_rule == "matlab"
+    assert "IoU >= 0.5" in res.table()
+
+
+def test_matlab_rule_never_matches_without_overlap():
+    # VOCevaldet.m only considers ground truths with iw > 0 and ih > 0: at threshold 0 a
+    # detection that touches nothing is still a FP (IoU 0 >= 0 would otherwise match).
+    r = one_class([([50, 50, 59, 59], 0.9)], [BOX], iou_rule="matlab")
+    assert r.ap == 0.0
+    ann = [_img([BOX], [1])]
+    det = [_img([[50, 50, 59, 59]], [1], scores=[0.9])]
+    assert evaluate_voc(det, ann, ["a"], iou_threshold=0.0, iou_rule="matlab").ap["a"] == 0.0
 
 
 def test_detection_on_difficult_is_neither_tp_nor_fp():
@@ -201,6 +250,8 @@ def test_bad_input_errors():
         evaluate_voc([_img([BOX], [1], [0.5])], ann, ["a"], metric="voc12")
     with pytest.raises(ValueError, match="metric must be one of"):
         voc_ap(np.zeros(1), np.zeros(1), "coco")
+    with pytest.raises(ValueError, match=r"iou_rule must be one of \['python', 'matlab'\]"):
+        evaluate_voc([_img([BOX], [1], [0.5])], ann, ["a"], iou_rule="devkit")
     with pytest.raises(ValueError, match=r"label 2 is out of range 1..1"):
         evaluate_voc([_img([BOX], [2], [0.5])], ann, ["a"])
     with pytest.raises(ValueError, match=r"label 0 is out of range"):
@@ -220,8 +271,9 @@ def test_bad_input_errors():
 # ---------------------------------------------------------------------------------------------
 # Reference: the devkit's voc_eval loop, literally (one detection at a time).
 
-def reference_class_ap(dets, anns, cls, metric):
-    """Returns (ap, recall, precision) of class ``cls`` as the devkit's voc_eval does."""
+def reference_class_ap(dets, anns, cls, metric, rule="python"):
+    """Returns (ap, recall, precision) of class ``cls`` as voc_eval.py does (``rule="matlab"``:
+    with VOCevaldet.m's ``ovmax >= minoverlap`` instead)."""
     class_recs, npos = {}, 0
     for i, a in enumerate(anns):
         keep = a["labels"] == cls
@@ -253,7 +305,7 @@ def reference_class_ap(dets, anns, cls, metric):
                    + (BBGT[:, 2] - BBGT[:, 0] + 1.0) * (BBGT[:, 3] - BBGT[:, 1] + 1.0) - inters)
             overlaps = inters / uni
             ovmax, jmax = np.max(overlaps), np.argmax(overlaps)
-        if ovmax > 0.5:
+        if (ovmax >= 0.5 if rule == "matlab" else ovmax > 0.5):
             if not R["difficult"][jmax]:
                 if not R["det"][jmax]:
                     tp[d], R["det"][jmax] = 1.0, True
@@ -304,15 +356,34 @@ def random_case(rng, num_images=300, num_classes=5):
     return dets, anns
 
 
-@pytest.mark.parametrize("metric", ["voc07", "area"])
-def test_agrees_with_literal_devkit_loop(metric):
+def with_exact_half_ious(dets, anns, rng):
+    """Add, for about half of the ground truths, a detection of the gt's label twice as tall
+    (same x extent, same top): intersection w*h, union 2*w*h, so IoU is exactly 0.5."""
+    out = []
+    for d, a in zip(dets, anns):
+        pick = rng.random(len(a["boxes"])) < 0.5
+        tall = a["boxes"][pick].copy()
+        tall[:, 3] = tall[:, 1] + 2 * (tall[:, 3] - tall[:, 1] + 1) - 1
+        out.append({"boxes": np.concatenate([d["boxes"], tall]),
+                    "scores": np.concatenate([d["scores"], np.round(rng.random(len(tall)), 2)]),
+                    "labels": np.concatenate([d["labels"], a["labels"][pick]])})
+    return out
+
+
+@pytest.mark.parametrize("metric, rule", [("voc07", "python"), ("area", "python"),
+                                          ("voc07", "matlab"), ("area", "matlab")])
+def test_agrees_with_literal_devkit_loop(metric, rule):
     rng = np.random.default_rng(7)
     dets, anns = random_case(rng)
+    dets = with_exact_half_ious(dets, anns, rng)
     names = [f"c{i}" for i in range(1, 6)]
-    res = evaluate_voc(dets, anns, names, metric=metric)
+    res = evaluate_voc(dets, anns, names, metric=metric, iou_rule=rule)
+    other = evaluate_voc(dets, anns, names, metric=metric,
+                         iou_rule="matlab" if rule == "python" else "python")
+    assert all(res.ap[n] != other.ap[n] for n in names)  # the exact ties matter in every class
     assert sum(res.num_detections.values()) > 2000  # a real test: thousands of detections
     for c, name in enumerate(names, start=1):
-        expected, recall, precision = reference_class_ap(dets, anns, c, metric)
+        expected, recall, precision = reference_class_ap(dets, anns, c, metric, rule)
         assert 0.05 < expected < 0.95  # neither trivial extreme
         assert abs(res.ap[name] - expected) <= 1e-9, (name, res.ap[name], expected)
         np.testing.assert_array_equal(res.recall[name], recall)  # the same curve, bit for bit

@@ -61,6 +61,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                      "or the COCO categories)")
     p.add_argument("--metric", default="voc07", choices=["voc07", "area"],
                    help="voc07: 11-point (VOC2007, default); area: VOC2010+ integral")
+    p.add_argument("--iou-rule", default="python", choices=["python", "matlab"],
+                   help="python: a match needs IoU > 0.5, as py-faster-rcnn's voc_eval.py behind "
+                        "the published VOC07 numbers of ssd.pytorch, lufficc and mmdet (default); "
+                        "matlab: IoU >= 0.5, as the MATLAB devkit's VOCevaldet.m")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="data loader processes (default: min(4, CPU cores available), "
@@ -76,8 +80,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "choice the checkpoint was trained with, so the mAP equals training's")
     p.add_argument("--no-coco", action="store_true", help="skip the pycocotools AP@[.5:.95] line")
     p.add_argument("--save-detections", help="write the detections as JSON (format above)")
-    p.add_argument("--json", help="write {metric, map, ap, num_images} as JSON (and coco: the "
-                                  "pycocotools figures, with --data-format coco)")
+    p.add_argument("--json", help="write {metric, iou_rule, map, ap, num_images} as JSON (and "
+                                  "coco: the pycocotools figures, with --data-format coco)")
     p.add_argument("--plots", help="folder for per-class PR curves and a per-class AP bar chart")
     return p
 
@@ -197,7 +201,8 @@ def main(args: argparse.Namespace) -> int:
         else:
             dataset, class_names, detections = read_detections(args, class_names)
         gts = [dataset.get_annotation(i).ground_truth() for i in range(len(dataset))]
-        result = evaluate_voc(detections, gts, class_names, metric=args.metric)
+        result = evaluate_voc(detections, gts, class_names, metric=args.metric,
+                              iou_rule=args.iou_rule)
         coco = coco_figures(args, dataset, detections)
         report(result, coco, dataset, rate)
         image_ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
@@ -224,6 +229,7 @@ def write_outputs(args, result, detections, image_ids, class_names, dataset=None
         # with no ground truth at all are written as null.
         ap = {c: (None if math.isnan(v) else float(v)) for c, v in result.ap.items()}
         payload = {"metric": args.metric,  # the --metric value: one name for one thing
+                   "iou_rule": result.iou_rule,
                    "map": None if math.isnan(result.map) else float(result.map), "ap": ap,
                    "num_images": len(image_ids)}
         if is_coco and coco is not None:

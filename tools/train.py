@@ -2,7 +2,7 @@
 """Train SSD300 on PASCAL VOC (or any VOC-layout or COCO-format dataset) with an
 attention-ResNet backbone.
 
-    python tools/train.py --backbone da_resnet50                 # standard recipe, VOC07+12
+    python tools/train.py --backbone da_resnet50                 # ssd.pytorch VOC0712 recipe
     python tools/train.py --config configs/demo.yaml             # synthetic demo, CPU, minutes
     python tools/train.py --data-format coco --data-root data/coco --train-split train2017 \
         --test-split val2017                                     # COCO layout, its categories
@@ -50,7 +50,8 @@ def main(args: argparse.Namespace) -> int:
         best = summary["best_map"]
         print(f"\ndone: {summary['backbone']}, {summary['iterations']} iterations in "
               f"{summary['wall_time_s'] / 60:.1f} min; {summary['metric']} mAP final "
-              f"{100 * summary['final_map']:.2f}%, best {100 * best:.2f}%"
+              f"{100 * summary['final_map']:.2f}% (last.pth: report this one), best "
+              f"{100 * best:.2f}% (best.pth, selected on the test split {cfg.test_split})"
               + f"; backbone init {summary['backbone_init']}"
               + (f"; peak GPU memory {summary['peak_memory_mb']:.0f} MiB"
                  if summary["peak_memory_mb"] else "")

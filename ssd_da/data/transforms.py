@@ -211,7 +211,10 @@ class MinIoURandomCrop(A.DualTransform):
 def _photometric_distortion(channel_swap_p: float) -> list[A.BasicTransform]:
     """The Caffe SSD "distort_param": brightness delta 32, contrast [0.5, 1.5], saturation
     [0.5, 1.5], hue delta 18 degrees, each with p = 0.5; contrast either before or after the
-    colour changes (as in ssd.pytorch's PhotometricDistort); optional random channel order."""
+    colour changes (as in ssd.pytorch's PhotometricDistort). Then, if ``channel_swap_p`` > 0, a
+    random channel order with that probability (a uniform permutation of the 3 channels, the
+    identity included): ``channel_swap_p=0.5`` is ssd.pytorch's/lufficc's RandomLightingNoise.
+    Our default is 0 (see :func:`build_train_transform`)."""
 
     def contrast() -> A.BasicTransform:
         # alpha = 1 + U(-0.5, 0.5), beta = 0: a pure multiplication, as Caffe's contrast.
@@ -295,6 +298,13 @@ def build_train_transform(size: int = 300, photometric: bool = True, channel_swa
     photometric distortion, zoom-out up to 4x onto the mean pixel, min-IoU crop, horizontal
     flip, resize to size x size, then a (3, size, size) tensor: ImageNet-normalised float32
     (``output="float"``) or the uint8 RGB pixels (``"uint8"``, normalised later on the device).
+
+    One deliberate difference: ssd.pytorch and lufficc end the photometric distortion with a
+    random channel swap (p 0.5, a uniform permutation of the 3 channels, identity included); ours
+    is off by default (``channel_swap_p=0.0``): the backbones start from torchvision's ImageNet
+    weights, trained on RGB images without channel swaps, and a swap feeds conv1's
+    colour-specific filters inputs they never saw. This is a choice, not a measured improvement;
+    ``channel_swap_p=0.5`` matches the two code bases (both backends draw the swap that way).
 
     Call as ``t(image=uint8 (H, W, 3), bboxes=(N, 4) xyxy pixels, labels=(N,))``; the returned
     "bboxes" are xyxy pixels of the size x size image, "labels" the labels of the kept boxes.

@@ -87,7 +87,8 @@ def seed_everything(seed: int) -> None:
 
 def lr_factor(it: int, cfg: Config) -> float:
     """Linear warmup from ``warmup_factor`` to 1 over ``warmup_iters``, then x``lr_gamma`` at
-    each of ``lr_steps`` (SSD paper, sec. 3.2: 1e-3 for 80k, 1e-4 for 20k, 1e-5 for 20k)."""
+    each of ``lr_steps`` (default 80k/100k of 120k: the ssd.pytorch/lufficc VOC0712 config, not
+    the SSD paper's, whose sec. 3.1 VOC schedule is 40k + 10k + 10k; warmup as lufficc's)."""
     factor = cfg.lr_gamma ** sum(it >= s for s in cfg.lr_steps)
     if it < cfg.warmup_iters:
         alpha = it / cfg.warmup_iters
@@ -170,7 +171,8 @@ def train_step(state: TrainState, images: torch.Tensor, targets: list[dict], cfg
 
 def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
              device: torch.device, out_dir: Path, log: RunLog) -> float:
-    """VOC mAP on the test split, logged; writes best.pth when it improves (rank 0)."""
+    """VOC mAP on the test split, logged; writes best.pth when it improves (rank 0): best.pth is
+    therefore selected on the test split, and last.pth is the one to report."""
     model = dist_utils.unwrap(state.model)
     if dist_utils.is_distributed():
         # Without SyncBN each rank's running statistics drift apart; evaluate every shard with
@@ -193,6 +195,9 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
             logger.info("final evaluation on %s:\n%s", cfg.test_split, result.table())
         if coco:
             logger.info("COCO metrics (pycocotools): %s", format_coco(coco))
+        # best.pth is the checkpoint with the highest mAP on the TEST split (VOC07 test by
+        # default; there is no separate validation split), so its mAP is optimistically biased:
+        # report last.pth's (the final) mAP, as tools/ablate.py does.
         if result.map > state.best_map:
             state.best_map = float(result.map)
             save_checkpoint(training_checkpoint(state, cfg, class_names, resumable=False),

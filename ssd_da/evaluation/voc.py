@@ -1,12 +1,12 @@
-"""PASCAL VOC detection AP, computed exactly as the official devkit does (numpy, vectorised).
+"""PASCAL VOC detection AP as py-faster-rcnn's ``voc_eval.py`` computes it (numpy, vectorised).
 
-The paper reports SSD300 mAP on VOC2007 test with the 11-point interpolation at IoU 0.5
-(DA paper, section III). Published VOC07 numbers come from the Python port of the devkit
-(``voc_eval.py`` in py-faster-rcnn and its descendants), so this module reproduces that
-algorithm to the last bit (docs/method.md, "The VOC evaluator"):
+The paper reports SSD300 mAP on VOC2007 test with the 11-point interpolation at IoU 0.5 (DA
+paper, section III). The published VOC07 numbers of ssd.pytorch, lufficc/SSD and mmdetection come
+from ``voc_eval.py`` of py-faster-rcnn (Bharath Hariharan's Python port of the devkit), and this
+module reproduces that algorithm to the last bit (docs/method.md, "The VOC evaluator"):
 
 * IoU uses the inclusive pixel convention: ``w = x2 - x1 + 1`` (shift-invariant, so 0-based
-  boxes, as the data pipeline produces them, give the devkit's numbers).
+  boxes, as the data pipeline produces them, give the reference numbers).
 * Each detection is compared with the ground truth of its image that has the highest IoU (the
   first such ground truth in annotation order on an exact IoU tie). If that IoU is > threshold
   (strictly): a difficult ground truth makes the detection neither TP nor FP; an unused one
@@ -16,17 +16,25 @@ algorithm to the last bit (docs/method.md, "The VOC evaluator"):
   recall of exactly 0.3 does not reach t = 0.30000000000000004.
 * "area" AP is the VOC2010+ integral of the monotone precision envelope over recall.
 
-Score ties. The devkit sorts with ``np.argsort(-confidence)`` (quicksort, not stable), so its
-order among equal scores is an accident of the sort implementation. We sort with a STABLE sort
-on ``-score``: detections with equal scores keep their input order, i.e. earlier image (in the
-order of ``annotations``) first, and within an image the order of its detection arrays. This
-makes every result deterministic and matches the devkit whenever scores are distinct.
+IoU rule. The official MATLAB devkit (``VOCevaldet.m``) accepts a match at IoU >= threshold
+(``ovmax >= VOCopts.minoverlap``), where ``voc_eval.py`` needs IoU > threshold. The two differ
+only for a detection whose best IoU is exactly the threshold (e.g. a 10x10 ground truth and a
+10x20 detection over it: IoU 100 / 200 = 0.5). ``iou_rule="python"`` (default) is
+``voc_eval.py``'s, ``iou_rule="matlab"`` the devkit's; the MATLAB devkit also considers only
+ground truths that overlap the detection, so IoU 0 never matches under either rule. Everything
+else (the 11-point thresholds included) stays as above.
 
-Vectorisation. Because there is no fallback to the second-best match, the devkit's greedy loop
-is equivalent to: for every detection take its best ground truth g; among the detections of the
-class whose best g is non-difficult with IoU > threshold, the first one in score order is the TP
-and the others are FP. All IoUs between a detection and the same-class ground truths of its own
-image are computed at once as a flat list of (detection, ground truth) pairs.
+Score ties. ``voc_eval.py`` sorts with ``np.argsort(-confidence)`` (quicksort, not stable), so
+its order among equal scores is an accident of the sort implementation. We sort with a STABLE
+sort on ``-score``: detections with equal scores keep their input order, i.e. earlier image (in
+the order of ``annotations``) first, and within an image the order of its detection arrays. This
+makes every result deterministic and matches the reference whenever scores are distinct.
+
+Vectorisation. Because there is no fallback to the second-best match, the reference's greedy
+loop is equivalent to: for every detection take its best ground truth g; among the detections of
+the class whose best g is non-difficult with an IoU that passes the rule, the first one in score
+order is the TP and the others are FP. All IoUs between a detection and the same-class ground
+truths of its own image are computed at once as a flat list of (detection, ground truth) pairs.
 """
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 METRICS = ("voc07", "area")
+# "python": IoU > threshold (py-faster-rcnn voc_eval.py); "matlab": IoU >= threshold (VOCevaldet.m).
+IOU_RULES = ("python", "matlab")
 # Exactly what the Python evaluators behind published VOC07 results iterate over; note
 # 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001 (docs/method.md).
 VOC07_RECALL_THRESHOLDS = np.arange(0.0, 1.1, 0.1)
@@ -50,7 +60,7 @@ class ClassResult:
     """Evaluation of one class.
 
     ``recall`` and ``precision`` have one entry per detection of the class, in descending score
-    order (the devkit's arrays, including entries for ignored detections on difficult ground
+    order (voc_eval.py's arrays, including entries for ignored detections on difficult ground
     truth). ``ap`` is nan and ``recall`` all-nan when the class has no non-difficult ground truth.
     """
 
@@ -78,11 +88,14 @@ class VOCResult:
     precision: dict[str, np.ndarray] = field(repr=False)
     recall: dict[str, np.ndarray] = field(repr=False)
     num_images: int
+    iou_rule: str = "python"
 
     def table(self) -> str:
         """Per-class AP in percent (2 decimals) with ground-truth and detection counts, and mAP."""
         width = max([len("mAP")] + [len(n) for n in self.ap])
-        title = f"VOC {self.metric} AP @ IoU > {self.iou_threshold:g} on {self.num_images} images"
+        op = ">=" if self.iou_rule == "matlab" else ">"
+        title = (f"VOC {self.metric} AP @ IoU {op} {self.iou_threshold:g} "
+                 f"on {self.num_images} images")
         lines = [title, f"{'class':<{width}}  {'AP (%)':>8}  {'gt':>7}  {'dets':>8}"]
         for name, ap in self.ap.items():
             value = "n/a (no ground truth)" if math.isnan(ap) else f"{100.0 * ap:8.2f}"
@@ -94,7 +107,7 @@ class VOCResult:
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "voc07") -> float:
-    """Average precision from a precision/recall curve, as the devkit's ``voc_ap``.
+    """Average precision from a precision/recall curve, as ``voc_ap`` of voc_eval.py.
 
     Args:
         recall: (K,) recall after each detection in descending score order (non-decreasing).
@@ -114,7 +127,7 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "voc07") -> 
                       initial=-np.inf)
         best[~reached.any(axis=1)] = 0.0
         ap = 0.0
-        for p in best:  # 11 terms, summed in the devkit's order so the result is bit-identical
+        for p in best:  # 11 terms, summed in voc_eval.py's order so the result is bit-identical
             ap = ap + p / 11.0
         return float(ap)
     mrec = np.concatenate(([0.0], recall, [1.0]))
@@ -127,7 +140,7 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "voc07") -> 
 def _pair_iou(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """Devkit IoU of paired boxes: det (P, 4), gt (P, 4) xyxy, inclusive pixels -> (P,).
 
-    The operations are in the devkit's order so the values are bitwise those of the reference.
+    The operations are in voc_eval.py's order so the values are bitwise those of the reference.
     """
     iw = np.maximum(np.minimum(gt[:, 2], det[:, 2]) - np.maximum(gt[:, 0], det[:, 0]) + 1.0, 0.0)
     ih = np.maximum(np.minimum(gt[:, 3], det[:, 3]) - np.maximum(gt[:, 1], det[:, 1]) + 1.0, 0.0)
@@ -135,7 +148,7 @@ def _pair_iou(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
     union = ((det[:, 2] - det[:, 0] + 1.0) * (det[:, 3] - det[:, 1] + 1.0)
              + (gt[:, 2] - gt[:, 0] + 1.0) * (gt[:, 3] - gt[:, 1] + 1.0) - inters)
     # An inverted ground truth (x2 < x1, kept because the devkit counts it) never intersects:
-    # IoU 0, where the devkit's 0 / union could be 0 / 0 = nan for a box of the same size.
+    # IoU 0, where voc_eval.py's 0 / union could be 0 / 0 = nan for a box of the same size.
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(inters > 0.0, inters / union, 0.0)
 
@@ -147,7 +160,7 @@ def _best_gt(det_img: np.ndarray, det_boxes: np.ndarray, gt_img: np.ndarray,
     Image indices are in 0..num_images-1; ``gt_img`` must be sorted (ground truths grouped by
     image, annotation order within one). Returns (best_iou (K,), -inf where the image has no
     ground truth; best_gt (K,) index into the ground-truth arrays, -1 where none). Exact IoU
-    ties go to the first ground truth, as the devkit's np.argmax does.
+    ties go to the first ground truth, as voc_eval.py's np.argmax does.
     """
     per_image = np.bincount(gt_img, minlength=num_images)
     count = per_image[det_img]
@@ -164,7 +177,7 @@ def _best_gt(det_img: np.ndarray, det_boxes: np.ndarray, gt_img: np.ndarray,
     iou = _pair_iou(det_boxes[pair_det], gt_boxes[pair_gt])
     has_gt = count > 0
     best_iou[has_gt] = np.maximum.reduceat(iou, first_pair[has_gt])
-    # First pair of each detection reaching its maximum = the devkit's np.argmax.
+    # First pair of each detection reaching its maximum = voc_eval.py's np.argmax.
     at_max = np.flatnonzero(iou == best_iou[pair_det])
     first = np.ones(len(at_max), dtype=bool)
     first[1:] = pair_det[at_max[1:]] != pair_det[at_max[:-1]]
@@ -172,15 +185,24 @@ def _best_gt(det_img: np.ndarray, det_boxes: np.ndarray, gt_img: np.ndarray,
     return best_iou, best_gt
 
 
+def _passes(best_iou: np.ndarray, iou_threshold: float, iou_rule: str) -> np.ndarray:
+    """(K,) bool: does each detection's best IoU make it a match under ``iou_rule``?"""
+    if iou_rule == "matlab":
+        # VOCevaldet.m: ovmax >= minoverlap, where ovmax only ever comes from overlapping
+        # ground truths (iw > 0 and ih > 0), so IoU 0 never matches, even at threshold 0.
+        return (best_iou >= iou_threshold) & (best_iou > 0.0)
+    return best_iou > iou_threshold  # voc_eval.py: strictly, IoU exactly 0.5 is not a match
+
+
 def _evaluate_sorted(det_img: np.ndarray, det_boxes: np.ndarray, gt_img: np.ndarray,
                      gt_boxes: np.ndarray, gt_difficult: np.ndarray, num_images: int,
-                     metric: str, iou_threshold: float) -> ClassResult:
+                     metric: str, iou_threshold: float, iou_rule: str = "python") -> ClassResult:
     """One class, with detections in descending score order and gts grouped by image.
 
     Image indices are in 0..num_images-1.
     """
     best_iou, best_gt = _best_gt(det_img, det_boxes, gt_img, gt_boxes, num_images)
-    matched = best_iou > iou_threshold  # strictly: IoU exactly 0.5 is not a match
+    matched = _passes(best_iou, iou_threshold, iou_rule)
     ignored = np.zeros(len(det_img), dtype=bool)
     ignored[matched] = gt_difficult[best_gt[matched]]
     claims = np.flatnonzero(matched & ~ignored)
@@ -199,9 +221,13 @@ def _evaluate_sorted(det_img: np.ndarray, det_boxes: np.ndarray, gt_img: np.ndar
     return ClassResult(voc_ap(recall, precision, metric), npos, len(det_img), recall, precision)
 
 
-def _check_metric_threshold(metric: str, iou_threshold: float) -> None:
+def _check_metric_threshold(metric: str, iou_threshold: float, iou_rule: str = "python") -> None:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
+    if iou_rule not in IOU_RULES:
+        raise ValueError(f"iou_rule must be one of {list(IOU_RULES)} (python: IoU > threshold "
+                         f"as voc_eval.py; matlab: IoU >= threshold as VOCevaldet.m), "
+                         f"got {iou_rule!r}")
     if not 0.0 <= iou_threshold < 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold!r}")
 
@@ -285,19 +311,22 @@ def _concat(items: Sequence[Mapping], keys: Sequence[str], what: str
 
 def evaluate_class(det_image_ids: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray,
                    gt_image_ids: np.ndarray, gt_boxes: np.ndarray, gt_difficult: np.ndarray,
-                   metric: str = "voc07", iou_threshold: float = 0.5) -> ClassResult:
-    """Evaluate the detections of one class (the devkit's ``voc_eval`` for one class file).
+                   metric: str = "voc07", iou_threshold: float = 0.5,
+                   iou_rule: str = "python") -> ClassResult:
+    """Evaluate the detections of one class (``voc_eval.py``'s ``voc_eval`` for one class file).
 
     Args:
         det_image_ids: (K,) int image id of each detection (any integers; only equality matters).
         det_boxes: (K, 4) float xyxy, pixels. det_scores: (K,) float.
         gt_image_ids: (N,) int image id of each ground truth of this class.
         gt_boxes: (N, 4) float xyxy, pixels. gt_difficult: (N,) bool.
-        metric: "voc07" or "area". iou_threshold: a match needs IoU strictly above it.
+        metric: "voc07" or "area". iou_threshold: the match threshold (0.5).
+        iou_rule: "python" (IoU > threshold, voc_eval.py) or "matlab" (IoU >= threshold,
+            VOCevaldet.m).
     Returns:
         ClassResult; ties in score keep input order (stable sort, see the module docstring).
     """
-    _check_metric_threshold(metric, iou_threshold)
+    _check_metric_threshold(metric, iou_threshold, iou_rule)
     det_boxes = _as_boxes(det_boxes, "det_boxes")
     gt_boxes = _as_boxes(gt_boxes, "gt_boxes")
     det_img = np.asarray(det_image_ids, dtype=np.int64).reshape(-1)
@@ -321,12 +350,12 @@ def evaluate_class(det_image_ids: np.ndarray, det_boxes: np.ndarray, det_scores:
     gt_order = np.argsort(gt_img, kind="stable")
     return _evaluate_sorted(det_img[order], det_boxes[order], gt_img[gt_order],
                             gt_boxes[gt_order], difficult[gt_order], len(ids), metric,
-                            iou_threshold)
+                            iou_threshold, iou_rule)
 
 
 def evaluate_voc(detections: Sequence[Mapping], annotations: Sequence[Mapping],
                  class_names: Sequence[str], metric: str = "voc07",
-                 iou_threshold: float = 0.5) -> VOCResult:
+                 iou_threshold: float = 0.5, iou_rule: str = "python") -> VOCResult:
     """VOC mAP of a detection set.
 
     Args:
@@ -337,11 +366,14 @@ def evaluate_voc(detections: Sequence[Mapping], annotations: Sequence[Mapping],
             bool (optional; missing means none difficult).
         class_names: the C class names; label i is ``class_names[i - 1]``.
         metric: "voc07" (11-point, the paper's protocol) or "area" (VOC2010+).
-        iou_threshold: a match needs IoU strictly above it (0.5 in the paper).
+        iou_threshold: the match threshold (0.5 in the paper).
+        iou_rule: "python" (default): a match needs IoU > threshold, as py-faster-rcnn's
+            voc_eval.py behind published VOC07 numbers; "matlab": IoU >= threshold, as the
+            MATLAB devkit's VOCevaldet.m. They differ only on exact ties.
     Returns:
         VOCResult with per-class AP, npos, detection counts and PR arrays, and the mAP.
     """
-    _check_metric_threshold(metric, iou_threshold)
+    _check_metric_threshold(metric, iou_threshold, iou_rule)
     names = [str(n) for n in class_names]
     if not names or len(set(names)) != len(names):
         raise ValueError(f"class_names must be non-empty and unique, got {names}")
@@ -378,12 +410,12 @@ def evaluate_voc(detections: Sequence[Mapping], annotations: Sequence[Mapping],
         g = slice(gt_bounds[c], gt_bounds[c + 1])
         results[name] = _evaluate_sorted(det_img[d], det["boxes"][d], gt_img[g], gt_boxes[g],
                                          gt_difficult[g], len(annotations), metric,
-                                         iou_threshold)
-    return _summarise(results, metric, iou_threshold, len(annotations))
+                                         iou_threshold, iou_rule)
+    return _summarise(results, metric, iou_threshold, len(annotations), iou_rule)
 
 
 def _summarise(results: dict[str, ClassResult], metric: str, iou_threshold: float,
-               num_images: int) -> VOCResult:
+               num_images: int, iou_rule: str) -> VOCResult:
     missing = [name for name, r in results.items() if r.npos == 0]
     if missing:
         logger.warning("classes with no (non-difficult) ground truth, reported as n/a and left "
@@ -399,4 +431,5 @@ def _summarise(results: dict[str, ClassResult], metric: str, iou_threshold: floa
         ap={n: r.ap for n, r in results.items()}, npos={n: r.npos for n, r in results.items()},
         num_detections={n: r.num_detections for n, r in results.items()},
         precision={n: r.precision for n, r in results.items()},
-        recall={n: r.recall for n, r in results.items()}, num_images=num_images)
+        recall={n: r.recall for n, r in results.items()}, num_images=num_images,
+        iou_rule=iou_rule)

@@ -23,7 +23,9 @@ from ssd_da.models.lga import GlobalAttention, LocalAttention, LocalGlobalAttent
 __all__ = [
     "ATTENTIONS", "build_attention", "eca_kernel_size", "NoAttention", "DualAttention",
     "DualAttentionCS", "DualAttentionParallel", "DualAttentionSpatial", "DualAttentionChannel",
-    "SqueezeExcitation", "EfficientChannelAttention", "SpatialGroupEnhance", "CBAM",
+    "SqueezeExcitation", "EfficientChannelAttention", "EfficientChannelAttentionAdaptive",
+    "ECA_RELEASED_KERNEL_SIZES", "attention_stage_options", "SpatialGroupEnhance", "CBAM",
+    "ATTENTION_INITS", "IdentityStart",
 ]
 
 
@@ -239,16 +241,36 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
     return max(3, k)
 
 
+# k_size by stage (layer1..layer4) of the ECA authors' released ImageNet models (BangguWu/ECANet:
+# eca_resnet50_k3557, eca_resnet101_k3357). ResNet18/34 have no released model; the authors'
+# constructors build them with k = 3 in every stage, which we use.
+ECA_RELEASED_KERNEL_SIZES: dict[int, tuple[int, int, int, int]] = {
+    18: (3, 3, 3, 3), 34: (3, 3, 3, 3), 50: (3, 5, 5, 7), 101: (3, 3, 5, 7)}
+
+
 class EfficientChannelAttention(nn.Module):
     """Efficient Channel Attention (Wang et al., CVPR 2020), ``(B, C, H, W) -> same``.
 
     GAP -> Conv1d(1, 1, k, padding (k-1)//2, no bias) across the channel axis -> sigmoid ->
-    x * mask, with k from :func:`eca_kernel_size` unless given. k parameters per block.
+    x * mask. k parameters per block. Which k:
+
+    * ``eca`` in a ResNet (:meth:`stage_options`): the k of the authors' released models, by
+      stage, :data:`ECA_RELEASED_KERNEL_SIZES` (ResNet50 3, 5, 5, 7; ResNet101 3, 3, 5, 7), so
+      their checkpoints fit; depths without an entry use the formula;
+    * ``eca_adaptive``: the paper's formula, :func:`eca_kernel_size` (gamma 2, b 1) of each
+      block's C (ResNet50 by stage: 5, 5, 5, 7);
+    * built alone, with only C known: the formula; ``kernel_size`` overrides all of these.
 
     Args:
         channels: C.
         kernel_size: odd 1-D kernel size; ``None`` picks the adaptive size.
     """
+
+    @classmethod
+    def stage_options(cls, depth: int) -> list[dict] | None:
+        """Options per stage (layer1..layer4) of a ResNet of ``depth``, or None for none."""
+        sizes = ECA_RELEASED_KERNEL_SIZES.get(depth)
+        return None if sizes is None else [{"kernel_size": k} for k in sizes]
 
     def __init__(self, channels: int, kernel_size: int | None = None) -> None:
         super().__init__()
@@ -263,6 +285,15 @@ class EfficientChannelAttention(nn.Module):
         b, c = x.shape[:2]
         s = x.mean(dim=(2, 3)).view(b, 1, c)  # channels become the 1-D sequence
         return x * torch.sigmoid(self.conv(s)).view(b, c, 1, 1)
+
+
+class EfficientChannelAttentionAdaptive(EfficientChannelAttention):
+    """ECA with the paper's adaptive k = psi(C) in every block (``eca_adaptive``), rather than
+    the released models' per-stage k; see :class:`EfficientChannelAttention`."""
+
+    @classmethod
+    def stage_options(cls, depth: int) -> list[dict] | None:
+        return None
 
 
 class SpatialGroupEnhance(nn.Module):
@@ -311,9 +342,14 @@ class CBAM(nn.Module):
 
     Channel gate: a shared MLP C->h->C (ReLU, h = max(1, C // reduction)) on the avg- and the
     max-pooled vectors, summed, sigmoid. Then spatial gate: [max, mean] over channels
-    (B, 2, H, W) -> 7x7 conv (no bias, BN follows) -> BN -> sigmoid. The MLP keeps its biases as
-    in the CBAM paper's released code (``nn.Linear`` defaults), and the BN uses that code's
-    ``eps=1e-5, momentum=0.01``. Parameters: 2*C*h + h + C (MLP) + 98 (conv) + 2 (BN).
+    (B, 2, H, W) -> 7x7 conv (no bias, BN follows) -> BN -> sigmoid. The MLP has biases and the
+    BN uses ``eps=1e-5, momentum=0.01``, as in the authors' released code (Jongchan/
+    attention-module). Parameters: 2*C*h + h + C (MLP) + 98 (conv) + 2 (BN).
+
+    Initialisation, also as that code's ResNet does it (:meth:`reset_parameters`): the spatial
+    conv Kaiming-normal with fan-out (std sqrt(2 / (k*k)) for its one output channel), the
+    spatial BN's weight 0, and every bias 0 (the MLP's and the BN's); the MLP weights keep
+    PyTorch's default. The spatial gate therefore starts at sigmoid(0) = 0.5 at every position.
 
     Args:
         channels: C.
@@ -337,6 +373,18 @@ class CBAM(nn.Module):
         self.spatial_conv = nn.Conv2d(2, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
         self.spatial_bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
         self.memory_efficient = bool(memory_efficient)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The released code's init (class docstring). Its ResNet applies it by key name after
+        building the model; here the module does it itself, since our ResNet leaves the
+        attention slot's init to the module."""
+        nn.init.kaiming_normal_(self.spatial_conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.spatial_bn.weight)
+        nn.init.zeros_(self.spatial_bn.bias)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         avg = self.mlp(x.mean(dim=(2, 3)))
@@ -359,6 +407,7 @@ ATTENTIONS: dict[str, type[nn.Module]] = {
     "da_c": DualAttentionChannel,
     "se": SqueezeExcitation,
     "eca": EfficientChannelAttention,
+    "eca_adaptive": EfficientChannelAttentionAdaptive,
     "sge": SpatialGroupEnhance,
     "cbam": CBAM,
     # The LGA paper's module, its LA/GA ablations and its other comparison modules (Tables
@@ -372,15 +421,49 @@ ATTENTIONS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_attention(name: str, channels: int, **kw) -> nn.Module:
+# How an attention module starts (build_attention's ``init``): "default", each module's own
+# initialisation; "identity", wrapped in IdentityStart so the block starts as the plain ResNet's.
+ATTENTION_INITS = ("default", "identity")
+
+
+class IdentityStart(nn.Module):
+    """``y = x + gate * (module(x) - x)`` with one scalar ``gate`` initialised to 0,
+    ``(B, C, H, W) -> same``: an exact identity at the start, the wrapped module at gate 1.
+
+    For fair starts from ImageNet weights, which exist only for the plain ResNets: with every
+    attention slot an identity, an attention ResNet computes exactly what the plain one does
+    until training moves the gates (the ReZero / SkipInit idea of a zero-initialised residual
+    scalar, applied to the attention step). The gate is one extra parameter per wrapped module.
+    At gate 0 only the gate receives a gradient, ``sum(dL/dy * (module(x) - x))``; the module's
+    parameters start learning once the gate has moved.
+
+    Args:
+        module: any attention module mapping ``(B, C, H, W)`` to the same shape.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.gate * (self.module(x) - x)
+
+
+def build_attention(name: str, channels: int, init: str = "default", **kw) -> nn.Module:
     """Build attention ``name`` for ``channels`` channels; ``kw`` are the module's options.
 
+    ``init="identity"`` wraps the module in :class:`IdentityStart` (one extra parameter; the
+    identity ``"none"`` stays unwrapped); ``"default"`` keeps the module's own initialisation.
+
     Raises:
-        ValueError: unknown name (the message lists the valid names) or an option the module
-            does not take (the message lists the options it does take).
+        ValueError: unknown name (the message lists the valid names), unknown ``init``, or an
+            option the module does not take (the message lists the options it does take).
     """
     if name not in ATTENTIONS:
         raise ValueError(f"unknown attention {name!r}; valid names: {sorted(ATTENTIONS)}")
+    if init not in ATTENTION_INITS:
+        raise ValueError(f"unknown attention init {init!r}; valid: {list(ATTENTION_INITS)}")
     cls = ATTENTIONS[name]
     params = inspect.signature(cls.__init__).parameters
     accepted = [p for p in params if p not in ("self", "channels")]
@@ -388,4 +471,19 @@ def build_attention(name: str, channels: int, **kw) -> nn.Module:
     if unknown:
         raise ValueError(f"attention {name!r} takes no option(s) {unknown}; "
                          f"valid options: {accepted if accepted else 'none'}")
-    return cls(channels, **kw)
+    module = cls(channels, **kw)
+    return IdentityStart(module) if init == "identity" and name != "none" else module
+
+
+def attention_stage_options(name: str, depth: int) -> list[dict]:
+    """Per-stage options (layer1..layer4) that attention ``name`` takes in a ResNet of ``depth``:
+    four dicts, empty unless the module defines ``stage_options`` (ECA's released k sizes).
+
+    Raises:
+        ValueError: unknown name (the message lists the valid names).
+    """
+    if name not in ATTENTIONS:
+        raise ValueError(f"unknown attention {name!r}; valid names: {sorted(ATTENTIONS)}")
+    hook = getattr(ATTENTIONS[name], "stage_options", None)
+    options = hook(depth) if hook is not None else None
+    return [dict(o) for o in options] if options is not None else [{} for _ in range(4)]

@@ -21,12 +21,13 @@ __all__ = ["DEPTHS", "BLOCK_ATTENTIONS", "BackboneName", "backbone_name", "parse
 DEPTHS: tuple[int, ...] = (18, 34, 50, 101)
 # Attention modules that can fill the per-block slot (keys of ssd_da.models.attention.ATTENTIONS;
 # a test checks they are). "none" is the plain ResNet and is spelled without a prefix.
-BLOCK_ATTENTIONS: tuple[str, ...] = ("da", "se", "eca", "sge", "cbam",
+BLOCK_ATTENTIONS: tuple[str, ...] = ("da", "se", "eca", "eca_adaptive", "sge", "cbam",
                                      "da_cs", "da_par", "da_s", "da_c")
 # How the DA paper's tables print each attention before "ResNet<depth>". The DA orders of
 # Table I have no printed prefix; the arrows name the order of the two branches.
 _DISPLAY_PREFIX: dict[str, str] = {
-    "none": "", "da": "DA-", "se": "SE-", "eca": "ECA-", "sge": "SGE-", "cbam": "CBAM-",
+    "none": "", "da": "DA-", "se": "SE-", "eca": "ECA-", "eca_adaptive": "ECA(adaptive k)-",
+    "sge": "SGE-", "cbam": "CBAM-",
     "da_cs": "DA(c>s)-", "da_par": "DA(s|c)-", "da_s": "DA(s)-", "da_c": "DA(c)-",
 }
 

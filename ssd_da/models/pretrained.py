@@ -216,6 +216,12 @@ def load_pretrained(model: ResNet, source: str | Path) -> LoadReport:
     logger.info("loaded %s into %s: %d tensors; %d attention keys and %d num_batches_tracked keys "
                 "missing (left at init)", label, model.name, len(state) - len(unexpected), attn,
                 len(missing) - attn)
+    if model.attention_init == "identity" and any(_is_attention_key(k) for k in unexpected):
+        # The file has attention weights of its own, but with attention_init="identity" the
+        # modules sit inside IdentityStart wrappers (keys attn.module.*) behind a gate at 0.
+        logger.warning("%s holds attention weights, but %s was built with attention_init="
+                       "'identity', so they are not loaded (its attention starts as the identity); "
+                       "use attention_init='default' to start from them", label, model.name)
     if unexpected:
         # fc/attention keys are expected extras (detector form, another attention variant).
         odd = [k for k in unexpected if not (k.startswith("fc.") or _is_attention_key(k))]

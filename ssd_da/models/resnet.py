@@ -14,7 +14,7 @@ import logging
 
 from torch import Tensor, nn
 
-from ssd_da.models.attention import ATTENTIONS, build_attention
+from ssd_da.models.attention import ATTENTIONS, attention_stage_options, build_attention
 from ssd_da.models.names import backbone_name, parse_backbone_name
 
 logger = logging.getLogger(__name__)
@@ -42,14 +42,14 @@ class BasicBlock(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None, attention: str = "none",
-                 attn_kwargs: dict | None = None) -> None:
+                 attn_kwargs: dict | None = None, attention_init: str = "default") -> None:
         super().__init__()
         self.conv1 = _conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.attn = build_attention(attention, planes, **(attn_kwargs or {}))
+        self.attn = build_attention(attention, planes, init=attention_init, **(attn_kwargs or {}))
         self.downsample = downsample
         self.stride = stride
 
@@ -70,7 +70,7 @@ class Bottleneck(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None, attention: str = "none",
-                 attn_kwargs: dict | None = None) -> None:
+                 attn_kwargs: dict | None = None, attention_init: str = "default") -> None:
         super().__init__()
         width = planes
         self.conv1 = _conv1x1(inplanes, width)
@@ -80,7 +80,8 @@ class Bottleneck(nn.Module):
         self.conv3 = _conv1x1(width, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.attn = build_attention(attention, planes * self.expansion, **(attn_kwargs or {}))
+        self.attn = build_attention(attention, planes * self.expansion, init=attention_init,
+                                    **(attn_kwargs or {}))
         self.downsample = downsample
         self.stride = stride
 
@@ -117,10 +118,16 @@ class ResNet(nn.Module):
         attention: a key of :data:`ssd_da.models.attention.ATTENTIONS` (``"none"``: plain ResNet).
         num_classes: size of the classifier; ``None`` builds the detector form, without
             ``avgpool`` and ``fc`` (use :meth:`forward_features`).
-        attn_kwargs: options passed to every attention module (e.g. ``{"channel_affine": True}``).
+        attn_kwargs: options passed to every attention module (e.g. ``{"channel_affine": True}``);
+            they override the module's own per-stage options (ECA's released kernel sizes, see
+            :func:`~ssd_da.models.attention.attention_stage_options`).
         end_attention: a key of ``ATTENTIONS`` for the module after layer4, ``end_attn``
             (``"none"``: an identity, no parameters).
         end_attn_kwargs: options of that module (e.g. ``{"heads": 8}`` for ``"lga"``).
+        attention_init: ``"default"`` (each module's own initialisation) or ``"identity"``
+            (every attention module, per-block and ``end_attn``, wrapped in
+            :class:`~ssd_da.models.attention.IdentityStart`: the network starts as the plain
+            ResNet, one extra parameter per wrapped module).
 
     Attributes:
         depth: 18, 34, 50, 101, ... (weighted layers: ``convs * sum(layers) + 2``).
@@ -134,7 +141,7 @@ class ResNet(nn.Module):
     def __init__(self, block: type[nn.Module], layers: tuple[int, ...] | list[int],
                  attention: str = "none", num_classes: int | None = 1000,
                  attn_kwargs: dict | None = None, end_attention: str = "none",
-                 end_attn_kwargs: dict | None = None) -> None:
+                 end_attn_kwargs: dict | None = None, attention_init: str = "default") -> None:
         super().__init__()
         if block not in (BasicBlock, Bottleneck):
             raise ValueError(f"ResNet: block must be BasicBlock or Bottleneck, got {block!r}")
@@ -156,6 +163,7 @@ class ResNet(nn.Module):
         self.depth = block.convs * sum(layers) + 2
         self.num_classes = num_classes
         self._attn_kwargs = dict(attn_kwargs or {})
+        self.attention_init = attention_init
         self.inplanes = 64
 
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -163,11 +171,13 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.out_channels: dict[str, int] = {}
+        stage_options = attention_stage_options(attention, self.depth)
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
-            setattr(self, f"layer{i}", self._make_layer(planes, n, stride=1 if i == 1 else 2))
+            kwargs = {**stage_options[i - 1], **self._attn_kwargs}
+            setattr(self, f"layer{i}", self._make_layer(planes, n, 1 if i == 1 else 2, kwargs))
             self.out_channels[f"layer{i}"] = planes * block.expansion
         self.end_attn = build_attention(end_attention, self.out_channels["layer4"],
-                                        **(end_attn_kwargs or {}))
+                                        init=attention_init, **(end_attn_kwargs or {}))
         if num_classes is not None:
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
             self.fc = nn.Linear(512 * block.expansion, num_classes)
@@ -178,12 +188,14 @@ class ResNet(nn.Module):
         """Backbone name as :func:`build_resnet` takes it, e.g. ``"da_resnet50"``."""
         return backbone_name(self.attention, self.depth)
 
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, planes: int, blocks: int, stride: int,
+                    attn_kwargs: dict) -> nn.Sequential:
         downsample = None
         out = planes * self.block.expansion
         if stride != 1 or self.inplanes != out:
             downsample = nn.Sequential(_conv1x1(self.inplanes, out, stride), nn.BatchNorm2d(out))
-        kw = dict(attention=self.attention, attn_kwargs=self._attn_kwargs)
+        kw = dict(attention=self.attention, attn_kwargs=attn_kwargs,
+                  attention_init=self.attention_init)
         mods = [self.block(self.inplanes, planes, stride, downsample, **kw)]
         self.inplanes = out
         mods += [self.block(self.inplanes, planes, **kw) for _ in range(1, blocks)]
@@ -244,7 +256,8 @@ def backbone_features(backbone: nn.Module, x: Tensor) -> dict[str, Tensor]:
     return features
 
 
-def build_resnet(name: str, num_classes: int | None = 1000, **attn_kw) -> ResNet:
+def build_resnet(name: str, num_classes: int | None = 1000, attention_init: str = "default",
+                 **attn_kw) -> ResNet:
     """Build backbone ``name`` (one of ``ssd_da.models.names.BACKBONE_NAMES``), e.g.
     ``"da_resnet50"``.
 
@@ -252,10 +265,12 @@ def build_resnet(name: str, num_classes: int | None = 1000, **attn_kw) -> ResNet
         name: ``resnet{18,34,50,101}`` or ``{attention}_resnet{18,34,50,101}``.
         num_classes: classifier size (1000: ImageNet form, the one Table II counts);
             ``None``: detector form without ``avgpool``/``fc``.
+        attention_init: ``"default"`` or ``"identity"`` (see :class:`ResNet`).
         **attn_kw: options for the attention modules (e.g. ``channel_affine=True`` for ``da``).
     """
     attention, depth = parse_backbone_name(name)
     block, layers = STAGES[depth]
-    model = ResNet(block, layers, attention=attention, num_classes=num_classes, attn_kwargs=attn_kw)
+    model = ResNet(block, layers, attention=attention, num_classes=num_classes, attn_kwargs=attn_kw,
+                   attention_init=attention_init)
     logger.debug("built %s: %d parameters", name, sum(p.numel() for p in model.parameters()))
     return model

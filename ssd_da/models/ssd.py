@@ -17,13 +17,19 @@ map   source                             size   default boxes / loc.   scales (s
 
 38*38*4 + 19*19*6 + 10*10*6 + 5*5*6 + 3*3*4 + 1*4 = 8732 default boxes, the SSD300 count.
 The scales are the SSD paper's VOC sizes (min 30, 60, 111, 162, 213, 264 px, max 60 ... 315 px;
-the extra ratio-1 box per location has scale sqrt(s_k * s_{k+1})), with the steps 8, 16, 32,
-64, 100, 300 of the original Caffe model -- the configuration torchvision's ``ssd300_vgg16`` uses.
+the extra ratio-1 box per location has scale sqrt(s_k * s_{k+1})), as in ssd.pytorch's and
+lufficc's VOC configs, with the steps 8, 16, 32, 64, 100, 300 of the original Caffe model.
+torchvision's ``ssd300_vgg16`` uses the same steps but COCO's scales (0.07, 0.15, 0.33, ...,
+i.e. 21 ... 315 px), not these.
 
-Default-box clipping: like torchvision (``clip=True``) and amdegroot/ssd.pytorch, widths and
-heights are clamped to [0, 1] of the image in (cx, cy, w, h) space, before conversion to xyxy;
-the centres are not moved, so a clamped box may still reach past the border (e.g. the 1x1 map's
-ratio-2 box is 300 x 186.7 px centred at (150, 150)).
+Default-box clipping. We follow torchvision (``DefaultBoxGenerator(clip=True)``): widths and
+heights are clamped to [0, 1] of the image in (cx, cy, w, h) space before conversion to xyxy,
+and the centres are NOT moved, so a clamped box may still reach past the border (e.g. the 1x1
+map's ratio-2 box is 300 x 186.7 px centred at (150, 150)). ssd.pytorch's and lufficc's PriorBox
+clamp all four of (cx, cy, w, h) instead. The two differ where a centre lies outside the image:
+only on the 10x10 map, whose step 32 puts its last row and column of centres at 9.5 * 32 = 304
+px (ssd.pytorch moves them to 300). That is 19 locations x 6 = 114 of the 8732 boxes, shifted
+by 4 px in x and/or y (``tests/test_ssd.py`` checks the count against a re-derivation).
 """
 
 from __future__ import annotations
@@ -340,7 +346,7 @@ def _check_args(num_classes: int, extra_channels: Sequence[Sequence[int]], image
 
 
 def build_ssd(backbone: str, num_classes: int, pretrained: Optional[str] = None,
-              **kwargs) -> SSD300:
+              attention_init: str = "default", **kwargs) -> SSD300:
     """SSD300 on ``build_resnet(backbone, num_classes=None)``.
 
     Args:
@@ -348,9 +354,11 @@ def build_ssd(backbone: str, num_classes: int, pretrained: Optional[str] = None,
             unknown names raise ``ValueError`` listing the valid ones.
         num_classes: classes including background (VOC: 21).
         pretrained: ImageNet weights for the backbone, passed to ``load_pretrained``.
+        attention_init: "default" (each attention module's own init) or "identity" (every
+            module starts as an exact identity; see ``ssd_da.models.attention.IdentityStart``).
         **kwargs: further :class:`SSD300` arguments (thresholds, extra_channels, ...).
     """
-    resnet = build_resnet(backbone, num_classes=None)
+    resnet = build_resnet(backbone, num_classes=None, attention_init=attention_init)
     if pretrained is not None:
         report = load_pretrained(resnet, pretrained)
         logger.info("loaded backbone weights %s into %s (not loaded: %d attention keys missing, "
