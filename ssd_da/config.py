@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from ssd_da.models.names import parse_backbone_name
+from ssd_da.models.names import ATTENTION_INITS, parse_backbone_name
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ class Config:
     # "none". If the named weights cannot be reached (offline) training starts from scratch with
     # a warning, so the default never blocks a run.
     pretrained: str = "IMAGENET1K_V1"
+    # How the attention modules start on top of those weights (which exist only for the plain
+    # ResNets): "default", each module's own initialisation (random gates); "identity", each
+    # wrapped as x + g * (attn(x) - x) with g = 0, so the detector starts exactly as the plain
+    # ResNet's (one extra parameter per module; docs/experiments.md, "Fair starts").
+    attention_init: str = "default"
     sync_bn: bool = False
 
     # data
@@ -208,6 +213,9 @@ def validate_config(cfg: Config) -> None:
     """Fail on a bad name or value before any data is read or folder written (ValueError
     naming the field); warn about a legal but probably unintended schedule."""
     parse_backbone_name(cfg.backbone)  # ValueError listing the valid backbones
+    if cfg.attention_init not in ATTENTION_INITS:
+        raise ValueError(f"attention_init {cfg.attention_init!r} is not one of: "
+                         f"{', '.join(ATTENTION_INITS)}")
     if cfg.data_format not in DATA_FORMATS:
         raise ValueError(f"data_format {cfg.data_format!r} is not one of: "
                          f"{', '.join(DATA_FORMATS)}")

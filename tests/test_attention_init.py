@@ -132,3 +132,49 @@ def test_attention_pretrained_file_loads_and_identity_start_warns(tmp_path, capl
     with caplog.at_level("WARNING", logger="ssd_da.models.pretrained"):
         load_pretrained(gated, path)
     assert "attention_init='identity'" in caplog.text and str(path) in caplog.text
+
+
+def _gates(model: nn.Module) -> list[str]:
+    return [k for k, _ in model.named_parameters() if k.endswith(".gate")]
+
+
+def test_config_key_validated_and_passed_to_the_detector():
+    from ssd_da.config import load_config, validate_config
+    from ssd_da.engine.trainer import build_model
+
+    cfg = load_config(None, ["backbone=da_resnet18", "pretrained=none",
+                             "attention_init=identity"])
+    validate_config(cfg)
+    model, init = build_model(cfg, num_classes=3, device=torch.device("cpu"))
+    # DA-ResNet18 has 8 residual blocks: 8 wrapped modules, 8 gates, each starting at 0.
+    gates = _gates(model)
+    assert len(gates) == 8 and init == "none"
+    assert all(isinstance(b.attn, IdentityStart) for layer in ("layer1", "layer2", "layer3",
+               "layer4") for b in getattr(model.backbone, layer))
+    plain, _ = build_model(load_config(None, ["backbone=da_resnet18", "pretrained=none"]), 3,
+                           torch.device("cpu"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model) - count(plain) == 8 and not _gates(plain)
+    with pytest.raises(ValueError, match="attention_init 'zero' is not one of: default, identity"):
+        validate_config(load_config(None, ["attention_init=zero"]))
+
+
+def test_load_detector_rebuilds_the_identity_start(tmp_path):
+    # A checkpoint of an identity-start run holds gates: load_detector must rebuild the same
+    # wrapped modules from the saved config, not the default ones (whose keys would not match).
+    from ssd_da.engine.checkpoint import load_detector, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_ssd("se_resnet18", 3, attention_init="identity")
+    with torch.no_grad():
+        model.backbone.layer2[1].attn.gate.fill_(0.25)
+    path = tmp_path / "last.pth"
+    save_checkpoint({"model": model.state_dict(), "backbone": "se_resnet18",
+                     "class_names": ["a", "b"], "config": {"attention_init": "identity"}}, path)
+    loaded, _ = load_detector(path)
+    assert loaded.backbone.layer2[1].attn.gate.item() == 0.25
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    x = torch.randn(1, 3, 300, 300)
+    with torch.no_grad():
+        assert torch.equal(loaded.head_outputs(x)["cls_logits"],
+                           model.eval().head_outputs(x)["cls_logits"])

@@ -51,9 +51,14 @@ def _sample_tree(root: Path, missing: tuple[str, ...] = ()) -> Path:
     return write_coco(root, "val", images, anns, missing=missing)
 
 
-def test_boxes_labels_crowd_and_empty_images(tmp_path: Path) -> None:
+def test_boxes_labels_crowd_and_empty_images(tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     _sample_tree(tmp_path)
-    ds = CocoDetection(tmp_path, "val")
+    with caplog.at_level("WARNING", logger="ssd_da.data.coco"):
+        ds = CocoDetection(tmp_path, "val")
+    # The one non-crowd box without area is named as the JSON writes it (record id 4, x y w h).
+    warned = [r.getMessage() for r in caplog.records if "no area" in r.getMessage()]
+    assert len(warned) == 1 and "annotation id 4 (category_id 3, bbox [3, 3, 0, 5])" in warned[0]
     assert ds.class_names == ("cat", "dog")  # the categories' names in id order (3, 7)
     assert ds.cat_ids == [3, 7] and ds.coco_ids == [10, 11, 12] and len(ds) == 3
     a = ds.get_annotation(0)

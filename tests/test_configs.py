@@ -23,11 +23,11 @@ GENERATED_ROOTS = {"data", "runs"}
 def _outside_paths(text: str) -> list[str]:
     """Path-like tokens of a YAML text (values and comments) that leave the repository: absolute
     ("/x", "C:\\x"), home-relative ("~/x") or climbing out with "..". A token is path-like when it
-    holds a slash or backslash."""
+    holds a slash or backslash and a name character."""
     bad = []
     for token in re.findall(r"[^\s\"'(),;\[\]{}]+", text):
-        if "/" not in token and "\\" not in token:
-            continue
+        if ("/" not in token and "\\" not in token) or not re.search(r"[\w.~]", token):
+            continue  # no separator, or a lone "/" of prose ("292 / 72")
         path = token.replace("\\", "/").rstrip(".:")
         if path.startswith(("/", "~")) or re.match(r"^[A-Za-z]:/", path) or ".." in path.split("/"):
             bad.append(token)
@@ -40,7 +40,7 @@ def test_outside_paths_detector() -> None:
     assert _outside_paths("# data in /work/shared/data, or ~/voc") == ["/work/shared/data", "~/voc"]
     assert _outside_paths("pretrained: C:\\weights\\r50.pth") == ["C:\\weights\\r50.pth"]
     assert _outside_paths("data_root: datasets/a/../../b") == ["datasets/a/../../b"]
-    assert _outside_paths("data_root: datasets/bccd/VOCdevkit  # 640x480, a/b\nlr: 1e-3") == []
+    assert _outside_paths("data_root: datasets/bccd/VOCdevkit  # 640x480, a/b, 292 / 72\nlr: 1e-3") == []
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -32,7 +32,8 @@ from ssd_da.data.voc import (Annotation, AnnotationError, Transform, UnknownClas
 
 logger = logging.getLogger(__name__)
 
-_REQUIRED = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "category_id", "bbox"),
+_REQUIRED = {"images": ("id", "file_name"),
+             "annotations": ("id", "image_id", "category_id", "bbox"),
              "categories": ("id", "name")}
 
 
@@ -56,7 +57,8 @@ def _check_record(rec: Any, key: str, k: int, json_path: Path) -> None:
         raise AnnotationError(f"{json_path}: {key}[{k}] is not an object: {rec!r}")
     missing = [f for f in _REQUIRED[key] if f not in rec]
     if missing:
-        raise AnnotationError(f"{json_path}: {key}[{k}] lacks {', '.join(repr(m) for m in missing)}")
+        raise AnnotationError(f"{json_path}: {key}[{k}] lacks "
+                              f"{', '.join(repr(m) for m in missing)}")
 
 
 def load_coco_json(json_path: str | Path):
@@ -70,7 +72,8 @@ def load_coco_json(json_path: str | Path):
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{json_path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
-        raise AnnotationError(f"{json_path}: expected a JSON object with images, annotations, categories")
+        raise AnnotationError(f"{json_path}: expected a JSON object with images, annotations "
+                              f"and categories")
     for key in _REQUIRED:
         if not isinstance(data.get(key), list):
             raise AnnotationError(f"{json_path}: {key!r} is missing or not a list")
@@ -88,7 +91,8 @@ def load_coco_json(json_path: str | Path):
                                   f"(ids {sorted(cat_ids, key=str)})")
         box = ann["bbox"]
         ok = isinstance(box, list) and len(box) == 4 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in box)
         if not ok or box[2] < 0 or box[3] < 0:
             raise AnnotationError(f"{json_path}: annotations[{k}] (id {ann['id']}) bbox must be "
                                   f"[x, y, w, h], 4 finite numbers with w, h >= 0; got {box!r}")
@@ -119,13 +123,15 @@ def convert_image(record: dict, anns: Sequence[dict], label_of: dict[int, int],
     """One COCO image record and its annotations as an :class:`Annotation`.
 
     Training view (``boxes``/``labels``): non-crowd boxes of known categories, clipped to
-    0..W-1 and 0..H-1 as VOC boxes are, zero-area ones dropped with a warning. Evaluation view (``ground_truth()``): every
-    box of a known category as written, crowd ones flagged ``difficult``."""
+    0..W-1 and 0..H-1 as VOC boxes are, zero-area ones dropped with a warning. Evaluation view
+    (``ground_truth()``): every box of a known category as written, crowd ones flagged
+    ``difficult``. Boxes are (N, 4) float32 xyxy pixels."""
     height, width = size
-    boxes, labels, crowd = [], [], []
+    boxes, labels, crowd, kept = [], [], [], []
     for ann in anns:
         if ann["category_id"] not in label_of:
             continue
+        kept.append(ann)  # for warnings that name the record as the JSON has it
         x, y, w, h = (float(v) for v in ann["bbox"])
         boxes.append([x, y, x + w, y + h])
         labels.append(label_of[ann["category_id"]])
@@ -140,8 +146,9 @@ def convert_image(record: dict, anns: Sequence[dict], label_of: dict[int, int],
     np.clip(clipped[:, 1::2], 0, height - 1, out=clipped[:, 1::2])
     proper = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     for k in np.flatnonzero(~proper & ~crowd_a):
-        logger.warning("%s: box %s (label %d) has no area inside the %dx%d image; left out of "
-                       "training (evaluation keeps it)", where, raw[k].tolist(), labels_a[k], width, height)
+        logger.warning("%s: annotation id %s (category_id %s, bbox %s) has no area inside the "
+                       "%dx%d image; left out of training (evaluation keeps it)", where,
+                       kept[k].get("id"), kept[k]["category_id"], kept[k]["bbox"], width, height)
     train = proper & ~crowd_a
     return Annotation(boxes=clipped[train], labels=labels_a[train],
                       difficult=np.zeros(int(train.sum()), dtype=np.bool_), width=width,
@@ -218,7 +225,8 @@ class CocoDetection(VOCDetection):
         """(height, width): the record's, else the file header's. The file must exist and its
         header read (under ``skip_bad`` it must decode too); OSError naming it otherwise."""
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"image {path} (id {record['id']}, listed in {json_path}) not found")
+            raise FileNotFoundError(f"image {path} (id {record['id']}, listed in {json_path}) "
+                                    f"not found")
         try:
             height, width = check_image(path, decode=self.skip_bad)
         except OSError as err:
@@ -235,30 +243,35 @@ class CocoDetection(VOCDetection):
         for image_id, path in zip(self.coco_ids, self.image_paths):
             for ann in self.coco.imgToAnns.get(image_id, []):
                 if ann["category_id"] not in used:
-                    other.setdefault(self.coco.cats[ann["category_id"]]["name"], []).append(path.name)
+                    name = self.coco.cats[ann["category_id"]]["name"]
+                    other.setdefault(name, []).append(path.name)
         self.other_class_counts = {name: len(files) for name, files in other.items()}
         if other and not ignore:
             raise UnknownCategoryError(
                 f"{json_path} has objects of categories not in the class list "
-                f"[{', '.join(self.class_names)}]: {describe_other_classes(other, self.class_names)}",
+                f"[{', '.join(self.class_names)}]: "
+                f"{describe_other_classes(other, self.class_names)}",
                 self.other_class_counts)
         if other:
+            counts = self.other_class_counts
             logger.warning("%s: left out %d object(s) of categories not in the class list "
-                           "(--ignore-other-classes): %s", json_path, sum(self.other_class_counts.values()),
-                           ", ".join(f"{n} {k!r}" for k, n in sorted(self.other_class_counts.items())))
+                           "(--ignore-other-classes): %s", json_path, sum(counts.values()),
+                           ", ".join(f"{n} {k!r}" for k, n in sorted(counts.items())))
 
     def _log_summary(self, json_path: Path) -> None:
         image_ids = set(self.coco.imgs)
         orphans = sum(a["image_id"] not in image_ids for a in self.coco.dataset["annotations"])
         if orphans:
-            logger.warning("%s: %d annotations refer to image ids not in 'images'; ignored", json_path, orphans)
+            logger.warning("%s: %d annotations refer to image ids not in 'images'; ignored",
+                           json_path, orphans)
         listed = len(self.coco.dataset["images"])
         if self.num_skipped:
-            logger.warning("%s: skipped %d bad samples of %d (--skip-bad)", json_path, self.num_skipped, listed)
+            logger.warning("%s: skipped %d bad samples of %d (--skip-bad)", json_path,
+                           self.num_skipped, listed)
         if not self.annotations:
             raise ValueError(f"{json_path}: none of the {listed} listed images is usable "
                              f"({self.num_skipped} skipped as bad)")
         crowd = sum(int(a.ground_truth()["difficult"].sum()) for a in self.annotations)
+        objects = sum(len(a.labels) for a in self.annotations)
         logger.info("%s (%s): %d images, %d objects for training, %d crowd", self.split,
-                    self.data_root, len(self.annotations), sum(len(a.labels) for a in self.annotations),
-                    crowd)
+                    self.data_root, len(self.annotations), objects, crowd)

@@ -26,6 +26,8 @@ from ssd_da.data.voc import SPLITS, VOC_CLASSES, AnnotationError, find_image, re
 
 logger = logging.getLogger(__name__)
 
+_COORDS = ("xmin", "ymin", "xmax", "ymax")
+
 
 def _num(value: float) -> int | float:
     """An int when the value is integral (tidy files), else the float itself."""
@@ -49,9 +51,10 @@ def _read_voc_xml(xml_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
             box = obj.find("bndbox")
             objects.append({"name": (obj.findtext("name") or "").strip(),
                             "difficult": bool(int(float(obj.findtext("difficult") or 0))),
-                            "box": [float(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")]})
+                            "box": [float(box.findtext(t)) for t in _COORDS]})
     except (AttributeError, TypeError, ValueError) as err:
-        raise AnnotationError(f"{xml_path}: missing or non-numeric size or bndbox ({err})") from None
+        raise AnnotationError(f"{xml_path}: missing or non-numeric size or bndbox "
+                              f"({err})") from None
     return meta, objects
 
 
@@ -83,10 +86,11 @@ def voc_split_to_coco(voc_root: str | Path, split: str, class_names: Sequence[st
         meta, objects = _read_voc_xml(xml_path)
         image_path = find_image(year_dir, image_id, meta["filename"])
         if image_path is None:
-            raise FileNotFoundError(f"image for {xml_path} not found in {Path(year_dir) / 'JPEGImages'}")
+            raise FileNotFoundError(f"image for {xml_path} not found in "
+                                    f"{Path(year_dir) / 'JPEGImages'}")
         if image_path.name in placed:
-            raise ValueError(f"{image_path} and {placed[image_path.name]} would share the file name "
-                             f"{image_path.name} in {coco_root / split}")
+            raise ValueError(f"{image_path} and {placed[image_path.name]} would share the file "
+                             f"name {image_path.name} in {coco_root / split}")
         placed[image_path.name] = image_path
         if meta["width"] <= 0 or meta["height"] <= 0:
             with Image.open(image_path) as img:
@@ -108,10 +112,12 @@ def voc_split_to_coco(voc_root: str | Path, split: str, class_names: Sequence[st
                          "category_id": cat_of[obj["name"]], "bbox": bbox,
                          "area": _num(bbox[2] * bbox[3]), "iscrowd": int(obj["difficult"])})
     if other:
-        logger.warning("%s: %d objects of classes not in %s left out", split, other, list(class_names))
+        logger.warning("%s: %d objects of classes not in %s left out", split, other,
+                       list(class_names))
     data = {"info": {"description": f"{split} of {voc_root}, converted by ssd_da"},
             "images": images, "annotations": anns,
-            "categories": [{"id": k, "name": n, "supercategory": "none"} for n, k in cat_of.items()]}
+            "categories": [{"id": k, "name": n, "supercategory": "none"}
+                           for n, k in cat_of.items()]}
     out = coco_root / "annotations" / f"instances_{split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data))
@@ -133,7 +139,7 @@ def _voc_xml(filename: str, width: int, height: int, objects: list[tuple[str, li
     parts = [f"<annotation><folder>JPEGImages</folder><filename>{escape(filename)}</filename>",
              f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"]
     for name, box, difficult in objects:
-        coords = "".join(f"<{t}>{_num(v)}</{t}>" for t, v in zip(("xmin", "ymin", "xmax", "ymax"), box))
+        coords = "".join(f"<{t}>{_num(v)}</{t}>" for t, v in zip(_COORDS, box))
         parts.append(f"<object><name>{escape(name)}</name><difficult>{int(difficult)}</difficult>"
                      f"<bndbox>{coords}</bndbox></object>")
     parts.append("</annotation>\n")
@@ -156,17 +162,19 @@ def coco_split_to_voc(coco_root: str | Path, split: str, voc_root: str | Path,
     for record in coco.dataset["images"]:
         src = image_dir / record["file_name"]
         if not src.is_file():
-            raise FileNotFoundError(f"image {src} (id {record['id']}, listed in {json_path}) not found")
+            raise FileNotFoundError(f"image {src} (id {record['id']}, listed in {json_path}) "
+                                    f"not found")
         stem = Path(record["file_name"]).stem
         if stem in seen:
-            raise ValueError(f"{json_path}: images {seen[stem]} and {record['file_name']} would share "
-                             f"the VOC image id {stem}")
+            raise ValueError(f"{json_path}: images {seen[stem]} and {record['file_name']} would "
+                             f"share the VOC image id {stem}")
         seen[stem] = record["file_name"]
         objects = []
         for ann in coco.imgToAnns.get(record["id"], []):
             x, y, w, h = ann["bbox"]
-            objects.append((coco.cats[ann["category_id"]]["name"], [x + 1, y + 1, x + w + 1, y + h + 1],
-                            bool(ann.get("iscrowd", 0))))
+            box = [x + 1, y + 1, x + w + 1, y + h + 1]
+            name = coco.cats[ann["category_id"]]["name"]
+            objects.append((name, box, bool(ann.get("iscrowd", 0))))
         name = stem + Path(record["file_name"]).suffix
         (year_dir / "Annotations" / f"{stem}.xml").write_text(
             _voc_xml(name, record.get("width", 0), record.get("height", 0), objects))

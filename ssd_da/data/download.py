@@ -38,9 +38,12 @@ class VOCArchive:
 # The MD5s published with the archives (torchvision's VOCDetection checks the same ones; a test
 # compares the two tables). VOC2012 test has no public annotations, so it is not offered.
 VOC_ARCHIVES: dict[str, VOCArchive] = {
-    "voc07_trainval": VOCArchive("VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64", "2007"),
-    "voc07_test": VOCArchive("VOCtest_06-Nov-2007.tar", "b6e924de25625d8de591ea690078ad9f", "2007"),
-    "voc12_trainval": VOCArchive("VOCtrainval_11-May-2012.tar", "6cd6e144f989b92b3379bac3b3de84fd", "2012"),
+    "voc07_trainval": VOCArchive("VOCtrainval_06-Nov-2007.tar",
+                                 "c52e279531787c972589f7e41ab4ae64", "2007"),
+    "voc07_test": VOCArchive("VOCtest_06-Nov-2007.tar",
+                             "b6e924de25625d8de591ea690078ad9f", "2007"),
+    "voc12_trainval": VOCArchive("VOCtrainval_11-May-2012.tar",
+                                 "6cd6e144f989b92b3379bac3b3de84fd", "2012"),
 }
 
 
@@ -80,7 +83,8 @@ def _fetch(url: str, part: Path, timeout: float, chunk_size: int) -> None:
     with response:
         resumed = offset > 0 and response.status == 206
         if offset and not resumed:
-            logger.warning("%s: the server ignored the resume request; downloading from the start", url)
+            logger.warning("%s: the server ignored the resume request; downloading from the "
+                           "start", url)
         start = offset if resumed else 0
         length = response.headers.get("Content-Length")
         total = start + int(length) if length is not None else None
@@ -95,11 +99,12 @@ def _fetch(url: str, part: Path, timeout: float, chunk_size: int) -> None:
                 raise DownloadError(f"{url}: connection lost after {fh.tell()} bytes ({err!r}); "
                                     f"run again to resume from {part}") from None
     if total is not None and part.stat().st_size < total:
-        raise DownloadError(f"{url}: connection closed after {part.stat().st_size} of {total} bytes; "
-                            f"run again to resume from {part}")
+        raise DownloadError(f"{url}: connection closed after {part.stat().st_size} of {total} "
+                            f"bytes; run again to resume from {part}")
 
 
-def download(url: str, dest: Path, md5: str, timeout: float = 60.0, chunk_size: int = 1 << 20) -> Path:
+def download(url: str, dest: Path, md5: str, timeout: float = 60.0,
+             chunk_size: int = 1 << 20) -> Path:
     """Download ``url`` to ``dest`` and check its MD5; resumes a ``dest.part`` left by an
     interrupted run, and skips the download when ``dest`` is already there with the right MD5.
 
@@ -121,8 +126,8 @@ def download(url: str, dest: Path, md5: str, timeout: float = 60.0, chunk_size: 
     actual = calculate_md5(part)
     if actual != md5:
         part.unlink()
-        raise DownloadError(f"{dest.name} from {url}: MD5 is {actual}, expected {md5}. The file was "
-                            f"removed; run again to download it anew, or use another --mirror")
+        raise DownloadError(f"{dest.name} from {url}: MD5 is {actual}, expected {md5}. The file "
+                            f"was removed; run again to download it anew, or use another --mirror")
     os.replace(part, dest)
     return dest
 
@@ -132,9 +137,11 @@ def _strip_member(member: tarfile.TarInfo, strip: str, archive: Path) -> str | N
     absolute paths, '..' and links pointing out of the tree are errors."""
     parts = PurePosixPath(member.name).parts
     if member.name.startswith("/") or ".." in parts:
-        raise DownloadError(f"{archive}: unsafe path {member.name!r} in the archive; not extracting")
+        raise DownloadError(f"{archive}: unsafe path {member.name!r} in the archive; "
+                            f"not extracting")
     if member.issym() or member.islnk():
-        raise DownloadError(f"{archive}: link {member.name!r} in the archive; VOC archives have none")
+        raise DownloadError(f"{archive}: link {member.name!r} in the archive; VOC archives "
+                            f"have none")
     if not parts or parts[0] != strip or len(parts) == 1:
         return None
     return "/".join(parts[1:])
@@ -159,7 +166,9 @@ def extract(archive: Path, data_root: Path, strip: str = "VOCdevkit") -> int:
                 target.mkdir(parents=True, exist_ok=True)
             elif member.isfile():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(member) as src, open(target, "wb") as dst:  # type: ignore[union-attr]
+                src = tar.extractfile(member)
+                assert src is not None  # a regular file member always has data
+                with src, open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
                 count += 1
     if skipped:

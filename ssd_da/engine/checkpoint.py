@@ -164,16 +164,20 @@ def load_detector(
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the detector a checkpoint was trained as and load its weights.
 
-    Returns ``(model in eval mode on device, checkpoint dict)``; the checkpoint's ``backbone``
-    and ``class_names`` decide the architecture, so a file from another architecture fails here
+    Returns ``(model in eval mode on device, checkpoint dict)``; the checkpoint's ``backbone``,
+    ``class_names`` and ``config["attention_init"]`` (default "default") decide the
+    architecture, so a file from another architecture fails here
     with a message naming it rather than deep inside ``load_state_dict``.
     """
     state = load_checkpoint(path)
     class_names = list(state.get("class_names") or [])
     if not class_names:
         raise CheckpointError(f"checkpoint {path} has no 'class_names'")
+    # attention_init="identity" adds a gate per attention module: rebuild with the run's own.
+    attention_init = (state.get("config") or {}).get("attention_init", "default")
     try:
-        model = build_ssd(state["backbone"], num_classes=len(class_names) + 1)
+        model = build_ssd(state["backbone"], num_classes=len(class_names) + 1,
+                          attention_init=attention_init)
     except ValueError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from exc
     load_model_state(model, state["model"], f"checkpoint {path} (backbone {state['backbone']})")

@@ -213,7 +213,8 @@ def build_model(cfg: Config, num_classes: int, device: torch.device
     source = None if cfg.pretrained.lower() in ("", "none", "scratch") else cfg.pretrained
     init = source or "none"
     try:
-        model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=source)
+        model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=source,
+                          attention_init=cfg.attention_init)
     except RuntimeError as exc:
         # Offline machines cannot download torchvision weights (load_pretrained raises
         # RuntimeError then): train from scratch rather than stop. Anything that is not a
@@ -222,7 +223,8 @@ def build_model(cfg: Config, num_classes: int, device: torch.device
             raise
         logger.warning("ImageNet weights %r unreachable (%s); training %s from scratch",
                        source, exc, cfg.backbone)
-        model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=None)
+        model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=None,
+                          attention_init=cfg.attention_init)
         init = f"none ({source} unreachable)"
     if cfg.sync_bn and dist_utils.is_distributed():
         if device.type == "cuda":

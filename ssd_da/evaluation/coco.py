@@ -5,7 +5,8 @@ An extra to the paper's VOC07 metric (section III reports only VOC 11-point mAP)
 objects are built in memory (no temporary files, no rounding through text) and pycocotools'
 printing is suppressed.
 
-Conventions of ``coco_metrics`` (VOC data), which make these numbers NOT comparable to :mod:`ssd_da.evaluation.voc`:
+Conventions of ``coco_metrics`` (VOC data), which make these numbers NOT comparable to
+:mod:`ssd_da.evaluation.voc`:
 * pycocotools uses continuous coordinates: boxes are converted from xyxy to xywh with
   ``w = x2 - x1`` (no +1), and IoU and ``area`` are computed from those.
 * Difficult ground truths become ``iscrowd=1``. That is the only ignore mechanism COCOeval
@@ -135,8 +136,9 @@ def coco_results(detections: Sequence[Mapping], image_ids: Sequence[int],
         raise ValueError(f"{len(detections)} detection entries but {len(image_ids)} image ids")
     out = []
     for image_id, det in zip(image_ids, detections):
-        for box, score, label in zip(_xywh(det["boxes"]).tolist(), np.asarray(det["scores"]).tolist(),
-                                     np.asarray(det["labels"]).tolist()):
+        boxes = _xywh(det["boxes"]).tolist()
+        scores, labels = np.asarray(det["scores"]).tolist(), np.asarray(det["labels"]).tolist()
+        for box, score, label in zip(boxes, scores, labels):
             out.append({"image_id": image_id, "category_id": cat_ids[int(label) - 1],
                         "bbox": box, "score": float(score)})
     return out
@@ -179,6 +181,9 @@ def _run_cocoeval(coco_gt, coco_dt, image_ids: Sequence[int] | None = None,
     return stats
 
 
+_RESULT_KEYS = {"image_id", "category_id", "bbox", "score"}
+
+
 def load_coco_results(path: str | Path, image_ids: Sequence[int], cat_ids: Sequence[int]
                       ) -> list[dict[str, np.ndarray]]:
     """Read a COCO results file (the format of :func:`coco_results`) into one dict per entry
@@ -201,20 +206,24 @@ def load_coco_results(path: str | Path, image_ids: Sequence[int], cat_ids: Seque
     rows: list[list[tuple]] = [[] for _ in image_ids]
     for n, rec in enumerate(records):
         where = f"{path}: result #{n}"
-        if not isinstance(rec, dict) or not {"image_id", "category_id", "bbox", "score"} <= set(rec):
-            raise ValueError(f"{where} must have image_id, category_id, bbox and score; got {rec!r}")
+        if not isinstance(rec, dict) or not _RESULT_KEYS <= set(rec):
+            raise ValueError(f"{where} must have image_id, category_id, bbox and score; "
+                             f"got {rec!r}")
         if rec["image_id"] not in index:
             raise ValueError(f"{where}: image_id {rec['image_id']!r} is not an image of the split")
         if rec["category_id"] not in label_of:
-            raise ValueError(f"{where}: category_id {rec['category_id']!r} is not one of {list(cat_ids)}")
+            raise ValueError(f"{where}: category_id {rec['category_id']!r} is not one of "
+                             f"{list(cat_ids)}")
         box, score = rec["bbox"], rec["score"]
         numbers = [*box, score] if isinstance(box, list) and len(box) == 4 else []
-        if not numbers or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                  and math.isfinite(v) for v in numbers) or box[2] < 0 or box[3] < 0:
+        finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                     for v in numbers)
+        if not numbers or not finite or box[2] < 0 or box[3] < 0:
             raise ValueError(f"{where}: bbox must be [x, y, w, h] with w, h >= 0 and score a "
                              f"finite number; got bbox {box!r}, score {score!r}")
         x, y, w, h = (float(v) for v in box)
-        rows[index[rec["image_id"]]].append((x, y, x + w, y + h, float(score), label_of[rec["category_id"]]))
+        label = label_of[rec["category_id"]]
+        rows[index[rec["image_id"]]].append((x, y, x + w, y + h, float(score), label))
     out = []
     for dets in rows:
         arr = np.asarray(dets, dtype=np.float64).reshape(-1, 6)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ssd_da.models.attention_extra import MultiHeadSelfAttention, ShuffleAttention
 from ssd_da.models.attention_ops import masked_product, scaled_amax, scaled_mean
 from ssd_da.models.lga import GlobalAttention, LocalAttention, LocalGlobalAttention
+from ssd_da.models.names import ATTENTION_INITS
 
 __all__ = [
     "ATTENTIONS", "build_attention", "eca_kernel_size", "NoAttention", "DualAttention",
@@ -419,11 +420,6 @@ ATTENTIONS: dict[str, type[nn.Module]] = {
     "mhsa": MultiHeadSelfAttention,
     "sa": ShuffleAttention,
 }
-
-
-# How an attention module starts (build_attention's ``init``): "default", each module's own
-# initialisation; "identity", wrapped in IdentityStart so the block starts as the plain ResNet's.
-ATTENTION_INITS = ("default", "identity")
 
 
 class IdentityStart(nn.Module):

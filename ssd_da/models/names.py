@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["DEPTHS", "BLOCK_ATTENTIONS", "BackboneName", "backbone_name", "parse_backbone_name",
-           "BACKBONE_NAMES", "display_name"]
+__all__ = ["DEPTHS", "BLOCK_ATTENTIONS", "ATTENTION_INITS", "BackboneName", "backbone_name",
+           "parse_backbone_name", "BACKBONE_NAMES", "display_name"]
 
 # ResNet depths with a stage layout in ssd_da.models.resnet.STAGES (He et al. 2016, Table 1).
 DEPTHS: tuple[int, ...] = (18, 34, 50, 101)
@@ -23,6 +23,10 @@ DEPTHS: tuple[int, ...] = (18, 34, 50, 101)
 # a test checks they are). "none" is the plain ResNet and is spelled without a prefix.
 BLOCK_ATTENTIONS: tuple[str, ...] = ("da", "se", "eca", "eca_adaptive", "sge", "cbam",
                                      "da_cs", "da_par", "da_s", "da_c")
+# How the attention modules start (Config.attention_init, build_attention's ``init``): "default",
+# each module's own initialisation; "identity", each wrapped in attention.IdentityStart so that the
+# network starts as the plain ResNet (docs/experiments.md, "Fair starts").
+ATTENTION_INITS: tuple[str, ...] = ("default", "identity")
 # How the DA paper's tables print each attention before "ResNet<depth>". The DA orders of
 # Table I have no printed prefix; the arrows name the order of the two branches.
 _DISPLAY_PREFIX: dict[str, str] = {
