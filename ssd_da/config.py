@@ -138,12 +138,16 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         except ValueError:
             raise ValueError(f"config field {name!r} must be float, got {value!r}") from None
-    if isinstance(default, list):
-        if isinstance(value, int):
+    if isinstance(default, list):  # lr_steps, the one list of iterations
+        if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
-        if not isinstance(value, list):
-            raise ValueError(f"config field {name!r} must be a list, got {value!r}")
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise ValueError(f"config field {name!r} must be a list of positive iterations, "
+                             f"got {value!r}")
         return value
+    if isinstance(default, int) and isinstance(value, bool):  # True is an int in Python
+        raise ValueError(f"config field {name!r} must be an integer, got {value!r}")
     if default is not None and not isinstance(value, type(default)):
         raise ValueError(f"config field {name!r} must be {type(default).__name__}, got {value!r}")
     return value
@@ -209,6 +213,32 @@ def save_config(cfg: Config, path: str | Path) -> None:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
 
 
+# Ranges of the numeric fields, (low, high, low included, high included), None: unbounded. Types
+# are checked when a value is set (_coerce); these catch values of the right type that make no
+# sense: a negative lr or lr_gamma=-0.1 trains with a negative rate, momentum >= 1 diverges.
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "lr": (0.0, None, False, True), "momentum": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, None, True, True), "lr_gamma": (0.0, 1.0, False, True),
+    "warmup_factor": (0.0, 1.0, False, True), "grad_clip": (0.0, None, True, True),
+    "iters": (1, None, True, True), "eval_batch_size": (1, None, True, True),
+    # batch_size: the 1x1 extra map's BatchNorm needs two values per channel in training.
+    "batch_size": (2, None, True, True), "log_every": (1, None, True, True),
+    "ckpt_every": (1, None, True, True), "eval_every": (0, None, True, True),
+    "warmup_iters": (0, None, True, True), "workers": (-1, None, True, True),  # -1: one per core, less one
+    "seed": (0, 2**32 - 1, True, True),  # numpy seeds are 32-bit and non-negative
+}
+
+
+def _check_range(name: str, value: float) -> None:
+    low, high, low_in, high_in = _RANGES[name]
+    too_low = low is not None and (value < low or (value == low and not low_in))
+    too_high = high is not None and (value > high or (value == high and not high_in))
+    if too_low or too_high or value != value:  # value != value: NaN
+        left = ("[" if low_in else "(") + ("-inf" if low is None else f"{low:g}")
+        right = ("inf" if high is None else f"{high:g}") + ("]" if high_in else ")")
+        raise ValueError(f"config field {name!r} must lie in {left}, {right}, got {value!r}")
+
+
 def validate_config(cfg: Config) -> None:
     """Fail on a bad name or value before any data is read or folder written (ValueError
     naming the field); warn about a legal but probably unintended schedule."""
@@ -223,17 +253,31 @@ def validate_config(cfg: Config) -> None:
         raise ValueError("demo: true generates a VOC-format dataset; it needs data_format voc")
     if cfg.metric not in ("voc07", "area"):
         raise ValueError(f"metric {cfg.metric!r} is not one of: voc07, area")
-    if cfg.workers < -1:
-        raise ValueError(f"workers must be >= 0, or -1 for one per CPU core, got {cfg.workers}")
-    for name in ("iters", "log_every", "ckpt_every", "eval_batch_size"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.warmup_iters < 0 or cfg.eval_every < 0:
-        raise ValueError("warmup_iters and eval_every must be >= 0")
-    if cfg.batch_size < 2:  # the 1x1 extra map's BatchNorm needs two values per channel
-        raise ValueError(f"batch_size must be at least 2 per process, got {cfg.batch_size}")
-    if not all(isinstance(s, int) for s in cfg.lr_steps):
-        raise ValueError(f"lr_steps must be a list of iterations, got {cfg.lr_steps}")
+    for name in _RANGES:
+        _check_range(name, getattr(cfg, name))
+    try:
+        cfg.resolved_output_dir()
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"config field 'output_dir' {cfg.output_dir!r}: only {{backbone}} may "
+                         f"stand in braces ({type(exc).__name__}: {exc})") from None
+    if not cfg.output_dir.strip() or not cfg.data_root.strip():
+        raise ValueError("config fields 'output_dir' and 'data_root' must not be empty")
+    _warn_about_schedule(cfg)
+
+
+def _warn_about_schedule(cfg: Config) -> None:
+    """Warnings for a legal schedule that is probably not meant: lr steps at or past the end
+    (a shortened --iters that keeps a longer recipe's steps never decays), or a warmup that
+    never reaches the full lr."""
+    late = [s for s in cfg.lr_steps if s >= cfg.iters]
+    if late:
+        # The standard recipe drops at 80k and 100k of 120k: 2/3 and 5/6 of the schedule.
+        fit = [round(cfg.iters * 2 / 3), round(cfg.iters * 5 / 6)]
+        logger.warning("lr_steps %s lie at or past iters=%d: the lr %s; pass steps that fit "
+                       "the schedule, e.g. lr_steps=%s (2/3 and 5/6 of it, as the standard "
+                       "recipe's 80k and 100k of 120k)", cfg.lr_steps, cfg.iters,
+                       "never decays" if len(late) == len(cfg.lr_steps) else
+                       f"skips the drop(s) at {late}", fit)
     first_drop = min([s for s in cfg.lr_steps if s > 0] + [cfg.iters])
     if cfg.warmup_iters >= first_drop:  # step k uses lr_factor(k): full lr from k = warmup_iters
         # Legal, but a shortened schedule (--iters, lr_steps) that keeps the default warmup

@@ -281,6 +281,25 @@ def test_existing_run_with_other_settings_is_refused(tmp_path):
         run_state(plan_runs(load_config(None, ["lr=0.01", "iters=4"]), ["resnet18"], [0], tmp_path)[0])
 
 
+def test_saved_config_without_a_newer_key_counts_as_its_default(tmp_path):
+    # A config.yaml written before attention_init existed: that run started its attention
+    # modules the default way, so an identity-start suite must not reuse (or report) it.
+    import yaml
+
+    for init, state in (("default", ("new", None)), ("identity", None)):
+        spec = plan_runs(load_config(None, [f"attention_init={init}"]), ["da_resnet18"], [0],
+                         tmp_path / init)[0]
+        spec.out_dir.mkdir(parents=True)
+        old = {k: v for k, v in spec.cfg.to_dict().items() if k != "attention_init"}
+        (spec.out_dir / "config.yaml").write_text(yaml.safe_dump(old))
+        if state is not None:
+            assert run_state(spec) == state
+        else:
+            with pytest.raises(ValueError,
+                               match=r"attention_init: saved 'default' \(default\), now 'identity'"):
+                run_state(spec)
+
+
 # ---------------------------------------------------------------- one subprocess per GPU
 FAKE_TRAIN = textwrap.dedent("""
     import json, os, sys, yaml

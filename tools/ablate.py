@@ -10,7 +10,7 @@ interval).
         --output-dir runs/table2
     # any backbones, on the demo data, CPU
     python tools/ablate.py --config configs/demo.yaml --backbones resnet18,da_resnet18 \\
-        --seed-list 0,5,9 --output-dir runs/demo_ablation iters=100
+        --seed-list 0,5,9 --output-dir runs/demo_ablation iters=100 lr_steps=[67,83]
 
 Every tools/train.py option (--config, --iters, --lr, key=value, ...) is passed to every run.
 The runner owns --backbone, --seed and --resume; --output-dir DIR gets one folder per run,
@@ -146,4 +146,4 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(get_args_parser().parse_intermixed_args()))  # key=value anywhere

@@ -1,7 +1,9 @@
 """Params and GFLOPs of backbones (DA paper Table II) or of the SSD300 detector built on them.
 
-Counts follow torchstat's rules (``ssd_da/utils/flops.py``), which the paper used; the numbers
-are not comparable with thop / ptflops / fvcore (docs/method.md). Examples::
+Counts follow torchstat's rules (``ssd_da/utils/flops.py``): the paper does not name its
+counter, but these rules reproduce 22 of Table II's 24 values exactly (the other two, the
+DA-ResNet18/34 GFLOPs, 0.0001 above the print); the numbers are not comparable with thop /
+ptflops / fvcore (docs/method.md). Examples::
 
     # Table II (ImageNet classifiers, 1000-way FC, 224x224, batch 1)
     python tools/complexity.py --classifier resnet18 se_resnet18 da_resnet18

@@ -2,7 +2,10 @@
 (for ``last.pth``) holding everything an exact ``--resume`` needs.
 
 A checkpoint is a dict: ``model`` (state dict), ``backbone``, ``class_names``, ``config`` (the
-resolved config), ``iteration``, ``best_map``, ``backbone_init``, ``world_size``, ``timing``;
+resolved config), ``iteration``, ``best_map``, ``evaluated_at`` and ``last_map`` (the iteration and
+mAP of the latest evaluation; last.pth is written before an evaluation and again after it, so
+``evaluated_at < iteration`` says the evaluation due at ``iteration`` has not been done: a
+resumed run does it first), ``backbone_init``, ``world_size``, ``timing``;
 ``last.pth`` adds ``optimizer``, ``scheduler``, ``scaler`` (the GradScaler whose on-device
 check skips non-finite steps; its scale stays 1 in a healthy run) and ``rng`` (Python, numpy,
 torch and CUDA generator states). Older checkpoints may hold an empty ``scaler`` entry (a
@@ -124,7 +127,8 @@ def training_checkpoint(state: TrainState, cfg: Config, class_names: list[str],
     ckpt = {
         "model": dist_utils.unwrap(state.model).state_dict(), "backbone": cfg.backbone,
         "class_names": class_names, "config": cfg.to_dict(), "iteration": state.iteration,
-        "best_map": state.best_map, "backbone_init": state.backbone_init,
+        "best_map": state.best_map, "evaluated_at": state.evaluated_at,
+        "last_map": state.last_map, "backbone_init": state.backbone_init,
         "world_size": dist_utils.get_world_size(), "timing": dict(state.timing),
     }
     if resumable:
@@ -133,9 +137,9 @@ def training_checkpoint(state: TrainState, cfg: Config, class_names: list[str],
     return ckpt
 
 
-def restore_training_state(state: TrainState, path: str | Path, cfg: Config,
-                           class_names: list[str]) -> None:
-    """Continue exactly: weights, optimizer, scheduler, iteration, timing and RNG states."""
+def check_resumable(path: str | Path, cfg: Config, class_names: list[str]) -> dict[str, Any]:
+    """The checkpoint at ``path``, checked before any work: the same backbone and classes as
+    ``cfg``, the optimizer state of a last.pth, an iteration not past ``cfg.iters``."""
     ckpt = load_checkpoint(path)
     if ckpt["backbone"] != cfg.backbone or list(ckpt["class_names"]) != class_names:
         raise CheckpointError(
@@ -143,12 +147,26 @@ def restore_training_state(state: TrainState, path: str | Path, cfg: Config,
             f"{ckpt['class_names']}, but this run is {cfg.backbone} with classes {class_names}")
     if any(key not in ckpt for key in RESUME_KEYS):
         raise CheckpointError(f"--resume {path}: no optimizer state (use last.pth, not best.pth)")
+    if int(ckpt["iteration"]) > cfg.iters:
+        raise CheckpointError(f"--resume {path}: the checkpoint is at iteration "
+                              f"{ckpt['iteration']}, past iters={cfg.iters}")
+    return ckpt
+
+
+def restore_training_state(state: TrainState, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Continue exactly: weights, optimizer, scheduler, iteration, timing and RNG states, from
+    a checkpoint dict that :func:`check_resumable` read from ``path``."""
     load_model_state(dist_utils.unwrap(state.model), ckpt["model"], f"--resume {path}")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):  # empty when saved by a disabled scaler (older checkpoints)
         state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration, state.best_map = int(ckpt["iteration"]), float(ckpt["best_map"])
+    # Written before these keys existed, last.pth followed its evaluation: -1 re-evaluates a
+    # due one (same result), which is safe either way.
+    state.evaluated_at = int(ckpt.get("evaluated_at", -1))
+    state.last_map = float(ckpt.get("last_map", float("nan")))
+    state.last_saved = (Path(path), state.iteration)
     state.timing.update(ckpt.get("timing", {}))
     state.backbone_init = ckpt.get("backbone_init", state.backbone_init)
     set_rng_states(ckpt["rng"])

@@ -119,7 +119,7 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
     """The training set (augmented, difficult objects dropped by default) and the test set,
     VOC or COCO format per ``cfg.data_format`` (``ssd_da.data.coco.CocoDetection`` shares
     VOCDetection's items and annotations). ValueError when the training set holds no object to
-    learn from."""
+    learn from, or the test set none to score (both checked before any training)."""
     if cfg.data_format not in DATA_FORMATS:
         raise ValueError(f"data_format {cfg.data_format!r} is not one of: {', '.join(DATA_FORMATS)}")
     dataset_class = CocoDetection if cfg.data_format == "coco" else VOCDetection
@@ -141,6 +141,11 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
                              transform=build_eval_transform(IMAGE_SIZE, output="uint8"),
                              keep_difficult=True, skip_bad=cfg.skip_bad,
                              ignore_other_classes=cfg.ignore_other_classes)
+    if not any((~a.ground_truth()["difficult"]).any() for a in test_set.annotations):
+        # VOC AP counts non-difficult objects only: without any, every AP and the mAP are
+        # undefined, and a run would train to the end to report "nan".
+        raise ValueError(f"test split {cfg.test_split} ({cfg.data_root}) has no non-difficult "
+                         f"object of the classes {', '.join(names)}: its mAP would be undefined")
     return train_set, test_set
 
 

@@ -1,14 +1,17 @@
 """The run log, ``<output_dir>/log.jsonl``: one JSON object per line, written by rank 0.
 
 Training records hold ``iter``, the loss terms, ``lr`` and ``images_per_s``; evaluation records
-hold ``iter``, ``map``, ``ap`` (class -> AP) and ``eval_images_per_s``. Every reader of the log
-(the trainer on resume, the curves plot, the ablation runner) goes through :func:`read_run_log`,
-so a damaged line is treated the same way everywhere.
+hold ``iter``, ``map``, ``ap`` (class -> AP) and ``eval_images_per_s``. An undefined AP (a class
+without ground truth) is written ``null``, as ``eval_voc.py --json`` does: JSON has no NaN, and
+other JSON readers reject Python's ``NaN``. Every reader of the log (the trainer on resume, the
+curves plot, the ablation runner) goes through :func:`read_run_log`, so a damaged line is treated
+the same way everywhere, and ``null`` APs come back as NaN.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +39,28 @@ def read_run_log(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
             logger.warning("%s:%d: not a log record (torn or edited line); skipped", path, number)
             continue
-        records.append(record)
+        records.append(_from_json(record))
     return records
+
+
+def _to_json(value: Any) -> Any:
+    """NaN and infinities -> None, in nested dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(record: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation record's ``null`` mAP / APs back to NaN (undefined, as evaluate_voc says)."""
+    if "map" in record:
+        record["map"] = math.nan if record["map"] is None else record["map"]
+        if isinstance(record.get("ap"), dict):
+            record["ap"] = {k: math.nan if v is None else v for k, v in record["ap"].items()}
+    return record
 
 
 class RunLog:
@@ -46,14 +69,20 @@ class RunLog:
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = Path(path), enabled
 
-    def truncate_after(self, iteration: int) -> None:
+    def truncate_after(self, iteration: int, evaluation_pending: bool = False) -> None:
         """Drop records past ``iteration`` (written after the checkpoint a run resumes from),
-        and lines :func:`read_run_log` skips."""
+        and lines :func:`read_run_log` skips; with ``evaluation_pending`` also the evaluation
+        record of ``iteration`` itself (the resumed run evaluates that iteration again)."""
         if self.enabled and self.path.exists():
-            keep = [r for r in read_run_log(self.path) if r["iter"] <= iteration]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            keep = [r for r in read_run_log(self.path) if r["iter"] < iteration or (
+                r["iter"] == iteration and not (evaluation_pending and "map" in r))]
+            self.path.write_text("".join(self._line(r) for r in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(self._line(record))
+
+    @staticmethod
+    def _line(record: dict[str, Any]) -> str:
+        return json.dumps(_to_json(record), allow_nan=False) + "\n"

@@ -101,10 +101,11 @@ class FiniteCheck:
     def note(self, not_finite: torch.Tensor) -> None:
         self._loss_bad = not_finite if self._loss_bad is None else self._loss_bad | not_finite
 
-    def check(self, scaler: torch.amp.GradScaler, iteration: int) -> None:
-        """Raise NonFiniteLossError if a step in (last check, ``iteration``] was skipped. The
-        scale decides (it is the same on every process: gradients are all-reduced before the
-        check), so all processes stop together."""
+    def check(self, scaler: torch.amp.GradScaler, iteration: int, last_good: str = "") -> None:
+        """Raise NonFiniteLossError if a step in (last check, ``iteration``] was skipped, its
+        message ending with ``last_good`` (where the last good state is). The scale decides (it
+        is the same on every process: gradients are all-reduced before the check), so all
+        processes stop together."""
         loss_bad = bool(self._loss_bad) if self._loss_bad is not None else False
         skipped = scaler.get_scale() < 1.0
         first = self.checked_at + 1
@@ -114,6 +115,6 @@ class FiniteCheck:
         what = "loss" if loss_bad else "gradient"
         when = f"iteration {iteration}" if first == iteration else f"iterations {first}..{iteration}"
         raise NonFiniteLossError(
-            f"non-finite {what} at {when}; its update was skipped and training stops here. "
-            f"The last checkpoint on disk is a good state (no update with a non-finite value was "
-            f"ever applied); lower the learning rate or check the data before resuming.")
+            f"non-finite {what} at {when}; its update was skipped (no update with a non-finite "
+            f"value is ever applied) and training stops here. "
+            + (last_good or "The last checkpoint on disk is a good state."))

@@ -21,12 +21,15 @@ from tqdm import tqdm
 from ssd_da.config import Config, save_config, validate_config
 from ssd_da.data.demo import ensure_demo_dataset
 from ssd_da.engine import distributed as dist_utils
-from ssd_da.engine.checkpoint import restore_training_state, save_checkpoint, training_checkpoint
+from ssd_da.engine.checkpoint import (check_resumable, restore_training_state, save_checkpoint,
+                                      training_checkpoint)
 from ssd_da.engine.data import (
     build_datasets, build_train_loader, class_names_from_config, log_loader_rate, resolve_workers,
 )
 from ssd_da.engine.inference import coco_metrics_of, evaluate_model, format_coco
 from ssd_da.engine.plots import plot_training_curves
+from ssd_da.engine.run_folder import (adopt_log, check_run_folder, clear_run,
+                                      remove_stale_temporaries)
 from ssd_da.engine.runlog import RunLog
 from ssd_da.models.pretrained import is_weights_name
 from ssd_da.models.ssd import build_ssd
@@ -57,6 +60,9 @@ class TrainState:
     # counted).
     timing: dict[str, float] = field(default_factory=lambda: {"train_s": 0.0, "images": 0,
                                                               "wall_s": 0.0})
+    evaluated_at: int = -1  # iteration of the latest evaluation, and its mAP
+    last_map: float = math.nan
+    last_saved: tuple[Path, int] | None = None  # the newest last.pth on disk, its iteration
 
 
 class Timer:
@@ -96,29 +102,56 @@ def lr_factor(it: int, cfg: Config) -> float:
     return factor
 
 
-def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
+def evaluation_due(it: int, cfg: Config) -> bool:
+    return bool(cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iters
+
+
+def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
+          ) -> dict[str, Any]:
     """Train SSD300 per ``cfg``; returns a summary dict (final/best mAP, iterations, timings).
 
-    Every ``log_every`` iterations a record goes to ``log.jsonl``; every ``eval_every`` (and at
-    the end) the test split is evaluated and ``best.pth`` kept; every ``ckpt_every`` (and at the
-    end) ``last.pth`` is written, after the evaluation so that its ``best_map`` is current."""
+    Nothing is written before every check has passed: the config's values, the output folder (a
+    run there is continued with ``resume`` or replaced with ``overwrite``, never mixed), the
+    resumed checkpoint and the data. Every ``log_every`` iterations a record goes to
+    ``log.jsonl``; every ``ckpt_every`` (and at the end) ``last.pth`` is written; every
+    ``eval_every`` (and at the end) the test split is evaluated and ``best.pth`` kept. A due
+    ``last.pth`` is written before the evaluation (a crash there keeps the newest state, and the
+    resumed run evaluates first) and again after it, with its best mAP."""
     validate_config(cfg)
-    device, out_dir, rank, world = prepare_run(cfg)
     class_names = class_names_from_config(cfg)
+    resumed = check_resumable(resume, cfg, class_names) if resume else None
+    device, rank, world = prepare_process(cfg)
+    out_dir = cfg.resolved_output_dir()
+    check_run_folder(out_dir, Path(resume) if resume else None, overwrite)
     train_set, test_set = build_datasets(cfg)
     model, backbone_init = build_model(cfg, len(class_names) + 1, device)
     state = make_train_state(cfg, model, backbone_init, device)
+    if resumed is not None:
+        restore_training_state(state, resumed, resume)
+    open_output(out_dir, cfg, resume, overwrite)  # every check passed: now write
     log = RunLog(out_dir / "log.jsonl", enabled=rank == 0)
-    if resume:
-        restore_training_state(state, resume, cfg, class_names)
-        log.truncate_after(state.iteration)
+    pending = resumed is not None and evaluation_due(state.iteration, cfg) \
+        and state.evaluated_at < state.iteration
+    if resumed is not None:
+        log.truncate_after(state.iteration, evaluation_pending=pending)
+
+    def save_last() -> None:
+        if rank == 0:
+            save_checkpoint(training_checkpoint(state, cfg, class_names), out_dir / "last.pth")
+        state.last_saved = (out_dir / "last.pth", state.iteration)
+
+    def evaluate_now() -> None:
+        evaluate(state, test_set, class_names, cfg, device, out_dir, log)
+
+    if pending:  # the evaluation a crash or kill interrupted
+        evaluate_now()
+        save_last()
     loader = build_train_loader(train_set, cfg, state.iteration, rank, world,
                                 pin_memory=device.type == "cuda")
     if rank == 0:
         log_loader_rate(train_set, cfg)
     train_clock, wall_clock = Timer(state.timing["train_s"]), Timer(state.timing["wall_s"])
     last_log = (train_clock.seconds(), state.timing["images"])
-    last_map = float("nan")
     finite = FiniteCheck(state.iteration)
     state.model.train()
     with tqdm(total=cfg.iters, initial=state.iteration, desc=f"train {cfg.backbone}",
@@ -129,12 +162,12 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
             it = state.iteration
             bar.update(1)
             logging_now = it % cfg.log_every == 0 or it == cfg.iters
-            evaluating = (cfg.eval_every and it % cfg.eval_every == 0) or it == cfg.iters
+            evaluating = evaluation_due(it, cfg)
             saving = it % cfg.ckpt_every == 0 or it == cfg.iters
             if logging_now or evaluating or saving:
                 # The only host reads of the loop (a GPU step never waits otherwise): stop on
                 # a non-finite step before it is logged, evaluated or saved.
-                finite.check(state.scaler, it)
+                finite.check(state.scaler, it, last_good_state(state, cfg))
             if logging_now:
                 now = (train_clock.seconds(), state.timing["images"])
                 rate = (now[1] - last_log[1]) / max(now[0] - last_log[0], 1e-9)
@@ -143,16 +176,15 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 last_log = now
             with train_clock.paused():  # evaluation and checkpoints are not training time
-                if evaluating:
-                    last_map = evaluate(state, test_set, class_names, cfg, device, out_dir, log)
                 state.timing.update(train_s=train_clock.seconds(), wall_s=wall_clock.seconds())
-                if rank == 0 and saving:
-                    save_checkpoint(training_checkpoint(state, cfg, class_names),
-                                    out_dir / "last.pth")
-    if math.isnan(last_map) and state.iteration >= cfg.iters:
-        # Resumed from a last.pth that had already reached the end: still report its mAP.
-        last_map = evaluate(state, test_set, class_names, cfg, device, out_dir, log)
-    return finish_run(state, cfg, out_dir, device, wall_clock.seconds(), last_map)
+                if saving:
+                    save_last()  # before the evaluation: a crash there keeps this state
+                if evaluating:
+                    evaluate_now()
+                    if saving:
+                        save_last()  # again, with the evaluation's best mAP
+    return finish_run(state, cfg, out_dir, device, wall_clock.seconds(),
+                      {"train": train_set.num_skipped, "test": test_set.num_skipped})
 
 
 def train_step(state: TrainState, images: torch.Tensor, targets: list[dict], cfg: Config,
@@ -169,10 +201,22 @@ def train_step(state: TrainState, images: torch.Tensor, targets: list[dict], cfg
     return losses, lr
 
 
+def last_good_state(state: TrainState, cfg: Config) -> str:
+    """Where the last good state of the run is, for a message that stops it."""
+    if state.last_saved is None:
+        return (f"No checkpoint has been written yet (the first comes at iteration "
+                f"{min(cfg.ckpt_every, cfg.iters)}): fix the cause (e.g. a lower --lr, or "
+                f"grad_clip) and start again with --overwrite.")
+    path, iteration = state.last_saved
+    return (f"{path} (iteration {iteration}) holds the last good state: fix the cause and "
+            f"continue with --resume {path}.")
+
+
 def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
              device: torch.device, out_dir: Path, log: RunLog) -> float:
-    """VOC mAP on the test split, logged; writes best.pth when it improves (rank 0): best.pth is
-    therefore selected on the test split, and last.pth is the one to report."""
+    """VOC mAP on the test split, logged and kept in ``state``; writes best.pth when it improves
+    (rank 0): best.pth is therefore selected on the test split, and last.pth is the one to
+    report."""
     model = dist_utils.unwrap(state.model)
     if dist_utils.is_distributed():
         # Without SyncBN each rank's running statistics drift apart; evaluate every shard with
@@ -184,6 +228,7 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
                                               cfg.amp, cfg.metric, progress=dist_utils.is_main_process(),
                                               channels_last=cfg.channels_last)
     model.train()
+    state.evaluated_at, state.last_map = state.iteration, float(result.map)
     final = state.iteration >= cfg.iters
     # COCO-format data: the official COCO metrics too, once, at the end (pycocotools is slow).
     coco = coco_metrics_of(test_set, detections) if final and dist_utils.is_main_process() else None
@@ -221,8 +266,10 @@ def build_model(cfg: Config, num_classes: int, device: torch.device
         # weights name (a mistyped path included) must load or the run stops.
         if source is None or Path(source).exists() or not is_weights_name(source):
             raise
-        logger.warning("ImageNet weights %r unreachable (%s); training %s from scratch",
-                       source, exc, cfg.backbone)
+        # Every process finds out; one says so (the others at debug level).
+        logger.log(logging.WARNING if dist_utils.is_main_process() else logging.DEBUG,
+                   "ImageNet weights %r unreachable (%s); training %s from scratch",
+                   source, exc, cfg.backbone)
         model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=None,
                           attention_init=cfg.attention_init)
         init = f"none ({source} unreachable)"
@@ -252,41 +299,56 @@ def make_train_state(cfg: Config, model: torch.nn.Module, backbone_init: str,
     return TrainState(model, optimizer, scheduler, make_scaler(device), backbone_init=backbone_init)
 
 
-def prepare_run(cfg: Config) -> tuple[torch.device, Path, int, int]:
-    """Process group, device, seeds and the output folder. Returns (device, out_dir, rank, world)."""
+def prepare_process(cfg: Config) -> tuple[torch.device, int, int]:
+    """Process group, device, seeds and the demo data (generated on first use); writes nothing
+    in the output folder. Returns (device, rank, world size)."""
     device = resolve_device(cfg.device, 0)
     rank, local_rank, world = dist_utils.init_distributed(device.type)
     device = resolve_device(cfg.device, local_rank)
     if cfg.amp and device.type != "cuda":
         logger.warning("--amp uses bf16 autocast on CUDA only; running float32 on %s", device)
     seed_everything(cfg.seed + rank)
-    out_dir = cfg.resolved_output_dir()
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
     if cfg.demo and rank == 0:
         ensure_demo_dataset(Path(cfg.data_root).parent)
     dist_utils.barrier()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    return device, out_dir, rank, world
+    return device, rank, world
+
+
+def open_output(out_dir: Path, cfg: Config, resume: str | Path | None, overwrite: bool) -> None:
+    """Rank 0 prepares the output folder once every check has passed: the earlier run deleted
+    (``overwrite``), checkpoint temporaries of a killed write removed, the log of a run resumed
+    from another folder carried over, ``config.yaml`` written."""
+    # Every rank has checked the folder before rank 0 changes it (a log carried over for a
+    # resume elsewhere would look like a run already there to a slower rank).
+    dist_utils.barrier()
+    if dist_utils.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            clear_run(out_dir)
+        remove_stale_temporaries(out_dir)
+        if resume:
+            adopt_log(Path(resume), out_dir)
+        save_config(cfg, out_dir / "config.yaml")
+    dist_utils.barrier()
 
 
 def finish_run(state: TrainState, cfg: Config, out_dir: Path, device: torch.device,
-               wall_time_s: float, last_map: float) -> dict[str, Any]:
+               wall_time_s: float, skipped: dict[str, int]) -> dict[str, Any]:
     """Checks that DDP replicas agree, then curves PNG and a summary (rank 0), then tears down
     the process group. Timings are for the whole run, all resumed sessions together."""
     dist_utils.check_replicas_agree(dist_utils.unwrap(state.model))
     timing = state.timing
     summary = {
-        "backbone": cfg.backbone, "iterations": state.iteration, "final_map": last_map,
+        "backbone": cfg.backbone, "iterations": state.iteration, "final_map": state.last_map,
         "best_map": state.best_map, "metric": cfg.metric, "wall_time_s": wall_time_s,
         "train_images_per_s": timing["images"] / max(timing["train_s"], 1e-9),
         "backbone_init": state.backbone_init, "world_size": dist_utils.get_world_size(),
         "global_batch_size": cfg.batch_size * dist_utils.get_world_size(),
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                            if device.type == "cuda" else None),
-        "output_dir": str(out_dir),
+        "output_dir": str(out_dir), "skipped_samples": skipped,  # --skip-bad
     }
     if dist_utils.is_main_process():
         plot_training_curves(out_dir / "log.jsonl", out_dir / "curves.png")

@@ -30,6 +30,7 @@ import yaml
 from ssd_da.config import Config, apply_overrides, save_config
 from ssd_da.data.voc import VOC_CLASSES
 from ssd_da.engine import trainer
+from ssd_da.engine.run_folder import existing_run_files
 from ssd_da.engine.runlog import read_run_log
 from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError
 from ssd_da.experiments.report import (RunRecord, format_markdown, plot_map_vs_params, summarize,
@@ -130,8 +131,12 @@ def _check_saved_config(spec: RunSpec) -> None:
         return
     with open(path) as fh:
         saved = yaml.safe_load(fh) or {}
-    diffs = [f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in spec.cfg.to_dict().items()
-             if k not in RESULT_NEUTRAL_FIELDS and k in saved and saved[k] != v]
+    # A key missing from the saved file is a field added after that run (e.g. attention_init):
+    # the run had the field's default behaviour, so compare against the default.
+    defaults = Config().to_dict()
+    diffs = [f"{k}: saved {saved.get(k, defaults[k])!r}{'' if k in saved else ' (default)'}, "
+             f"now {v!r}" for k, v in spec.cfg.to_dict().items()
+             if k not in RESULT_NEUTRAL_FIELDS and saved.get(k, defaults[k]) != v]
     if diffs:
         raise ValueError(f"{path}: the existing run used other settings ({'; '.join(diffs)}); "
                          "use another --output-dir or remove that folder")
@@ -174,9 +179,18 @@ def _finished(spec: RunSpec) -> RunOutcome:
     return RunOutcome(spec, "trained")
 
 
+def _replaces_leftovers(spec: RunSpec, resume: Path | None) -> bool:
+    """A new run (no last.pth to resume) in a folder with files of a run stopped before its
+    first checkpoint: the runner owns its folders, so it replaces them (--overwrite)."""
+    return resume is None and bool(existing_run_files(spec.out_dir))
+
+
 def _train_in_process(spec: RunSpec, resume: Path | None, train_fn: TrainFn) -> RunOutcome:
     try:
-        train_fn(spec.cfg, resume=resume)
+        if _replaces_leftovers(spec, resume):
+            train_fn(spec.cfg, resume=resume, overwrite=True)
+        else:
+            train_fn(spec.cfg, resume=resume)
     except NonFiniteLossError as exc:  # a seed that diverges is a result, not a crash
         return RunOutcome(spec, "diverged", str(exc))
     return _finished(spec)
@@ -190,6 +204,8 @@ def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script
     cmd = [sys.executable, str(train_script), "--config", str(config_path)]
     if resume is not None:
         cmd += ["--resume", str(resume)]
+    if _replaces_leftovers(spec, resume):
+        cmd += ["--overwrite"]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
     logger.info("[gpu %s] %s: %s", gpu, spec.name, " ".join(cmd))
     with open(spec.out_dir / "train.log", "a") as log:

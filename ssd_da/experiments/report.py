@@ -188,8 +188,9 @@ def format_markdown(groups: Sequence[BackboneSummary], layout: str = "attention"
            "- Params/GFLOPs: the SSD300 detector as trained (this run's classes + background, "
            "300x300, torchstat rules). The paper's Params/GFLOPs are the ImageNet classifier "
            "at 224x224 (`tools/complexity.py --classifier`).",
-           *(["- Paper mAP: VOC07 test after VOC07+12 training with ImageNet weights; "
-              "comparable only under that protocol."] if paper else []),
+           *(["- Paper mAP: VOC07 test as the DA paper prints it. The paper states no training "
+              "split, initialisation or recipe; comparable at best with VOC07+12 training from "
+              "ImageNet weights (our assumption of its protocol)."] if paper else []),
            "", "## Per-class AP (%), mean over seeds", "",
            *_ap_table(groups, layout)]
     if failures:

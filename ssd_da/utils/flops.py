@@ -71,7 +71,8 @@ def _numel(t: torch.Tensor) -> int:
 
 def _conv_flops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     # torchstat: k * C_in * (C_out // groups) per output position, batch included; C_in is the
-    # full input channel count (not C_in // groups), kept for fidelity with the paper's counter.
+    # full input channel count (not C_in // groups), kept because torchstat's rules are the ones
+    # that reproduce Table II (the paper does not name its counter).
     spatial_dims = len(module.kernel_size)
     kernel = math.prod(module.kernel_size)
     out_c = out.shape[-spatial_dims - 1]
