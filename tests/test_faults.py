@@ -87,6 +87,13 @@ def demo(tmp_path_factory) -> Path:
 
 def session(demo: Path, out: Path, *extra: str, fault: str | None = None) -> None:
     """One tools/train.py process; with ``fault``, SIGKILLed at that event (which must come)."""
+    finish(start(demo, out, *extra, fault=fault), out, fault)
+
+
+def start(demo: Path, out: Path, *extra: str, fault: str | None = None) -> subprocess.Popen:
+    """Start one tools/train.py process; with ``fault``, return once it stopped at that event.
+    One thread per process (the same in every session, so results compare bit for bit): the
+    uninterrupted run goes alongside the killed ones on two cores."""
     from ssd_da.data.demo import DEMO_CLASSES
 
     sig = demo / "signal"
@@ -99,19 +106,25 @@ def session(demo: Path, out: Path, *extra: str, fault: str | None = None) -> Non
             "lr_steps=[5]", "warmup_iters=2", "eval_batch_size=4", *extra]
     if "--resume" not in extra:
         args += ["--output-dir", str(out)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FAULT=fault or "none:0", FAULT_SIGNAL=str(sig))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FAULT=fault or "none:0", FAULT_SIGNAL=str(sig),
+               OMP_NUM_THREADS="1")
     with open(out.parent / f"{out.name}.log", "a") as log:
         proc = subprocess.Popen([sys.executable, str(demo / "driver.py"), *args], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while fault and not sig.exists():
-            assert proc.poll() is None, f"session ended before {fault}: see {log.name}"
-            assert time.monotonic() < deadline, f"{fault} never came"
-            time.sleep(0.05)
-        if fault:
-            os.kill(proc.pid, signal.SIGKILL)
-        code = proc.wait(timeout=300)
-    assert code == (-signal.SIGKILL if fault else 0), f"exit {code}: see {log.name}"
+    deadline = time.monotonic() + 300
+    while fault and not sig.exists():
+        assert proc.poll() is None, f"session ended before {fault}: see {out.name}.log"
+        assert time.monotonic() < deadline, f"{fault} never came"
+        time.sleep(0.05)
+    return proc
+
+
+def finish(proc: subprocess.Popen, out: Path, fault: str | None) -> None:
+    """SIGKILL a stopped session (``fault``) or wait for it to end well."""
+    if fault:
+        os.kill(proc.pid, signal.SIGKILL)
+    code = proc.wait(timeout=300)
+    assert code == (-signal.SIGKILL if fault else 0), f"exit {code}: see {out.name}.log"
 
 
 def ckpt(path: Path) -> dict:
@@ -134,7 +147,7 @@ def records(run: Path) -> tuple[dict[int, float], dict[int, float]]:
 @pytest.mark.slow
 def test_kill_during_write_eval_and_step_then_resume_is_exact(demo, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    session(demo, straight)
+    uninterrupted = start(demo, straight)
 
     session(demo, killed, fault="write:2")  # half-way through last.pth of iteration 4
     assert ckpt(killed / "last.pth")["iteration"] == 2  # the previous one, whole
@@ -147,6 +160,7 @@ def test_kill_during_write_eval_and_step_then_resume_is_exact(demo, tmp_path):
     session(demo, killed, *resume, fault="step:1")  # evaluates 4 again, then dies in step 5
     assert ckpt(killed / "last.pth")["iteration"] == 4
     session(demo, killed, *resume)
+    finish(uninterrupted, straight, None)
 
     a, b = ckpt(straight / "last.pth"), ckpt(killed / "last.pth")
     assert b["iteration"] == a["iteration"] == 6
