@@ -69,7 +69,9 @@ class Config:
     # Objects whose class is not in the class list are an error (a typo, "Dog" for "dog"), unless
     # this is true: then they are left out and counted (e.g. --classes dog,cat on full VOC).
     ignore_other_classes: bool = False
-    workers: int = 4
+    # Data-loading processes per training process; -1: one per CPU core this process may
+    # use, less one for the training loop, split between the processes of a torchrun job.
+    workers: int = -1
 
     # optimisation: SGD, lr 1e-3, momentum 0.9, weight decay 5e-4, batch 32, 120k iterations with
     # lr x0.1 at 80k and 100k: the VOC0712 config of ssd.pytorch and lufficc/SSD (the SSD paper's
@@ -93,6 +95,9 @@ class Config:
     log_every: int = 20
     seed: int = 0
     amp: bool = False  # bf16 autocast, GPU only
+    # Off by default until measured on a GPU (docs/benchmarks.md, tools/benchmark.py gpu-suite).
+    channels_last: bool = False  # NHWC memory format for the network, training and evaluation
+    compile: bool = False  # torch.compile the network (backbone, extras, head)
     device: str = "auto"
     metric: str = "voc07"  # "voc07" (11-point) or "area"
     eval_batch_size: int = 32
@@ -219,7 +224,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     # batch_size: the 1x1 extra map's BatchNorm needs two values per channel in training.
     "batch_size": (2, None, True, True), "log_every": (1, None, True, True),
     "ckpt_every": (1, None, True, True), "eval_every": (0, None, True, True),
-    "warmup_iters": (0, None, True, True), "workers": (0, None, True, True),
+    "warmup_iters": (0, None, True, True), "workers": (-1, None, True, True),  # -1: one per core, less one
     "seed": (0, 2**32 - 1, True, True),  # numpy seeds are 32-bit and non-negative
 }
 
@@ -288,11 +293,13 @@ def _warn_about_schedule(cfg: Config) -> None:
 CLI_FIELDS: tuple[str, ...] = (
     "backbone", "data_format", "data_root", "train_split", "test_split", "classes", "iters",
     "batch_size", "lr", "workers", "eval_every", "output_dir", "pretrained", "device", "seed",
-    "metric", "amp", "sync_bn", "skip_bad", "ignore_other_classes",
+    "metric", "amp", "sync_bn", "skip_bad", "ignore_other_classes", "channels_last", "compile",
 )
 # What the flags do (the other options' help is the field name and its default).
 _FLAG_HELP = {
     "amp": "bf16 autocast on GPU",
+    "channels_last": "channels_last (NHWC) memory format for the network",
+    "compile": "torch.compile the network (minutes of compilation first)",
     "sync_bn": "SyncBatchNorm across processes under torchrun",
     "skip_bad": "skip samples with a malformed XML or a missing, unreadable or undecodable image "
                 "(each named in a warning, and counted)",

@@ -137,7 +137,7 @@ def test_a_resume_that_fails_validation_writes_nothing(demo, finished, tmp_path,
 @pytest.mark.parametrize("override, field", [
     ("iters=true", "iters"), ("lr=-0.01", "lr"), ("lr_gamma=-0.1", "lr_gamma"),
     ("momentum=1.5", "momentum"), ("weight_decay=-0.0005", "weight_decay"),
-    ("warmup_factor=0", "warmup_factor"), ("grad_clip=-1", "grad_clip"), ("workers=-1", "workers"),
+    ("warmup_factor=0", "warmup_factor"), ("grad_clip=-1", "grad_clip"), ("workers=-2", "workers"),
     ("seed=-3", "seed"), ("lr_steps=[true]", "lr_steps"), ("lr_steps=[-5]", "lr_steps"),
     ("batch_size=true", "batch_size"), ("eval_every=-1", "eval_every"), ("lr=.nan", "lr"),
     ("output_dir=runs/{model}", "output_dir"), ("keep_difficult=1", "keep_difficult"),

@@ -138,7 +138,7 @@ def test_non_finite_gradient_stops_before_the_update(tiny_devkit, tmp_path, monk
         return out
 
     monkeypatch.setattr(ssd_module.SSD300, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match="gradient norm at iteration 2"):
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient at iteration 2"):
         train(tiny_cfg(tiny_devkit, tmp_path / "g", iters=4))
     ckpt = load_checkpoint(tmp_path / "g/last.pth")
     assert ckpt["iteration"] == 1

@@ -2,6 +2,11 @@
 
     python tools/benchmark.py metric            # evaluate_voc on 5,000 images x 20 classes
     python tools/benchmark.py model --amp       # SSD300 train/inference images/s, peak memory
+    python tools/benchmark.py loader            # CPU data pipeline images/s per core
+    python tools/benchmark.py memory            # bytes saved for backward per attention module
+    python tools/benchmark.py train             # training images/s: ours vs torchvision, e2e
+    python tools/benchmark.py eval              # inference images/s, VOC07-test-sized evaluation
+    python tools/benchmark.py gpu-suite         # the whole GPU measurement, under 8 minutes
     python tools/benchmark.py modules           # each attention module's cost per training step
 
 To add a benchmark: write ``run_<name>(args) -> str`` returning the Markdown body of its
@@ -35,18 +40,9 @@ from ssd_da.utils.cli import fail
 from ssd_da.utils.device import autocast_context, resolve_device
 from ssd_da.utils.flops import count_flops, count_flops_complete
 
+from bench_env import cpu_model  # tools/bench_env.py, beside this file
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (platform.processor() as a fallback)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def environment_lines() -> list[str]:
@@ -357,6 +353,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     model.add_argument("--channels-last", action="store_true")
     model.set_defaults(func=run_model)
+    # The data-pipeline and memory benchmarks live beside this file (tools/bench_*.py).
+    import bench_loader
+    import bench_memory
+    import bench_suite
+
+    bench_loader.register(sub, ROOT)
+    bench_memory.register(sub)
+    bench_suite.register(sub, ROOT)
     mods = sub.add_parser("modules", help="attention modules alone: forward + backward time "
                                           "per training step, params, GFLOPs")
     mods.add_argument("--modules", default="se,eca,cbam,sa,mhsa,la,ga,lga",
@@ -371,7 +375,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
-    body = args.func(args)
+    try:
+        body = args.func(args)
+    except ModuleNotFoundError as exc:  # a bare GPU machine: name the package, no traceback
+        fail("benchmark.py", f"{args.name} needs the package {exc.name!r}, not installed here "
+                             f"(`pip install -r requirements.txt`)")
     if not args.no_write:
         write_section(args.doc, args.name, body)
         print(f"wrote section {args.name!r} of {args.doc}")

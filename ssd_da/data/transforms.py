@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from ssd_da.models.pretrained import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (public here too)
+
 # The zoom-out canvas is filled with the mean pixel, so it normalises to (about) zero.
 MEAN_PIXEL: tuple[float, float, float] = tuple(255.0 * m for m in IMAGENET_MEAN)  # type: ignore[assignment]
 

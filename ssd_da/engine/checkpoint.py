@@ -6,9 +6,10 @@ resolved config), ``iteration``, ``best_map``, ``evaluated_at`` and ``last_map``
 mAP of the latest evaluation; last.pth is written before an evaluation and again after it, so
 ``evaluated_at < iteration`` says the evaluation due at ``iteration`` has not been done: a
 resumed run does it first), ``backbone_init``, ``world_size``, ``timing``;
-``last.pth`` adds ``optimizer``, ``scheduler`` and ``rng`` (Python, numpy, torch and CUDA
-generator states). Checkpoints written before GradScaler was removed also hold a ``scaler``
-entry (always disabled: bf16 needs no loss scaling); it is ignored.
+``last.pth`` adds ``optimizer``, ``scheduler``, ``scaler`` (the GradScaler whose on-device
+check skips non-finite steps; its scale stays 1 in a healthy run) and ``rng`` (Python, numpy,
+torch and CUDA generator states). Older checkpoints may hold an empty ``scaler`` entry (a
+disabled scaler) or none; the scaler then starts afresh.
 """
 from __future__ import annotations
 
@@ -131,8 +132,8 @@ def training_checkpoint(state: TrainState, cfg: Config, class_names: list[str],
         "world_size": dist_utils.get_world_size(), "timing": dict(state.timing),
     }
     if resumable:
-        ckpt.update(optimizer=state.optimizer.state_dict(),
-                    scheduler=state.scheduler.state_dict(), rng=rng_states())
+        ckpt.update(optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
+                    scaler=state.scaler.state_dict(), rng=rng_states())
     return ckpt
 
 
@@ -158,6 +159,8 @@ def restore_training_state(state: TrainState, ckpt: dict[str, Any], path: str | 
     load_model_state(dist_utils.unwrap(state.model), ckpt["model"], f"--resume {path}")
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):  # empty when saved by a disabled scaler (older checkpoints)
+        state.scaler.load_state_dict(ckpt["scaler"])
     state.iteration, state.best_map = int(ckpt["iteration"]), float(ckpt["best_map"])
     # Written before these keys existed, last.pth followed its evaluation: -1 re-evaluates a
     # due one (same result), which is safe either way.

@@ -8,7 +8,9 @@ ones an uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -20,6 +22,7 @@ from ssd_da.data.coco import CocoDetection, coco_class_names
 from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.data.transforms import build_eval_transform, build_train_transform
 from ssd_da.data.voc import VOC_CLASSES, VOCDetection, detection_collate
+from ssd_da.engine import distributed as dist_utils
 from ssd_da.models.ssd import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -124,7 +127,7 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
     train_set = None
     if train:
         train_set = dataset_class(cfg.data_root, cfg.train_split, class_names=names,
-                                  transform=build_train_transform(IMAGE_SIZE),
+                                  transform=build_train_transform(IMAGE_SIZE, output="uint8"),
                                   keep_difficult=cfg.keep_difficult, skip_bad=cfg.skip_bad,
                                   ignore_other_classes=cfg.ignore_other_classes,
                                   max_side=TRAIN_MAX_SIDE)
@@ -135,7 +138,7 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
                              f"{'' if cfg.keep_difficult else 'non-difficult '}object of the "
                              f"classes {', '.join(names)}: there is nothing to learn")
     test_set = dataset_class(cfg.data_root, cfg.test_split, class_names=names,
-                             transform=build_eval_transform(IMAGE_SIZE),
+                             transform=build_eval_transform(IMAGE_SIZE, output="uint8"),
                              keep_difficult=True, skip_bad=cfg.skip_bad,
                              ignore_other_classes=cfg.ignore_other_classes)
     if not any((~a.ground_truth()["difficult"]).any() for a in test_set.annotations):
@@ -146,13 +149,68 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
     return train_set, test_set
 
 
+def resolve_workers(requested: int, world_size: int = 1) -> int:
+    """Data-loading processes: ``requested`` when >= 0; for -1 the CPU cores this process may
+    use, less one for the training loop, divided between ``world_size`` processes."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, cores // max(1, world_size) - 1)
+
+
+# Batches each loader worker prepares ahead: with one worker per core that is a second or more
+# of training at the target rate (issue 12: 1,000 images/s on 16 cores), enough to absorb jitter.
+PREFETCH_BATCHES = 2
+
+
+def make_train_loader(dataset: VOCDetection, batch_size: int, seed: int, start_iter: int, total_iters: int,
+                      workers: int, pin_memory: bool, rank: int = 0, world_size: int = 1,
+                      generator: torch.Generator | None = None) -> DataLoader:
+    """Batches of iterations ``start_iter .. total_iters-1`` (:class:`ResumableTrainSampler`).
+    Workers stay up between passes and keep ``PREFETCH_BATCHES`` batches each in flight; with
+    ``pin_memory`` batches land in page-locked memory, so the copy to the GPU does not block the host."""
+    sampler = ResumableTrainSampler(len(dataset), batch_size, seed, start_iter, total_iters, rank, world_size)
+    extra: dict[str, Any] = (dict(persistent_workers=True, prefetch_factor=PREFETCH_BATCHES)
+                             if workers > 0 else {})
+    return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=detection_collate, drop_last=True, pin_memory=pin_memory,
+                      generator=generator, **extra)
+
+
 def build_train_loader(dataset: VOCDetection, cfg: Config, start_iter: int, rank: int,
                        world_size: int, pin_memory: bool) -> DataLoader:
-    sampler = ResumableTrainSampler(len(dataset), cfg.batch_size, cfg.seed, start_iter,
-                                    cfg.iters, rank, world_size)
-    return DataLoader(SeededDataset(dataset), batch_size=cfg.batch_size, sampler=sampler,
-                      num_workers=cfg.workers, collate_fn=detection_collate, drop_last=True,
-                      pin_memory=pin_memory, persistent_workers=False)
+    return make_train_loader(dataset, cfg.batch_size, cfg.seed, start_iter, cfg.iters,
+                             resolve_workers(cfg.workers, world_size), pin_memory, rank, world_size)
+
+
+def measure_loader_rate(dataset: VOCDetection, batch_size: int, workers: int, seconds: float = 2.0) -> float:
+    """Images per second the loader alone delivers (reading, augmentation, collation; no
+    model). Timed from its first batch (worker start-up left out) over the next two rounds of
+    the workers (each worker makes one batch per round and all start together, so the first
+    batch ends round one), or for ``seconds`` if that is shorter. Its own sampler seed and
+    generator: the training stream and the global random state are untouched."""
+    batches = 2 * max(1, workers) + 1
+    loader = make_train_loader(dataset, batch_size, seed=1, start_iter=0, total_iters=batches,
+                               workers=workers, pin_memory=False, generator=torch.Generator().manual_seed(0))
+    iterator = iter(loader)
+    next(iterator)
+    start, images = time.perf_counter(), 0
+    for images_batch, _ in iterator:
+        images += images_batch.shape[0]
+        if time.perf_counter() - start > seconds:
+            break
+    rate = images / max(time.perf_counter() - start, 1e-9)
+    del iterator
+    return rate
+
+
+def log_loader_rate(dataset: VOCDetection, cfg: Config) -> None:
+    """One line at the start of training: what the loader alone delivers, to compare with the
+    training rate (is the CPU or the GPU the bottleneck?)."""
+    workers = resolve_workers(cfg.workers, dist_utils.get_world_size())
+    rate = measure_loader_rate(dataset, cfg.batch_size, workers)
+    logger.info("data loader alone: %.0f images/s (%d workers, batch %d); training slower than that "
+                "is limited by the network, near it by the loader", rate, workers, cfg.batch_size)
 
 
 def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, workers: int,

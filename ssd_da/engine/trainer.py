@@ -23,7 +23,9 @@ from ssd_da.data.demo import ensure_demo_dataset
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.checkpoint import (check_resumable, restore_training_state, save_checkpoint,
                                       training_checkpoint)
-from ssd_da.engine.data import build_datasets, build_train_loader, class_names_from_config
+from ssd_da.engine.data import (
+    build_datasets, build_train_loader, class_names_from_config, log_loader_rate, resolve_workers,
+)
 from ssd_da.engine.inference import coco_metrics_of, evaluate_model, format_coco
 from ssd_da.engine.plots import plot_training_curves
 from ssd_da.engine.run_folder import (adopt_log, check_run_folder, clear_run,
@@ -31,7 +33,10 @@ from ssd_da.engine.run_folder import (adopt_log, check_run_folder, clear_run,
 from ssd_da.engine.runlog import RunLog
 from ssd_da.models.pretrained import is_weights_name
 from ssd_da.models.ssd import build_ssd
-from ssd_da.utils.device import autocast_context, resolve_device
+from ssd_da.engine.step import (  # noqa: F401 (NonFiniteLossError: public here too)
+    FiniteCheck, NonFiniteLossError, make_optimizer, make_scaler, read_losses, sgd_step,
+)
+from ssd_da.utils.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +45,12 @@ logger = logging.getLogger(__name__)
 EXIT_NON_FINITE = 3
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the last checkpoint on disk is the last good one."""
-
-
 @dataclass
 class TrainState:
     model: torch.nn.Module  # DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler  # its on-device found-inf check skips non-finite steps (step.py)
     iteration: int = 0
     best_map: float = -1.0
     backbone_init: str = "none"  # what build_model loaded; a resumed run keeps the first one's
@@ -146,29 +148,38 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
         save_last()
     loader = build_train_loader(train_set, cfg, state.iteration, rank, world,
                                 pin_memory=device.type == "cuda")
+    if rank == 0:
+        log_loader_rate(train_set, cfg)
     train_clock, wall_clock = Timer(state.timing["train_s"]), Timer(state.timing["wall_s"])
     last_log = (train_clock.seconds(), state.timing["images"])
+    finite = FiniteCheck(state.iteration)
     state.model.train()
     with tqdm(total=cfg.iters, initial=state.iteration, desc=f"train {cfg.backbone}",
               disable=rank != 0, dynamic_ncols=True) as bar:
         for images, targets in loader:
-            losses = train_step(state, images, targets, cfg, device)
+            losses, lr = train_step(state, images, targets, cfg, device, finite)
             state.timing["images"] += images.shape[0] * world
             it = state.iteration
             bar.update(1)
-            if it % cfg.log_every == 0 or it == cfg.iters:
+            logging_now = it % cfg.log_every == 0 or it == cfg.iters
+            evaluating = evaluation_due(it, cfg)
+            saving = it % cfg.ckpt_every == 0 or it == cfg.iters
+            if logging_now or evaluating or saving:
+                # The only host reads of the loop (a GPU step never waits otherwise): stop on
+                # a non-finite step before it is logged, evaluated or saved.
+                finite.check(state.scaler, it, last_good_state(state, cfg))
+            if logging_now:
                 now = (train_clock.seconds(), state.timing["images"])
                 rate = (now[1] - last_log[1]) / max(now[0] - last_log[0], 1e-9)
-                log.write({"iter": it, "images_per_s": rate, **losses})
-                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{losses['lr']:.2e}",
-                                img_s=f"{rate:.1f}")
+                values = {**read_losses(losses), "lr": lr}
+                log.write({"iter": it, "images_per_s": rate, **values})
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 last_log = now
             with train_clock.paused():  # evaluation and checkpoints are not training time
                 state.timing.update(train_s=train_clock.seconds(), wall_s=wall_clock.seconds())
-                saving = it % cfg.ckpt_every == 0 or it == cfg.iters
                 if saving:
                     save_last()  # before the evaluation: a crash there keeps this state
-                if evaluation_due(it, cfg):
+                if evaluating:
                     evaluate_now()
                     if saving:
                         save_last()  # again, with the evaluation's best mAP
@@ -177,39 +188,17 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
 
 
 def train_step(state: TrainState, images: torch.Tensor, targets: list[dict], cfg: Config,
-               device: torch.device) -> dict[str, float]:
-    """One SGD step. Raises NonFiniteLossError *before* the update, so no weight turns NaN.
-    Returns the loss terms, their sum ``loss`` (means over ranks) and the ``lr`` the step used."""
-    images = images.to(device, non_blocking=True)
-    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
-    with autocast_context(device, cfg.amp):
-        losses = state.model(images, targets)
-    loss = sum(losses.values())
-    # Every rank must agree to stop, or the others would hang in the next all-reduce.
-    finite = dist_utils.all_reduce_mean(torch.isfinite(loss.detach()).float())
-    if finite.item() < 1.0:
-        raise NonFiniteLossError(
-            f"non-finite loss at iteration {state.iteration + 1} "
-            f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopping. "
-            + last_good_state(state, cfg))
-    state.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    # A finite loss can still give inf/NaN gradients; checking the norm (identical on every
-    # rank after DDP's all-reduce) keeps them out of the weights and so out of last.pth.
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
-    if not torch.isfinite(grad_norm):
-        raise NonFiniteLossError(
-            f"non-finite gradient norm at iteration {state.iteration + 1}; stopping. "
-            + last_good_state(state, cfg))
+               device: torch.device, finite: FiniteCheck) -> tuple[dict[str, torch.Tensor], float]:
+    """One SGD step (:func:`ssd_da.engine.step.sgd_step`): no host read of a device value; a
+    non-finite loss or gradient skips the update on the device and is noted in ``finite``.
+    Returns the detached loss terms (on the device) and the ``lr`` the step used."""
     lr = state.optimizer.param_groups[0]["lr"]  # the rate this step uses
-    state.optimizer.step()
+    losses, not_finite = sgd_step(state.model, state.optimizer, state.scaler, images, targets, device,
+                                  cfg.amp, cfg.grad_clip, cfg.channels_last)
+    finite.note(not_finite)
     state.scheduler.step()
     state.iteration += 1
-    out = {k: dist_utils.all_reduce_mean(v.detach()).item() for k, v in losses.items()}
-    out["loss"] = sum(out.values())
-    out["lr"] = lr
-    return out
+    return losses, lr
 
 
 def last_good_state(state: TrainState, cfg: Config) -> str:
@@ -235,8 +224,9 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
     result, detections, rate = evaluate_model(model, test_set, class_names, device,
-                                              cfg.eval_batch_size, cfg.workers, cfg.amp,
-                                              cfg.metric, progress=dist_utils.is_main_process())
+                                              cfg.eval_batch_size, resolve_workers(cfg.workers),
+                                              cfg.amp, cfg.metric, progress=dist_utils.is_main_process(),
+                                              channels_last=cfg.channels_last)
     model.train()
     state.evaluated_at, state.last_map = state.iteration, float(result.map)
     final = state.iteration >= cfg.iters
@@ -289,20 +279,25 @@ def build_model(cfg: Config, num_classes: int, device: torch.device
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:  # torch's SyncBatchNorm has no CPU kernel
             logger.warning("--sync-bn needs CUDA; keeping per-process BatchNorm on %s", device)
-    return model.to(device), init
+    model = model.to(device)
+    if cfg.channels_last:  # NHWC convolutions: faster with bf16 on recent GPUs (docs/benchmarks.md)
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:  # the network only: loss and post-processing stay eager
+        model.compile_network()
+    return model, init
 
 
 def make_train_state(cfg: Config, model: torch.nn.Module, backbone_init: str,
                      device: torch.device) -> TrainState:
-    """SGD and the warmup/step schedule of :func:`lr_factor`; the model DDP-wrapped under
-    torchrun. No GradScaler: bf16 autocast needs no loss scaling."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    """Fused SGD, the warmup/step schedule of :func:`lr_factor` and a GradScaler used only for
+    its on-device non-finite check (see :mod:`ssd_da.engine.step`); the model DDP-wrapped under
+    torchrun."""
+    optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     if dist_utils.is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    return TrainState(model, optimizer, scheduler, backbone_init=backbone_init)
+    return TrainState(model, optimizer, scheduler, make_scaler(device), backbone_init=backbone_init)
 
 
 def prepare_process(cfg: Config) -> tuple[torch.device, int, int]:

@@ -26,6 +26,12 @@ import torchvision
 
 from ssd_da.models.resnet import ResNet
 
+# Per-channel RGB mean and std (of 0..1 pixels) of ImageNet, which torchvision's ResNet weights
+# were trained with: SSD300's inputs are normalised with them (the data pipeline, or the model
+# itself for uint8 batches).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["LoadReport", "load_pretrained", "resolve_weights", "infer_resnet_layout"]

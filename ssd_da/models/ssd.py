@@ -46,7 +46,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSDHead
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from ssd_da.models.pretrained import load_pretrained
+from ssd_da.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, load_pretrained
 from ssd_da.models.resnet import backbone_features, build_resnet
 from ssd_da.models.ssd_loss import check_targets, ssd_loss
 
@@ -174,6 +174,13 @@ class SSD300(nn.Module):
         # Fixed 300x300 input, so the default boxes are computed once; not saved in checkpoints.
         boxes = _ssd300_default_boxes(self.anchor_generator, image_size)
         self.register_buffer("default_boxes", boxes, persistent=False)
+        # uint8 batches are normalised here, on the device, as x * scale - offset per channel:
+        # the loader then moves a quarter of float32's bytes (ssd_da.data.augment, "uint8").
+        scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD]).view(1, 3, 1, 1)
+        offset = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", scale, persistent=False)
+        self.register_buffer("pixel_offset", offset, persistent=False)
+        self._network = self._run_network  # replaced by compile_network()
 
     def _init_extras(self) -> None:
         """He init for the extra convs (they feed ReLU), as torchvision inits ResNet convs."""
@@ -195,12 +202,23 @@ class SSD300(nn.Module):
         ``bbox_regression`` (B, 8732, 4) offsets relative to ``default_boxes`` (BoxCoder
         weights 10, 10, 5, 5). Used by forward, Grad-CAM and the FLOP counter."""
         self._check_images(images)
-        outputs = self.head(self.feature_maps(images))
+        outputs = self._network(images)
         if outputs["cls_logits"].shape[1] != self.default_boxes.shape[0]:
             raise RuntimeError(f"head produced {outputs['cls_logits'].shape[1]} boxes per image, "
                                f"expected {self.default_boxes.shape[0]}: backbone strides differ "
                                f"from ResNet's (maps must be {SSD300_FEATURE_SIZES})")
         return outputs
+
+    def _run_network(self, images: Tensor) -> dict[str, Tensor]:
+        if images.dtype == torch.uint8:
+            images = images.float() * self.pixel_scale - self.pixel_offset
+        return self.head(self.feature_maps(images))
+
+    def compile_network(self, **options) -> None:
+        """``torch.compile`` the network (uint8 normalisation, backbone, extras, head) with
+        ``options``; the loss and post-processing stay eager (their shapes vary with the
+        targets). Parameter names and checkpoints are unchanged."""
+        self._network = torch.compile(self._run_network, **options)
 
     def forward(self, images: Tensor, targets: Optional[list[dict[str, Tensor]]] = None,
                 original_sizes: Optional[list[tuple[int, int]]] = None
@@ -208,7 +226,8 @@ class SSD300(nn.Module):
         """Losses in training mode, detections in eval mode (as torchvision's detectors).
 
         Args:
-            images: (B, 3, 300, 300) float, ImageNet-normalised.
+            images: (B, 3, 300, 300) float, ImageNet-normalised, or uint8 RGB pixels
+                (normalised here, on the images' device).
             targets: training mode only, and required there: B dicts, ``boxes`` (N, 4) float
                 xyxy in the 300x300 input's pixels and ``labels`` (N,) int64 in
                 1..num_classes-1; N may be 0. Ignored in eval mode.
@@ -302,6 +321,9 @@ class SSD300(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
             raise ValueError(f"images: expected a (B, 3, {size}, {size}) tensor, got "
                              f"{tuple(images.shape)}")
+        if not (images.is_floating_point() or images.dtype == torch.uint8):
+            raise ValueError(f"images: expected float (ImageNet-normalised) or uint8 pixels, got "
+                             f"{images.dtype}")
 
 
 def _check_args(num_classes: int, extra_channels: Sequence[Sequence[int]], image_size: int,

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["HostReads", "count_host_reads"]
 
@@ -29,40 +31,61 @@ _HOST_METHODS = ("tolist", "cpu", "numpy", "__array__")
 
 
 class HostReads(TorchDispatchMode):
-    """Dispatch mode recording each host read; ``counts`` maps a name to how often it ran."""
+    """Dispatch mode recording each host read of a device tensor; ``counts`` maps a name to how
+    often it ran.
 
-    def __init__(self) -> None:
+    On a CPU run every tensor is on the CPU, so "device tensor" means: not host data. Host
+    data are the tensors given as ``host`` (e.g. the loader's targets, which stay on the CPU in
+    a GPU run too) and every result computed from host data alone; reading those is no sync.
+    """
+
+    def __init__(self, host: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.host = WeakTensorKeyDictionary()
+        for tensor in host:
+            self.host[tensor] = True
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def is_host(self, tensor: torch.Tensor) -> bool:
+        return tensor in self.host
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _VALUE_OPS:
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        on_host = bool(inputs) and all(self.is_host(t) for t in inputs)
+        if not on_host and func in _VALUE_OPS:
             self.counts[str(func.overloadpacket.__name__)] += 1
-        elif func in _INDEX_OPS:
+        elif not on_host and func in _INDEX_OPS:
             indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
             if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices):
                 self.counts["boolean-mask indexing"] += 1
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if on_host:
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    self.host[tensor] = True
+        return out
 
 
 @contextlib.contextmanager
-def count_host_reads() -> Iterator[HostReads]:
-    """Within the block, count host reads of tensor values: aten scalar reads and
-    data-dependent ops (seen in forward and in a backward run on this thread, which is where
-    autograd runs CPU work) and calls of ``Tensor.tolist/cpu/numpy/__array__``."""
-    mode = HostReads()
+def count_host_reads(host: Iterable[torch.Tensor] = ()) -> Iterator[HostReads]:
+    """Within the block, count host reads of device tensors (see :class:`HostReads` for what
+    ``host`` means): aten scalar reads and data-dependent ops (seen in forward and in a
+    backward run on this thread, which is where autograd runs CPU work) and calls of
+    ``Tensor.tolist/cpu/numpy/__array__``."""
+    mode = HostReads(host)
     originals = {name: getattr(torch.Tensor, name) for name in _HOST_METHODS}
 
     def counting(name: str) -> Any:
         original = originals[name]
 
         def method(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            mode.counts[f"Tensor.{name}"] += 1
+            if not mode.is_host(self):
+                mode.counts[f"Tensor.{name}"] += 1
             return original(self, *args, **kwargs)
         return method
 

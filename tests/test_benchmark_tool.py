@@ -1,0 +1,142 @@
+"""tools/benchmark.py subcommands run on the CPU with tiny sizes, so that they cannot rot; the
+figures themselves go to docs/benchmarks.md, never into assertions."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssd_da.data.demo import ensure_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import benchmark  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def devkit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench_demo")
+    ensure_demo_dataset(root, num_train=6, num_test=4, seed=2)
+    return root / "VOCdevkit"
+
+
+def _run(argv: list[str], doc: Path) -> str:
+    args = benchmark.get_args_parser().parse_args(["--doc", str(doc), *argv])
+    benchmark.main(args)
+    return doc.read_text()
+
+
+def test_loader_table_has_every_pipeline(devkit: Path, tmp_path: Path) -> None:
+    text = _run(["loader", "--data-root", str(devkit), "--resize", "80x60", "--images", "4", "--repeats", "1"],
+                tmp_path / "b.md")
+    section = text.split("<!-- benchmark:loader -->")[1].split("<!-- /benchmark:loader -->")[0]
+    for name in ("albumentations", "fast", "fast-uint8", "torchvision-v2", "decode-floor"):
+        row = next(line for line in section.splitlines() if line.startswith(f"| {name} |"))
+        rates = [float(cell) for cell in row.strip("|").split("|")[-2:]]
+        assert all(rate > 0 for rate in rates), row
+    assert "4 images of" in section and "80x60" in section
+
+
+def test_memory_table_shows_the_saving(tmp_path: Path) -> None:
+    text = _run(["memory", "--modules", "da,se", "--backbones", ""], tmp_path / "b.md")
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in text.splitlines()
+            if line.startswith("| da |") or line.startswith("| se |")}
+    before, after = (float(v) for v in rows["da"])
+    assert before > 1.9 and after < 1.1  # DA: x and x * s before, x alone now
+    assert [float(v) for v in rows["se"]] == pytest.approx([1.0, 1.0], abs=0.01)
+
+
+def _section(text: str, name: str) -> str:
+    return text.split(f"<!-- benchmark:{name} -->")[1].split(f"<!-- /benchmark:{name} -->")[0]
+
+
+def _rows(section: str, first: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith(f"| {first} |")]
+
+
+@pytest.mark.slow
+def test_train_table_has_ours_torchvision_and_end_to_end_rows(devkit: Path, tmp_path: Path) -> None:
+    text = _run(["train", "--device", "cpu", "--backbones", "resnet18", "--tv", "tv-ssd-our-trunk",
+                 "--tv-backbone", "resnet18", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                 "--workers", "0", "--data-root", str(devkit)], tmp_path / "b.md")
+    section = _section(text, "train")
+    ours, theirs = _rows(section, "ours"), _rows(section, "tv-ssd-our-trunk")
+    assert [r[2] for r in ours] == [r[2] for r in theirs] == ["network only", "end to end"]
+    assert all(float(r[4]) > 0 and r[6] == "n/a" for r in ours + theirs)
+    loader = _rows(section, "loader alone")
+    assert len(loader) == 1 and loader[0][1] == "0 workers" and float(loader[0][4]) > 0
+    # The ratio line is computed from the two rows above it.
+    ratio = float(section.split("SSD class on the resnet18 trunk (network only")[1].split("): ")[1].split("x")[0])
+    assert ratio == pytest.approx(float(ours[0][4]) / float(theirs[0][4]), rel=0.02)  # 3 digits each, the ratio 2 decimals
+    assert "torch " in section and "date (UTC)" in section and str(tmp_path) not in section
+
+
+@pytest.mark.slow
+def test_eval_table_times_a_whole_evaluation(devkit: Path, tmp_path: Path) -> None:
+    text = _run(["eval", "--device", "cpu", "--backbones", "resnet18", "--batch-size", "2", "--steps", "1",
+                 "--warmup", "0", "--workers", "0", "--eval-images", "6", "--data-root", str(devkit)],
+                tmp_path / "b.md")
+    rows = _rows(_section(text, "eval"), "resnet18")
+    assert rows[0][1] == "network only (batch 2)" and float(rows[0][2]) > 0
+    assert rows[1][1].startswith("whole evaluation of 6 images")
+    seconds = float(rows[1][3].split(" s")[0])
+    assert float(rows[1][2]) == pytest.approx(6 / seconds, rel=0.015)  # both rounded to 3 digits
+
+
+def test_overheads_are_worked_out_from_the_rows() -> None:
+    import bench_suite
+    import bench_train as bt
+
+    def row(subject: str, backbone: str, rate: float) -> bt.Row:
+        return bt.Row(subject, backbone, "network only", "bf16, channels_last", bt.Result(rate, 1.0, None))
+
+    lines = bench_suite.overheads([row("ours", "resnet50", 1000.0), row("ours", "da_resnet50", 800.0),
+                                   row("tv-ssd-our-trunk", "da_resnet50", 200.0), row("ours", "se_resnet18", 5.0)])
+    assert lines[0].startswith("- da_resnet50 over resnet50 (network only, bf16, channels_last): +25.0%")
+    assert "ours / torchvision's SSD class on the da_resnet50 trunk" in lines[1] and ": 4.00x" in lines[1]
+    assert len(lines) == 2  # se_resnet18 has no plain resnet18 row to compare with
+
+
+def test_gpu_suite_fails_fast_naming_what_is_missing(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import bench_suite
+
+    monkeypatch.setattr(bench_suite, "SUITE_PACKAGES", (("numpy", "numpy"), ("no_such_module_x", "no-such-pkg")))
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(benchmark.get_args_parser().parse_args(["--no-write", "gpu-suite"]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "benchmark.py: error: gpu-suite needs no-such-pkg" in err and "numpy" not in err.split("needs")[1]
+    monkeypatch.setattr(bench_suite, "SUITE_PACKAGES", (("numpy", "numpy"),))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(benchmark.get_args_parser().parse_args(["--no-write", "gpu-suite"]))
+    assert exc.value.code == 2
+    assert "gpu-suite measures a CUDA GPU and none is visible here" in capsys.readouterr().err
+
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_its_parts_in_order_and_skips_what_does_not_fit(
+        devkit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's orchestration on the CPU (the GPU check patched out; tiny parts): every part
+    that fits the budget runs, one that does not is skipped and named, the table is written."""
+    import bench_suite
+
+    tiny = dict(backbones="resnet18", tv="tv-ssd-our-trunk", tv_backbone="resnet18", modes="network",
+                channels_last=False, compile=False)
+    monkeypatch.setattr(bench_suite, "SUITE_PARTS", (
+        ("network", 0, tiny), ("evaluation", 0, dict(tiny, backbones="resnet18")),
+        ("too long", 10 ** 6, dict(tiny, backbones="da_resnet18"))))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    text = _run(["gpu-suite", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                 "--workers", "0", "--eval-images", "4", "--data-root", str(devkit)], tmp_path / "b.md")
+    section = _section(text, "gpu-suite")
+    assert [r[0] for r in _rows(section, "ours") + _rows(section, "tv-ssd-our-trunk")] == ["ours", "tv-ssd-our-trunk"]
+    assert _rows(section, "resnet18")[1][1].startswith("whole evaluation of 4 images")
+    assert "skipped for time: too long" in section  # and no da_resnet18 row (above)
+    assert "ours / torchvision's SSD class on the resnet18 trunk" in section
