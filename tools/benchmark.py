@@ -303,8 +303,9 @@ def run_modules(args: argparse.Namespace) -> str:
         f"- device: {cpu_model()}; torch {torch.__version__}, python "
         f"{platform.python_version()}, {torch.get_num_threads()} CPU threads, float32",
         f"- 1-minute load average {load_before:.1f} before, {load_after:.1f} after "
-        f"({os.cpu_count()} logical CPUs): above the CPU count, other jobs shared the cores "
-        "and the min is the better estimate",
+        f"({os.cpu_count()} logical CPUs)"
+        + (": above the CPU count, other jobs shared the cores and the min is the better estimate"
+           if max(load_before, load_after) > (os.cpu_count() or 1) else ": a quiet machine"),
         "",
         "| module | params | GFLOPs (torchstat) | GFLOPs (complete) | ms min | ms median |",
         "|---|---:|---:|---:|---:|---:|",
