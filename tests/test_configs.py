@@ -35,9 +35,9 @@ def _outside_paths(text: str) -> list[str]:
 
 
 def test_outside_paths_detector() -> None:
-    # The pre-bundling bccd.yaml pointed beside the repository: that must be caught.
-    assert _outside_paths("data_root: ../shared/data/bccd/VOCdevkit") == ["../shared/data/bccd/VOCdevkit"]
-    assert _outside_paths("# data in /work/shared/data, or ~/voc") == ["/work/shared/data", "~/voc"]
+    # A config pointing beside the repository (as bccd.yaml once did) must be caught.
+    assert _outside_paths("data_root: ../other/data/bccd/VOCdevkit") == ["../other/data/bccd/VOCdevkit"]
+    assert _outside_paths("# data in /srv/data, or ~/voc") == ["/srv/data", "~/voc"]
     assert _outside_paths("pretrained: C:\\weights\\r50.pth") == ["C:\\weights\\r50.pth"]
     assert _outside_paths("data_root: datasets/a/../../b") == ["datasets/a/../../b"]
     assert _outside_paths("data_root: datasets/bccd/VOCdevkit  # 640x480, a/b, 292 / 72\nlr: 1e-3") == []
