@@ -206,6 +206,23 @@ def test_layer_paths(untrained):
             resolve_layer(model, bad)
 
 
+def test_end_slot_default_layer_is_the_module_ssd_reads():
+    """resnet18_lga / resnet18_se: the default layer is the end-of-backbone module (SSD's 10x10
+    map comes from its output), and its heatmap differs from layer4.1's, which lies before it."""
+    torch.manual_seed(0)
+    model = build_ssd("resnet18_lga", num_classes=3).eval()
+    assert default_layer(model) == "backbone.end_attn"
+    assert resolve_layer(model, "backbone.end_attn") is model.backbone.end_attn
+    image = make_scene(SCENES[0], seed=3)
+    target = CamTarget(kind="box", box=(0.0, 0.0, 299.0, 299.0))  # a box of the small maps
+    at_module = explain(model, image, target=target).cam
+    before = explain(model, image, target=target, layer="backbone.layer4.1").cam
+    assert at_module.shape == before.shape == (300, 300)
+    assert at_module.std() > 0.01 and np.abs(at_module - before).max() > 0.05
+    assert default_layer(build_ssd("resnet18_se", num_classes=3)) == "backbone.end_attn"
+    assert default_layer(build_ssd("da_resnet18", num_classes=3)) == "backbone.layer4.1"
+
+
 def test_anchor_map_sizes_and_target_value_by_hand():
     model = build_ssd("resnet18", num_classes=3)
     # 38*38*4 = 5776 boxes on the 38x38 map, then 19*19*6 = 2166, 10*10*6 = 600, 150, 36, 4.

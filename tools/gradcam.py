@@ -16,7 +16,8 @@ with the backbone (e.g. "DA-ResNet50-SSD"), the method, the layer and the target
 eigencam is class-agnostic (the first principal component of the layer's activations): it
 explains no target, so it cannot be combined with --class or --box.
 The default layer is the last residual block of layer4 (backbone.layer4.2 of a ResNet50, the
-paper's "layer4 2"); --layer takes another module path, e.g. backbone.layer3.5. Detections
+paper's "layer4 2"), or backbone.end_attn when a module follows layer4 (resnet18_lga, ...: the
+map SSD reads); --layer takes another module path, e.g. backbone.layer3.5. Detections
 from the 38x38 / 19x19 maps (small objects) do not depend on layer4: their maps come out empty,
 with a warning.
 Figure size: columns x 3.0 by rows x 3.25 inches at --dpi (default 100: 300 x 325 px a panel).
@@ -57,7 +58,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="explain every detection of this class with score >= --score")
     target.add_argument("--box", metavar="X1,Y1,X2,Y2",
                         help="explain the detection overlapping this box (image pixels) most")
-    p.add_argument("--layer", help="target module path (default: backbone.layer4.<last block>)")
+    p.add_argument("--layer", help="target module path (default: backbone.layer4.<last block>, or "
+                   "backbone.end_attn for a resnet<depth>_<module> backbone)")
     p.add_argument("--method", default="gradcam", choices=sorted(METHODS),
                    help="CAM method (eigencam is class-agnostic: not with --class or --box)")
     p.add_argument("--score", type=float, default=0.3,

@@ -2,7 +2,8 @@
 
 The DA paper (section III, Figure 5: rows of original | ResNet50 | DA-ResNet50) compares
 backbones by Grad-CAM heatmaps at "layer4 2", the last residual block of ResNet50's layer4
-(``backbone.layer4.2`` here; for any depth :func:`default_layer` gives ``backbone.layer4[-1]``).
+(``backbone.layer4.2`` here; for any depth :func:`default_layer` gives ``backbone.layer4[-1]``,
+or ``backbone.end_attn`` for a backbone with a module after layer4, e.g. ``resnet18_lga``).
 The heatmaps come from the grad-cam package (``pytorch_grad_cam``): it calls ``model(input)``
 and back-propagates the sum of target callables applied to each image's output. We wrap the
 detector so that its output is the per-default-box class logits ``(B, 8732, C + 1)``, and every
@@ -126,7 +127,12 @@ def block_paths(model: nn.Module) -> list[str]:
 
 
 def default_layer(model: nn.Module) -> str:
-    """The last residual block of layer4, the paper's "layer4 2" for ResNet50 (section III)."""
+    """Layer4's map as SSD reads it: the last residual block of layer4 (the DA paper's
+    "layer4 2" for ResNet50, section III; a per-block module such as DA sits inside it), or
+    ``backbone.end_attn`` when an end-of-backbone module (``resnet18_lga``...) follows layer4,
+    so the heatmap includes what that module does to the map."""
+    if getattr(model.backbone, "end_attention", "none") != "none":
+        return "backbone.end_attn"
     return f"backbone.layer4.{len(model.backbone.layer4) - 1}"
 
 
