@@ -33,17 +33,18 @@ import torch
 
 from ssd_da.data.decode import REDUCTIONS, EncodedImage
 from ssd_da.data.transforms import (
-    IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, OUTPUTS, SSD_MIN_IOUS, box_centres_inside, sample_min_iou_crop,
+    MEAN_PIXEL, OUTPUTS, SSD_MIN_IOUS, box_centres_inside, sample_min_iou_crop,
     sample_zoom_out,
 )
+from ssd_da.models.pretrained import PIXEL_OFFSET, PIXEL_SCALE
 
 __all__ = ["PhotometricParams", "GeometryParams", "SSDAugment", "ResizeNormalize",
            "sample_photometric", "apply_photometric", "to_tensor"]
 
 # The zoom-out fill, rounded for a uint8 canvas as the albumentations ZoomOut does: (124, 116, 104).
 FILL_RGB: tuple[int, int, int] = tuple(int(round(v)) for v in MEAN_PIXEL)  # type: ignore[assignment]
-_SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], dtype=np.float32)
-_OFFSET = np.array([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], dtype=np.float32)
+_SCALE = np.array(PIXEL_SCALE, dtype=np.float32)
+_OFFSET = np.array(PIXEL_OFFSET, dtype=np.float32)
 
 
 @dataclass(frozen=True)

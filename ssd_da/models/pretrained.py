@@ -31,6 +31,10 @@ from ssd_da.models.resnet import ResNet
 # itself for uint8 batches).
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# The same normalisation for 0..255 pixels as one multiply-add, x * scale - offset per channel:
+# the float data pipeline (ssd_da.data.augment) and SSD300 on uint8 batches both use it.
+PIXEL_SCALE: tuple[float, ...] = tuple(1.0 / (255.0 * s) for s in IMAGENET_STD)
+PIXEL_OFFSET: tuple[float, ...] = tuple(m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSDHead
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from ssd_da.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, load_pretrained
+from ssd_da.models.pretrained import PIXEL_OFFSET, PIXEL_SCALE, load_pretrained
 from ssd_da.models.resnet import backbone_features, build_resnet
 from ssd_da.models.ssd_loss import check_targets, ssd_loss
 
@@ -176,10 +176,8 @@ class SSD300(nn.Module):
         self.register_buffer("default_boxes", boxes, persistent=False)
         # uint8 batches are normalised here, on the device, as x * scale - offset per channel:
         # the loader then moves a quarter of float32's bytes (ssd_da.data.augment, "uint8").
-        scale = torch.tensor([1.0 / (255.0 * s) for s in IMAGENET_STD]).view(1, 3, 1, 1)
-        offset = torch.tensor([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(1, 3, 1, 1)
-        self.register_buffer("pixel_scale", scale, persistent=False)
-        self.register_buffer("pixel_offset", offset, persistent=False)
+        for name, values in (("pixel_scale", PIXEL_SCALE), ("pixel_offset", PIXEL_OFFSET)):
+            self.register_buffer(name, torch.tensor(values).view(1, 3, 1, 1), persistent=False)
         self._network = self._run_network  # replaced by compile_network()
 
     def _init_extras(self) -> None:
