@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ssd_da.models.attention_extra import MultiHeadSelfAttention, ShuffleAttention
 from ssd_da.models.attention_ops import masked_product, scaled_amax, scaled_mean
+from ssd_da.models.fused_gates import TapConv2d, gate
 from ssd_da.models.lga import GlobalAttention, LocalAttention, LocalGlobalAttention
 from ssd_da.models.names import ATTENTION_INITS
 
@@ -64,10 +65,11 @@ class _SpatialMask(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(1, 1, kernel_size=3, padding=1, bias=False)
+        # TapConv2d: nn.Conv2d, computed faster on the CPU (fused_gates).
+        self.conv = TapConv2d(1, kernel_size=3, padding=1)
         # Same output size as the plain conv: padding = dilation * (k - 1) / 2 = 3.
-        self.conv_dilated = nn.Conv2d(1, 1, kernel_size=3, padding=3, dilation=3, bias=False)
-        self.fuse = nn.Conv2d(2, 1, kernel_size=1, bias=False)
+        self.conv_dilated = TapConv2d(1, kernel_size=3, padding=3, dilation=3)
+        self.fuse = TapConv2d(2, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.from_mean(x.mean(dim=1, keepdim=True))
@@ -140,8 +142,12 @@ class DualAttention(nn.Module):
         self.channel = _ChannelMask(channel_affine) if order != "s" else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.memory_efficient:
-            return self._forward_efficient(x)
+        if self.memory_efficient and torch.compiler.is_compiling():
+            return self._forward_efficient(x)  # inductor plans the passes itself
+        if self.memory_efficient:  # eager: the whole gating as one function (fused_gates)
+            return gate(x, self.order, self.spatial.from_mean if self.spatial is not None else None,
+                        self.channel.from_pooled if self.channel is not None else None,
+                        list(self.parameters()))
         if self.order == "sc":
             x = x * self.spatial(x)
             return x * self.channel(x)
