@@ -231,8 +231,13 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        s = x.mean(dim=(2, 3), keepdim=True)
-        return x * torch.sigmoid(self.fc2(self.relu(self.fc1(s))))
+        if torch.compiler.is_compiling():  # inductor plans the passes itself
+            return x * self.mask(x.mean(dim=(2, 3), keepdim=True))
+        return gate(x, "c", channel=self.mask, params=list(self.parameters()))  # fused_gates
+
+    def mask(self, pooled: Tensor) -> Tensor:
+        """The channel mask (B, C, 1, 1) from the spatial mean ``pooled`` (B, C, 1, 1)."""
+        return torch.sigmoid(self.fc2(self.relu(self.fc1(pooled))))
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -289,9 +294,15 @@ class EfficientChannelAttention(nn.Module):
         self.conv = nn.Conv1d(1, 1, kernel_size=k, padding=(k - 1) // 2, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c = x.shape[:2]
-        s = x.mean(dim=(2, 3)).view(b, 1, c)  # channels become the 1-D sequence
-        return x * torch.sigmoid(self.conv(s)).view(b, c, 1, 1)
+        if torch.compiler.is_compiling():  # inductor plans the passes itself
+            return x * self.mask(x.mean(dim=(2, 3), keepdim=True))
+        return gate(x, "c", channel=self.mask, params=list(self.parameters()))  # fused_gates
+
+    def mask(self, pooled: Tensor) -> Tensor:
+        """The channel mask (B, C, 1, 1) from the spatial mean ``pooled`` (B, C, 1, 1)."""
+        b, c = pooled.shape[:2]
+        s = pooled.view(b, 1, c)  # channels become the 1-D sequence
+        return torch.sigmoid(self.conv(s)).view(b, c, 1, 1)
 
 
 class EfficientChannelAttentionAdaptive(EfficientChannelAttention):
