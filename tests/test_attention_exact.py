@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from attention_legacy import build_legacy  # tools/, on the path (conftest.py)
 from ssd_da.models.attention import build_attention
-from ssd_da.models.fused_gates import TapConv2d, gate
+from ssd_da.models.fused_gates import gate, native_convs
 
 # Every registered module that has a legacy twin, with the option sets worth telling apart.
 CASES = [("da", {}), ("da", {"channel_affine": True}), ("da_cs", {}), ("da_cs", {"channel_affine": True}),
@@ -90,22 +89,13 @@ def test_the_compiled_path_equals_the_legacy_module(name: str, options: dict, mo
         _close(p.grad, p_old.grad, pname)
 
 
-@pytest.mark.parametrize("cin,k,padding,dilation", [(1, 3, 1, 1), (1, 3, 3, 3), (2, 1, 0, 1), (2, 7, 3, 1),
-                                                    (3, 5, 1, 2)])
-def test_tap_conv_is_the_conv(cin: int, k: int, padding: int, dilation: int) -> None:
-    torch.manual_seed(1)
-    tap = TapConv2d(cin, k, padding=padding, dilation=dilation).double()
-    x = torch.randn(2, cin, 11, 9, dtype=torch.float64, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    w_ref = tap.weight.detach().clone().requires_grad_(True)
-    y, y_ref = tap(x), F.conv2d(x_ref, w_ref, padding=padding, dilation=dilation)
-    _close(y, y_ref, "output")
-    g = torch.randn_like(y)
-    y.backward(g)
-    y_ref.backward(g)
-    _close(x.grad, x_ref.grad, "input gradient")
-    _close(tap.weight.grad, w_ref.grad, "weight gradient")
-    assert isinstance(tap, torch.nn.Conv2d) and tap.bias is None  # counted and loaded as a conv
+def test_native_convs_restores_the_onednn_flag() -> None:
+    before = torch.backends.mkldnn.enabled
+    with pytest.raises(RuntimeError, match="inside"):
+        with native_convs():
+            assert not torch.backends.mkldnn.enabled
+            raise RuntimeError("inside")
+    assert torch.backends.mkldnn.enabled == before
 
 
 def test_gate_rejects_an_unknown_order() -> None:
@@ -127,3 +117,21 @@ def test_bf16_autocast_is_close_to_float32(name: str) -> None:
     assert torch.isfinite(y16).all() and torch.isfinite(x.grad).all()
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.05)
     torch.testing.assert_close(x.grad, g32, rtol=0.1, atol=0.1)
+
+
+def test_cbam_splits_the_gradient_between_tied_maxima_as_before() -> None:
+    # Small integers: many positions tie for the channel's maximum, and where x is 0 in several
+    # channels that all others undercut, x * c ties at 0 across channels. Each tie gets an even
+    # share, as torch.amax's gradient gives it.
+    new, old = _pair("cbam", {}, 32)
+    torch.manual_seed(3)
+    x = torch.randint(-3, 2, (2, 32, 5, 4)).double().requires_grad_(True)
+    x_old = x.detach().clone().requires_grad_(True)
+    y, y_old = new(x), old(x_old)
+    _close(y, y_old, "output")
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    (y_old * weights).sum().backward()
+    _close(x.grad, x_old.grad, "input gradient")
+    for (pname, p), p_old in zip(new.named_parameters(), old.parameters()):
+        _close(p.grad, p_old.grad, pname)

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ssd_da.models.attention_extra import MultiHeadSelfAttention, ShuffleAttention
 from ssd_da.models.attention_ops import masked_product, scaled_amax, scaled_mean
-from ssd_da.models.fused_gates import TapConv2d, gate
+from ssd_da.models.fused_cbam import cbam_gate
+from ssd_da.models.fused_gates import gate
 from ssd_da.models.lga import GlobalAttention, LocalAttention, LocalGlobalAttention
 from ssd_da.models.names import ATTENTION_INITS
 
@@ -65,11 +66,10 @@ class _SpatialMask(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        # TapConv2d: nn.Conv2d, computed faster on the CPU (fused_gates).
-        self.conv = TapConv2d(1, kernel_size=3, padding=1)
+        self.conv = nn.Conv2d(1, 1, kernel_size=3, padding=1, bias=False)
         # Same output size as the plain conv: padding = dilation * (k - 1) / 2 = 3.
-        self.conv_dilated = TapConv2d(1, kernel_size=3, padding=3, dilation=3)
-        self.fuse = TapConv2d(2, kernel_size=1)
+        self.conv_dilated = nn.Conv2d(1, 1, kernel_size=3, padding=3, dilation=3, bias=False)
+        self.fuse = nn.Conv2d(2, 1, kernel_size=1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.from_mean(x.mean(dim=1, keepdim=True))
@@ -404,11 +404,21 @@ class CBAM(nn.Module):
             if isinstance(layer, nn.Linear):
                 nn.init.zeros_(layer.bias)
 
+    def channel_mask(self, avg: Tensor, mx: Tensor) -> Tensor:
+        """The channel gate (B, C) from the average- and the max-pooled x, (B, C) each."""
+        return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
+
+    def spatial_mask(self, pooled: Tensor) -> Tensor:
+        """The spatial gate (B, 1, H, W) from [max, mean] over channels (B, 2, H, W)."""
+        return torch.sigmoid(self.spatial_bn(self.spatial_conv(pooled)))
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.memory_efficient and not torch.compiler.is_compiling():  # eager: fused_cbam
+            return cbam_gate(x, self.channel_mask, self.spatial_mask, list(self.parameters()))
         avg = self.mlp(x.mean(dim=(2, 3)))
         mx = self.mlp(x.amax(dim=(2, 3)))
         gate = torch.sigmoid(avg + mx)[:, :, None, None]
-        if self.memory_efficient:  # pool x * gate without keeping it
+        if self.memory_efficient:  # compiled: pool x * gate without keeping it
             pooled = torch.cat([scaled_amax(x, gate, 1), scaled_mean(x, gate, (1,))], dim=1)
             return masked_product(x, torch.sigmoid(self.spatial_bn(self.spatial_conv(pooled))), gate)
         x = x * gate

@@ -30,19 +30,34 @@ channel mask as (B, C).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["gate", "GATE_ORDERS", "TapConv2d"]
+__all__ = ["gate", "GATE_ORDERS", "native_convs"]
 
 # "sc": s from x, then c from x * s (DA's default); "cs": c from x, then s from x * c;
 # "parallel": both from x; "s" / "c": one mask only. y = x * s * c in every order.
 GATE_ORDERS = ("sc", "cs", "parallel", "s", "c")
 MaskNet = Callable[[Tensor], Tensor]
+
+
+@contextlib.contextmanager
+def native_convs() -> Iterator[None]:
+    """oneDNN off while the mask nets run forward and backward: their convs (one output channel,
+    or tiny 1x1 ones on pooled vectors) then take PyTorch's native CPU kernels (im2col + GEMM).
+    oneDNN's backward for one output channel is 4-6x slower at 8 x 1 x 75 x 75 and 8 x 2 x 75 x 75
+    (measured, one thread) and 20-100x slower with two threads on a loaded machine: DA's and
+    CBAM's spatial masks in every layer1 block. No effect on other devices."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
 
 
 def _samples(x: Tensor) -> Iterator[slice]:
@@ -167,17 +182,19 @@ def _combine(g: Tensor, out: Tensor, beta: Optional[Tensor], u: Optional[Tensor]
     return out
 
 
-def _net_grads(mask: Tensor, leaf: Tensor, dmask: Tensor, params: Sequence[Tensor],
-               param_grads: list[Optional[Tensor]]) -> Tensor:
-    """Backpropagate ``dmask`` through the mask net: returns d(leaf); adds the parameters'
-    gradients into ``param_grads`` (same order as ``params``)."""
+def _net_grads(mask: Tensor, leaves: Sequence[Tensor], dmask: Tensor, params: Sequence[Tensor],
+               param_grads: list[Optional[Tensor]]) -> list[Tensor]:
+    """Backpropagate ``dmask`` through the mask net from ``leaves`` (its inputs) to ``mask``:
+    returns the leaves' gradients; adds the parameters' gradients into ``param_grads`` (same
+    order as ``params``)."""
     wanted = [i for i, p in enumerate(params) if p.requires_grad]
-    grads = torch.autograd.grad(mask, [leaf, *(params[i] for i in wanted)], dmask.to(mask.dtype),
-                                allow_unused=True)
-    for i, g in zip(wanted, grads[1:]):
+    with native_convs():
+        grads = torch.autograd.grad(mask, [*leaves, *(params[i] for i in wanted)], dmask.to(mask.dtype),
+                                    allow_unused=True)
+    for i, g in zip(wanted, grads[len(leaves):]):
         if g is not None:
             param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
-    return grads[0] if grads[0] is not None else torch.zeros_like(leaf)
+    return [g if g is not None else torch.zeros_like(leaf) for leaf, g in zip(leaves, grads)]
 
 
 class _Gate(torch.autograd.Function):
@@ -186,8 +203,8 @@ class _Gate(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, order: str, spatial: Optional[MaskNet],
                 channel: Optional[MaskNet], *params: Tensor) -> Tensor:
-        with torch.enable_grad():  # record the mask nets' (small) graphs for the backward
-            masks = _masks(x.flatten(2), x.shape[2:], order, spatial, channel)
+        with torch.enable_grad(), native_convs():  # record the mask nets' graphs for the backward
+            masks = _masks(x.detach().flatten(2), x.shape[2:], order, spatial, channel)
         ctx.save_for_backward(x)
         ctx.order, ctx.masks, ctx.params = order, masks, params
         return _product(x, masks)
@@ -202,14 +219,14 @@ class _Gate(torch.autograd.Function):
         param_grads: list[Optional[Tensor]] = [None] * len(params)
         dm = dp = None
         if order == "cs":  # s came from x * c: its gradient reaches c through the channel mean
-            dm = _net_grads(masks.s, masks.m, ds.view_as(masks.m), params, param_grads).reshape(b, n) / ch
+            dm = _net_grads(masks.s, [masks.m], ds.view_as(masks.m), params, param_grads)[0].reshape(b, n) / ch
             dc = dc + _reduce(rows, dm, "n")
         if c is not None:
-            dp = _net_grads(masks.c, masks.p, dc.view_as(masks.p), params, param_grads).reshape(b, ch) / n
+            dp = _net_grads(masks.c, [masks.p], dc.view_as(masks.p), params, param_grads)[0].reshape(b, ch) / n
         if order == "sc":  # c came from x * s: its gradient reaches s through the GAP
             ds = ds + _reduce(rows, dp, "c")
         if s is not None and dm is None:
-            dm = _net_grads(masks.s, masks.m, ds.view_as(masks.m), params, param_grads).reshape(b, n) / ch
+            dm = _net_grads(masks.s, [masks.m], ds.view_as(masks.m), params, param_grads)[0].reshape(b, n) / ch
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
@@ -264,34 +281,5 @@ def gate(x: Tensor, order: str, spatial: Optional[MaskNet] = None, channel: Opti
         raise ValueError(f"gate: unknown order {order!r}; valid: {list(GATE_ORDERS)}")
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _Gate.apply(x, order, spatial, channel, *params)
-    with torch.no_grad():
+    with torch.no_grad(), native_convs():
         return _product(x, _masks(x.flatten(2), x.shape[2:], order, spatial, channel))
-
-
-class TapConv2d(nn.Conv2d):
-    """A mask net's conv with one output channel (stride 1, no bias, no groups), ``(B, Cin, H, W)
-    -> (B, 1, H', W')``, an ``nn.Conv2d`` in every respect but speed: on the CPU it computes the
-    sum of k * k * Cin shifted, scaled copies of the zero-padded input. oneDNN's kernels for one
-    output channel are about 5x slower forward + backward at 8 x 1 x 75 x 75 than these
-    multiply-adds (measured, one thread; 20x and more with two threads on a loaded machine), and
-    this is DA's and CBAM's spatial mask in every layer1 block. Elsewhere it runs as ``nn.Conv2d``.
-    """
-
-    def __init__(self, in_channels: int, kernel_size: int, padding: int = 0, dilation: int = 1) -> None:
-        super().__init__(in_channels, 1, kernel_size, padding=padding, dilation=dilation, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu":
-            return super().forward(x)
-        (kh, kw), (dh, dw), (ph, pw) = self.kernel_size, self.dilation, self.padding
-        h = x.shape[2] + 2 * ph - dh * (kh - 1)
-        w = x.shape[3] + 2 * pw - dw * (kw - 1)
-        padded = F.pad(x, (pw, pw, ph, ph))
-        weight = self.weight.to(x.dtype)  # as conv2d under autocast: x's dtype
-        out = None
-        for c in range(x.shape[1]):
-            for i in range(kh):
-                for j in range(kw):
-                    tap = padded[:, c:c + 1, i * dh:i * dh + h, j * dw:j * dw + w]
-                    out = tap * weight[0, c, i, j] if out is None else torch.addcmul(out, tap, weight[0, c, i, j])
-        return out
