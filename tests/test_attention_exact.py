@@ -135,3 +135,24 @@ def test_cbam_splits_the_gradient_between_tied_maxima_as_before() -> None:
     _close(x.grad, x_old.grad, "input gradient")
     for (pname, p), p_old in zip(new.named_parameters(), old.parameters()):
         _close(p.grad, p_old.grad, pname)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4, 3)])
+def test_sge_on_one_position_and_on_constant_groups_as_before(size: tuple[int, int]) -> None:
+    # One position: the centred similarity is 0 whatever x is (no 0/0). Constant groups (x the
+    # same small integer at every position, so the centred similarity is exactly 0): std 0,
+    # whose gradient torch.std takes as 0; the rewritten backward must too.
+    new, old = _pair("sge", {"groups": 4}, 8)
+    x = torch.randint(-3, 4, (2, 8, 1, 1)).double().expand(2, 8, *size).contiguous()
+    x[1] += torch.randn(8, *size, dtype=torch.float64)  # sample 1 varies, sample 0 is constant
+    x.requires_grad_(True)
+    x_old = x.detach().clone().requires_grad_(True)
+    y, y_old = new(x), old(x_old)
+    _close(y, y_old, "output")
+    weights = torch.randn_like(y)
+    (y * weights).sum().backward()
+    (y_old * weights).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    _close(x.grad, x_old.grad, "input gradient")
+    for (pname, p), p_old in zip(new.named_parameters(), old.parameters()):
+        _close(p.grad, p_old.grad, pname)

@@ -20,6 +20,7 @@ from ssd_da.models.attention_extra import MultiHeadSelfAttention, ShuffleAttenti
 from ssd_da.models.attention_ops import masked_product, scaled_amax, scaled_mean
 from ssd_da.models.fused_cbam import cbam_gate
 from ssd_da.models.fused_gates import gate
+from ssd_da.models.fused_sge import sge_gate
 from ssd_da.models.lga import GlobalAttention, LocalAttention, LocalGlobalAttention
 from ssd_da.models.names import ATTENTION_INITS
 
@@ -345,14 +346,20 @@ class SpatialGroupEnhance(nn.Module):
         self.bias = nn.Parameter(torch.ones(1, groups, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.compiler.is_compiling():  # eager: the gating as one function (fused_sge)
+            return sge_gate(x, self.weight, self.bias, self.eps, self.groups)
         b, c, h, w = x.shape
         g = x.reshape(b * self.groups, c // self.groups, h, w)
-        sim = (g * g.mean(dim=(2, 3), keepdim=True)).sum(dim=1).reshape(b * self.groups, h * w)
-        sim = sim - sim.mean(dim=1, keepdim=True)
-        std = sim.std(dim=1, keepdim=True, correction=1 if h * w > 1 else 0) + self.eps
-        t = (sim / std).reshape(b, self.groups, h, w) * self.weight + self.bias
-        gate = torch.sigmoid(t).reshape(b * self.groups, 1, h, w)
+        sim = (g * g.mean(dim=(2, 3), keepdim=True)).sum(dim=1).reshape(b, self.groups, h * w)
+        gate = self.mask(sim).reshape(b * self.groups, 1, h, w)
         return (g * gate).reshape(b, c, h, w)
+
+    def mask(self, sim: Tensor) -> Tensor:
+        """The gate (B, G, N) from each position's similarity with its group's GAP (B, G, N)."""
+        n = sim.shape[2]
+        sim = sim - sim.mean(dim=2, keepdim=True)
+        std = sim.std(dim=2, keepdim=True, correction=1 if n > 1 else 0) + self.eps
+        return torch.sigmoid(sim / std * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1))
 
 
 class CBAM(nn.Module):
