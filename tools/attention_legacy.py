@@ -8,11 +8,13 @@ are the library's, so ``load_state_dict`` moves weights between the two.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ssd_da.models import attention
 from ssd_da.models.attention import _check_channels, _check_positive_int, eca_kernel_size
 
 
@@ -404,3 +406,17 @@ def build_legacy(name: str, channels: int, **kw: Any) -> nn.Module:
     if name not in _OTHERS:
         raise ValueError(f"no legacy module {name!r}; valid: {list(LEGACY_NAMES)}")
     return _OTHERS[name](channels, **kw)
+
+
+@contextlib.contextmanager
+def legacy_attention() -> Iterator[None]:
+    """Inside, ``build_attention`` (and so ``build_ssd``, ``build_resnet``) builds the pre-issue
+    modules for ``da``, ``se``, ``eca``, ``sge`` and ``cbam``: the "before" networks of
+    ``tools/benchmark.py modules --step``. Same parameter names, so state dicts load."""
+    saved = dict(attention.ATTENTIONS)
+    attention.ATTENTIONS.update({"da": DualAttention, **_OTHERS})
+    try:
+        yield
+    finally:
+        attention.ATTENTIONS.clear()
+        attention.ATTENTIONS.update(saved)

@@ -8,6 +8,7 @@
     python tools/benchmark.py eval              # inference images/s, VOC07-test-sized evaluation
     python tools/benchmark.py gpu-suite         # the whole GPU measurement, under 8 minutes
     python tools/benchmark.py modules           # each attention module's cost per training step
+    python tools/benchmark.py modules --stages --before --step   # against their floors (issue 24)
 
 To add a benchmark: write ``run_<name>(args) -> str`` returning the Markdown body of its
 section (use :func:`environment_lines` for the device lines), register it in
@@ -264,7 +265,17 @@ def time_forward_backward(module: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def run_modules(args: argparse.Namespace) -> str:
-    """Each attention module alone, forward + backward on SSD300's layer4 map, interleaved."""
+    """Each attention module alone, forward + backward on SSD300's layer4 map, interleaved; with
+    ``--stages``, the four ResNet50 stages against the modules' floors (tools/bench_floors.py)."""
+    import bench_floors
+
+    if args.stages:
+        args.modules = args.modules or ",".join(bench_floors.MODULES)
+        args.batch_size = args.batch_size or 8
+        args.section = "modules-stages"
+        return bench_floors.run_stages(args)
+    args.modules = args.modules or "se,eca,cbam,sa,mhsa,la,ga,lga"
+    args.batch_size = args.batch_size or 16
     names = [n.strip() for n in args.modules.split(",") if n.strip()]
     shape = (args.batch_size, args.channels, args.size, args.size)
     torch.manual_seed(0)
@@ -364,13 +375,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     bench_suite.register(sub, ROOT)
     mods = sub.add_parser("modules", help="attention modules alone: forward + backward time "
                                           "per training step, params, GFLOPs")
-    mods.add_argument("--modules", default="se,eca,cbam,sa,mhsa,la,ga,lga",
-                      help="comma-separated keys of ssd_da.models.attention.ATTENTIONS")
-    mods.add_argument("--batch-size", type=int, default=16)
+    mods.add_argument("--modules", default=None,
+                      help="comma-separated keys of ssd_da.models.attention.ATTENTIONS (default: "
+                           "se,eca,cbam,sa,mhsa,la,ga,lga; with --stages none,se,eca,sge,da,cbam)")
+    mods.add_argument("--batch-size", type=int, default=None, help="default 16; with --stages 8")
     mods.add_argument("--channels", type=int, default=512)
     mods.add_argument("--size", type=int, default=10, help="map side (10: SSD300's layer4)")
     mods.add_argument("--repeats", type=int, default=20)
     mods.add_argument("--warmup", type=int, default=2)
+    import bench_floors
+
+    bench_floors.add_options(mods)
     mods.set_defaults(func=run_modules)
     return parser
 
@@ -382,8 +397,9 @@ def main(args: argparse.Namespace) -> None:
         fail("benchmark.py", f"{args.name} needs the package {exc.name!r}, not installed here "
                              f"(`pip install -r requirements.txt`)")
     if not args.no_write:
-        write_section(args.doc, args.name, body)
-        print(f"wrote section {args.name!r} of {args.doc}")
+        section = getattr(args, "section", args.name)  # a subcommand may write another section
+        write_section(args.doc, section, body)
+        print(f"wrote section {section!r} of {args.doc}")
 
 
 if __name__ == "__main__":

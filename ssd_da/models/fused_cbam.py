@@ -140,7 +140,7 @@ def _cbam_dx(g: Tensor, rows: Tensor, s: Tensor, c: Tensor, spatial: tuple[Tenso
         torch.addcmul(dpmean[k].unsqueeze(1), g[k], s[k].unsqueeze(1), out=o)
         tmp = _gated(rows, c, k, tmp)
         o.addcmul_(_hits(tmp, pmax[k].unsqueeze(1), tmp), dpmax[k].unsqueeze(1))
-        torch.addcmul(davg[k].unsqueeze(2), o, c[k].unsqueeze(2), out=o)
+        o.mul_(c[k].unsqueeze(2)).add_(davg[k].unsqueeze(2))  # not addcmul: fused_gates._mul_add
         hit = _hits(rows[k], mx[k].unsqueeze(2), hit)
         o.addcmul_(hit, dmx[k].unsqueeze(2))
     return out
