@@ -140,3 +140,53 @@ def test_gpu_suite_runs_its_parts_in_order_and_skips_what_does_not_fit(
     assert _rows(section, "resnet18")[1][1].startswith("whole evaluation of 4 images")
     assert "skipped for time: too long" in section  # and no da_resnet18 row (above)
     assert "ours / torchvision's SSD class on the resnet18 trunk" in section
+
+
+TINY_STAGES = {"layer1": (64, 9), "layer4": (128, 3)}  # the table's plumbing, not its figures
+
+
+def test_modules_stages_table_has_before_after_and_floors(tmp_path: Path, monkeypatch) -> None:
+    import bench_floors
+
+    monkeypatch.setattr(bench_floors, "STAGES", TINY_STAGES)
+    text = _run(["modules", "--stages", "--stage-names", "layer1,layer4", "--before", "--repeats", "2",
+                 "--batch-size", "2", "--clock", "cpu"], tmp_path / "b.md")
+    section = _section(text, "modules-stages")
+    assert "<!-- benchmark:modules -->" not in text  # its own section, beside the LGA comparison's
+    for stage in ("layer1 2x64x9x9", "layer4 2x128x3x3"):
+        rows = {r[1]: r for r in _rows(section, stage)}
+        assert list(rows) == list(bench_floors.MODULES)
+        before, after, floor = rows["da"][2], rows["da"][3], rows["da"][5]
+        assert float(before) > 0 and float(after) > 0 and floor.startswith("7 R + 2 W = ")
+        assert rows["none"][2] == "" and rows["se"][5].startswith("5 R + 2 W")
+    assert "layer1, forward + backward over SE's: da/se" in section and "process CPU time" in section
+
+
+@pytest.mark.slow
+def test_modules_stages_steps_compare_before_and_after_networks(tmp_path: Path, monkeypatch) -> None:
+    import bench_floors
+
+    monkeypatch.setattr(bench_floors, "STAGES", TINY_STAGES)
+    text = _run(["modules", "--stages", "--stage-names", "layer4", "--modules", "none,da", "--repeats", "1",
+                 "--batch-size", "2", "--step", "--step-backbones", "resnet18,before:da_resnet18",
+                 "--step-rounds", "1"], tmp_path / "b.md")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| resnet18 |") or line.startswith("| before:da_resnet18 |")]
+    steps = {r[0]: r for r in rows}
+    assert float(steps["resnet18"][2]) == 1.0
+    assert float(steps["before:da_resnet18"][1]) > 0  # built with the pre-issue modules
+
+
+def test_gpu_suite_part_of_the_module_table_runs(monkeypatch) -> None:
+    # On the CPU here, float32, tiny stages, torch.compile left out: the part's plumbing only.
+    import argparse
+
+    import bench_floors
+    import bench_suite
+
+    monkeypatch.setattr(bench_floors, "STAGES", TINY_STAGES)
+    monkeypatch.setattr(torch, "compile", lambda module: module)
+    lines = bench_suite.modules_floor_part(argparse.Namespace(batch_size=2, amp=False), torch.device("cpu"))
+    table = [line for line in lines if line.startswith("| layer")]
+    assert len(table) == 2 * len(bench_floors.MODULES) + 4  # eager, then none/se/da/cbam compiled
+    assert any(line.startswith("- layer1, forward + backward over SE's") for line in lines)

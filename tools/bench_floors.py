@@ -31,6 +31,8 @@ STAGES = {"layer1": (256, 75), "layer2": (512, 38), "layer3": (1024, 19), "layer
 FLOOR_PASSES = {"none": (0, 0), "se": (5, 2), "eca": (5, 2), "sge": (7, 2), "da": (7, 2), "cbam": (7, 2)}
 MODULES = tuple(FLOOR_PASSES)
 STEP_BACKBONES = "resnet50,se_resnet50,da_resnet50,before:se_resnet50,before:da_resnet50"
+TABLE_HEAD = ["| stage, input | module | before ms | after ms | compiled ms | floor ms | after / floor | "
+              "compiled / floor | units ms |", "|---|---|---:|---:|---:|---|---:|---:|---|"]
 
 
 def _sync(device: torch.device) -> None:
@@ -152,7 +154,7 @@ def _step_model(label: str, args: argparse.Namespace, device: torch.device) -> t
 
 def step_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
     """Markdown rows: median seconds of an SSD300 training step (forward, loss, backward, SGD)
-    per backbone, interleaved, and the ratio to the first label of the same kind."""
+    per backbone, interleaved, and the ratio to the first plain (or first compiled) backbone."""
     import bench_train as bt
 
     labels = [s for s in args.step_backbones.split(",") if s]
@@ -172,9 +174,10 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
             times[label].append(_timed(steps[label], device, args.clock))
     med = {label: statistics.median(t) for label, t in times.items()}
     rows = []
+    first = {label.rpartition(":")[0]: label for label in reversed(labels)}  # first of each kind
     for label in labels:
         kind = label.rpartition(":")[0]
-        base = med["compiled:resnet50" if kind == "compiled" else "resnet50"]
+        base = med[first["compiled" if kind == "compiled" else ""]]
         rows.append(f"| {label} | {med[label]:.3f} | {med[label] / base:.3f} | "
                     f"{', '.join(f'{t:.2f}' for t in times[label])} |")
         print(rows[-1], flush=True)
@@ -196,10 +199,7 @@ def run_stages(args: argparse.Namespace) -> str:
         "## modules-stages: attention modules against their memory-traffic floor (issue 24)", "",
         *stages_text(args, device), "", *env,
         f"- {torch.get_num_threads()} CPU threads; load average when it ended: {load_average()}", "",
-        "| stage, input | module | before ms | after ms | compiled ms | floor ms | after / floor | "
-        "compiled / floor | units ms |",
-        "|---|---|---:|---:|---:|---|---:|---:|---|",
-        *rows, "", *notes,
+        *TABLE_HEAD, *rows, "", *notes,
         *(["", "SSD300 training step (synthetic batch, forward, loss, backward, SGD), interleaved:", "",
            "| backbone | s per step (median) | ratio to resnet50 | every step, s |",
            "|---|---:|---:|---|", *step] if step else []),

@@ -127,6 +127,7 @@ SUITE_PARTS: tuple[tuple[str, float, dict[str, Any]], ...] = (
     ("end to end from JPEG files", 60, dict(
         backbones="da_resnet50", tv="tv-ssd-our-trunk", modes="e2e", channels_last=True, compile=False)),
     ("evaluation", 40, dict(backbones="da_resnet50", channels_last=True, compile=False)),
+    ("attention modules against their floor", 90, "modules_floor_part"),  # a function: below
     ("other attention modules", 40, dict(
         backbones="se_resnet50,eca_resnet50,sge_resnet50,cbam_resnet50", tv="", modes="network",
         channels_last=True, compile=False)),
@@ -137,6 +138,24 @@ SUITE_PARTS: tuple[tuple[str, float, dict[str, Any]], ...] = (
     ("compiled da_resnet50", 120, dict(backbones="da_resnet50", tv="", modes="network",
                                        channels_last=True, compile=True)),
 )
+
+
+def modules_floor_part(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """Issue 24's module table on the GPU: every attention module at ResNet50's four SSD300
+    stages, before and after, eager, in the suite's precision (bf16 autocast), against its floor;
+    then DA, SE and CBAM compiled at layer1 (compilation is the slow part). Markdown lines."""
+    import bench_floors
+
+    common = {**vars(args), "clock": "wall", "repeats": 10, "before": True, "compile": False,
+              "modules": ",".join(bench_floors.MODULES), "stage_names": ",".join(bench_floors.STAGES)}
+    eager, notes = bench_floors.stage_rows(argparse.Namespace(**common), device)
+    compiled, _ = bench_floors.stage_rows(argparse.Namespace(**{
+        **common, "before": False, "compile": True, "modules": "none,se,da,cbam", "stage_names": "layer1"}),
+        device)
+    precision = "bf16 autocast" if args.amp else "float32"
+    return ["", f"### Attention modules against their memory-traffic floor (issue 24; batch {args.batch_size}, "
+            f"{precision}; `tools/benchmark.py modules --stages`, tools/bench_floors.py)", "",
+            *bench_floors.TABLE_HEAD, *eager, *compiled, "", *notes]
 
 
 def overheads(rows: list[bt.Row]) -> list[str]:
@@ -167,6 +186,7 @@ def run_gpu_suite(args: argparse.Namespace) -> str:
     env = environment_lines(str(device))
     rows: list[bt.Row] = []
     eval_table: list[str] = []
+    extra_sections: list[str] = []
     skipped = []
     for name, needs, overrides in SUITE_PARTS:
         left = SUITE_BUDGET_S - (time.perf_counter() - start)
@@ -174,6 +194,9 @@ def run_gpu_suite(args: argparse.Namespace) -> str:
             skipped.append(name)
             print(f"gpu-suite: skipping '{name}' ({left:.0f} s of the budget left, needs ~{needs:.0f})",
                   flush=True)
+            continue
+        if isinstance(overrides, str):  # a part of its own: a function of this file
+            extra_sections += globals()[overrides](args, device)
             continue
         part = argparse.Namespace(**{**vars(args), **overrides})
         if name == "evaluation":
@@ -189,7 +212,7 @@ def run_gpu_suite(args: argparse.Namespace) -> str:
     return "\n".join([
         _section("## gpu-suite: training and evaluation on one GPU", "gpu-suite", what, env,
                  [*TABLE_HEAD, *(r.markdown() for r in rows)]),
-        "", *overheads(rows), "", *EVAL_HEAD, *eval_table])
+        "", *overheads(rows), "", *EVAL_HEAD, *eval_table, *extra_sections])
 
 
 def _common(p: argparse.ArgumentParser, root: Path) -> None:
