@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ssd_da.models.attention_extra import MultiHeadSelfAttention, ShuffleAttention
 from ssd_da.models.attention_ops import masked_product, scaled_amax, scaled_mean
 from ssd_da.models.fused_cbam import cbam_gate
-from ssd_da.models.fused_gates import gate
+from ssd_da.models.fused_gates import conv_taps, gate
 from ssd_da.models.fused_sge import sge_gate
 from ssd_da.models.lga import GlobalAttention, LocalAttention, LocalGlobalAttention
 from ssd_da.models.names import ATTENTION_INITS
@@ -77,8 +77,9 @@ class _SpatialMask(nn.Module):
 
     def from_mean(self, m: Tensor) -> Tensor:
         """The mask from the channel mean ``m`` (B, 1, H, W)."""
-        both = torch.cat([self.conv(m), self.conv_dilated(m)], dim=1)
-        return torch.sigmoid(self.fuse(both))
+        conv = conv_taps if torch.compiler.is_compiling() else (lambda t, layer: layer(t))
+        both = torch.cat([conv(m, self.conv), conv(m, self.conv_dilated)], dim=1)
+        return torch.sigmoid(conv(both, self.fuse))
 
 
 class _ChannelMask(nn.Module):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ssd_da.models.fused_gates import _grad_reductions, _mv, _net_grads, _samples, _scale, native_convs
@@ -109,6 +110,7 @@ class _CBAMGate(torch.autograd.Function):
         return _scale(rows, s.detach().view(b, h * w), c.detach(), y.flatten(2)).view_as(y)
 
     @staticmethod
+    @once_differentiable  # first derivatives only: the backward writes into buffers
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         (x,), (leaves_c, c, leaf_s, s, pmax, mx), params = ctx.saved_tensors, ctx.graph, ctx.params
         b, ch, n = x.shape[0], x.shape[1], x[0, 0].numel()

@@ -35,9 +35,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["gate", "GATE_ORDERS", "native_convs"]
+__all__ = ["gate", "GATE_ORDERS", "native_convs", "conv_taps"]
 
 # "sc": s from x, then c from x * s (DA's default); "cs": c from x, then s from x * c;
 # "parallel": both from x; "s" / "c": one mask only. y = x * s * c in every order.
@@ -216,6 +218,7 @@ class _Gate(torch.autograd.Function):
         return _product(x, masks)
 
     @staticmethod
+    @once_differentiable  # first derivatives only: the backward writes into buffers
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         (x,), order, masks, params = ctx.saved_tensors, ctx.order, ctx.masks, ctx.params
         b, ch, n = x.shape[0], x.shape[1], x[0, 0].numel()
@@ -289,3 +292,23 @@ def gate(x: Tensor, order: str, spatial: Optional[MaskNet] = None, channel: Opti
         return _Gate.apply(x, order, spatial, channel, *params)
     with torch.no_grad(), native_convs():
         return _product(x, _masks(x.flatten(2), x.shape[2:], order, spatial, channel))
+
+
+def conv_taps(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x)`` for a mask net's conv with one output channel (stride 1, no bias, no groups):
+    (B, Cin, H, W) -> (B, 1, H', W'), as a sum of its k * k * Cin shifted, scaled copies of the
+    zero-padded input. For torch.compile: inductor fuses the taps (and their backward) into a
+    few loops, where the conv would stay an external kernel, on the CPU oneDNN's, whose backward
+    for one output channel is several times slower (``native_convs``)."""
+    (kh, kw), (dh, dw), (ph, pw) = conv.kernel_size, conv.dilation, conv.padding
+    h = x.shape[2] + 2 * ph - dh * (kh - 1)
+    w = x.shape[3] + 2 * pw - dw * (kw - 1)
+    padded = F.pad(x, (pw, pw, ph, ph))
+    weight = conv.weight.to(x.dtype)
+    out = None
+    for c in range(x.shape[1]):
+        for i in range(kh):
+            for j in range(kw):
+                tap = padded[:, c:c + 1, i * dh:i * dh + h, j * dw:j * dw + w] * weight[0, c, i, j]
+                out = tap if out is None else out + tap
+    return out

@@ -20,6 +20,7 @@ import math
 from typing import Any, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from ssd_da.models.fused_gates import _mv, _samples
@@ -113,6 +114,7 @@ class _SGEGate(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # first derivatives only: the backward writes into buffers
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, p, z, std, weight, bias = ctx.saved_tensors
         rows, g, groups = x.flatten(2), grad.flatten(2), ctx.groups
