@@ -1,0 +1,178 @@
+"""The CUDA contract, checked on the CPU (issue 20): every GPU path proves itself here, where no
+GPU is, so that the first GPU user does not meet its defects.
+
+- A pretend one-GPU machine (:class:`PretendGPU`): each entry point runs up to its first real CUDA
+  use, and none may reset the allocator's statistics before CUDA is initialised.
+- The NCCL branch of the trainer with torch.distributed mocked.
+"""
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from ssd_da.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FirstCudaUse(BaseException):
+    """Raised where the code first initialises CUDA: the pretend machine has no GPU to go on
+    with. A BaseException, so that no ``except Exception`` in the code under test hides it."""
+
+
+class PretendGPU:
+    """``torch.cuda`` as a machine with ``devices`` GPUs shows it before CUDA is initialised.
+
+    CUDA counts as initialised only after what initialises it in torch: ``torch.cuda.init``,
+    ``torch.cuda.set_device`` and ``torch.cuda._lazy_init``, which torch's C++ side calls for
+    the first CUDA tensor, ``.to("cuda")`` and every device query. Before that, the caching
+    allocator's statistics resets raise as torch's do ("Invalid device argument : did you call
+    init?"). With ``stop`` the first initialisation raises :class:`FirstCudaUse`; without it the
+    machine counts itself initialised and goes on (for code that never makes a CUDA tensor).
+    ``calls`` lists, in order, every initialisation and reset that ran.
+    """
+
+    INITIALISERS = ("init", "_lazy_init", "set_device")
+    RESETS = ("_cuda_resetPeakMemoryStats", "_cuda_resetAccumulatedMemoryStats")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, devices: int = 1, stop: bool = True) -> None:
+        self.initialised, self.stop, self.calls = False, stop, []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: self.initialised)
+        for name in self.INITIALISERS:
+            monkeypatch.setattr(torch.cuda, name, self._initialiser(name))
+        for name in self.RESETS:  # what torch.cuda.reset_peak_memory_stats & co. call
+            monkeypatch.setattr(torch._C, name, self._reset(name))
+
+    def _initialiser(self, name: str) -> Callable[..., None]:
+        def initialise(*args: Any, **kwargs: Any) -> None:
+            self.calls.append(name)
+            self.initialised = True
+            if self.stop:
+                raise FirstCudaUse(name)
+        return initialise
+
+    def _reset(self, name: str) -> Callable[..., None]:
+        def reset(*args: Any) -> None:
+            self.calls.append(name)
+            if not self.initialised:
+                raise RuntimeError("Invalid device argument : did you call init?")
+        return reset
+
+
+def test_pretend_gpu_behaves_as_torch_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = PretendGPU(monkeypatch)
+    assert torch.cuda.is_available() and torch.cuda.device_count() == 1
+    assert torch.cuda.max_memory_allocated(0) == 0  # statistics read as empty before init
+    with pytest.raises(RuntimeError, match="did you call init"):
+        torch.cuda.reset_peak_memory_stats(0)
+    with pytest.raises(FirstCudaUse, match="_lazy_init"):  # from C++, as every CUDA tensor
+        torch.zeros(1).to("cuda")
+    assert gpu.calls == ["_cuda_resetPeakMemoryStats", "_lazy_init"] and torch.cuda.is_initialized()
+    torch.cuda.reset_peak_memory_stats(0)  # initialised now: no error
+
+
+# ---------------------------------------------------------------- entry points, up to CUDA
+def _train_argv(devkit: Path, out: Path, classes: list[str], device: str) -> list[str]:
+    values = {"demo": False, "data_root": str(devkit), "classes": classes, "backbone": "resnet18",
+              "pretrained": "none", "batch_size": 2, "iters": 4, "lr_steps": [3], "warmup_iters": 2,
+              "eval_every": 0, "workers": 0, "eval_batch_size": 2, "output_dir": str(out)}
+    return ["--device", device, *(f"{k}={json.dumps(v)}" for k, v in values.items())]
+
+
+def _run_train(devkit: Path, out: Path, classes: list[str], ckpt: Path, device: str = "cuda") -> None:
+    import train as train_tool
+
+    train_tool.main(train_tool.parse_args(_train_argv(devkit, out, classes, device)))
+
+
+def _run_ablate_child(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
+    """The command ``tools/ablate.py --gpus 0`` starts for one run, run here in-process."""
+    import ablate as ablate_tool
+    import ssd_da.experiments.ablate as ablate_module
+    import train as train_tool
+    from ssd_da.config import resolve_config
+
+    args = ablate_tool.get_args_parser().parse_intermixed_args(_train_argv(devkit, out, classes, "auto"))
+    args.output_dir = None
+    spec = ablate_module.plan_runs(resolve_config(args), ["resnet18"], [0], out)[0]
+
+    def child(cmd: list[str], env: dict, **kwargs: Any) -> Any:
+        assert env["CUDA_VISIBLE_DEVICES"] == "0" and cmd[1] == str(ablate_tool.TRAIN_SCRIPT)
+        return types.SimpleNamespace(returncode=train_tool.main(train_tool.parse_args(cmd[2:])))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ablate_module, "subprocess", types.SimpleNamespace(run=child, STDOUT=-2))
+        ablate_module._train_subprocess(spec, None, "0", ablate_tool.TRAIN_SCRIPT)
+
+
+def _run_eval(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
+    import eval_voc
+
+    eval_voc.main(eval_voc.get_args_parser().parse_args([
+        "--checkpoint", str(ckpt), "--data-root", str(devkit), "--device", "cuda", "--workers", "0",
+        "--no-coco"]))
+
+
+def _image(devkit: Path) -> str:
+    return str(sorted((devkit / "VOC2007" / "JPEGImages").glob("*.jpg"))[0])
+
+
+def _run_detect(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
+    import detect
+
+    detect.main(detect.get_args_parser().parse_args([_image(devkit), "--checkpoint", str(ckpt), "--out",
+                                                      str(out), "--device", "cuda"]))
+
+
+def _run_gradcam(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
+    import gradcam
+
+    gradcam.main(gradcam.get_args_parser().parse_args([_image(devkit), "--checkpoint", str(ckpt), "--out",
+                                                       str(out / "cam.png"), "--device", "cuda"]))
+
+
+def _benchmark(*argv: str) -> Callable[..., None]:
+    def run(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
+        import benchmark
+
+        benchmark.main(benchmark.get_args_parser().parse_args([
+            "--no-write", argv[0], "--device", "cuda", "--data-root", str(devkit), "--workers", "0",
+            *argv[1:]]))
+    return run
+
+
+ENTRY_POINTS = {
+    "train": _run_train,
+    "train --device auto": lambda *a: _run_train(*a, device="auto"),
+    "ablate --gpus child": _run_ablate_child,
+    "eval_voc": _run_eval,
+    "detect": _run_detect,
+    "gradcam": _run_gradcam,
+    "benchmark train": _benchmark("train", "--backbones", "resnet18", "--tv", ""),
+    "benchmark eval": _benchmark("eval", "--backbones", "resnet18", "--eval-split", "voc07_test"),
+    "benchmark gpu-suite": _benchmark("gpu-suite"),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_entry_points_initialise_cuda_before_its_allocator_statistics(
+        entry: str, tiny_devkit: Path, tiny_classes: list[str], untrained_checkpoint, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On one GPU with CUDA not yet initialised, each entry point reaches its first real CUDA use
+    (where the pretend machine stops it) without a statistics reset before it: on main before
+    issue 20, train and every ablate child stopped with "did you call init?"."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ckpt = untrained_checkpoint("resnet18", tiny_classes, 0)
+    gpu = PretendGPU(monkeypatch)
+    with pytest.raises(FirstCudaUse):
+        ENTRY_POINTS[entry](tiny_devkit, tmp_path / "out", tiny_classes, ckpt)
+    assert gpu.calls[-1] in PretendGPU.INITIALISERS
+    assert not set(gpu.calls) & set(PretendGPU.RESETS), gpu.calls
