@@ -3,11 +3,15 @@ GPU is, so that the first GPU user does not meet its defects.
 
 - A pretend one-GPU machine (:class:`PretendGPU`): each entry point runs up to its first real CUDA
   use, and none may reset the allocator's statistics before CUDA is initialised.
-- The NCCL branch of the trainer with torch.distributed mocked.
+- Every attention module compiled by inductor under bf16 autocast.
+- The NCCL branch of the trainer with torch.distributed mocked; CUDA RNG states only in a process
+  that uses CUDA.
 """
 from __future__ import annotations
 
 import json
+import os
+import sys
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -45,14 +49,18 @@ class PretendGPU:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
         monkeypatch.setattr(torch.cuda, "is_initialized", lambda: self.initialised)
+        original = torch.cuda._lazy_init
         for name in self.INITIALISERS:
             monkeypatch.setattr(torch.cuda, name, self._initialiser(name))
+        for module in [m for n, m in sys.modules.items() if n.startswith("torch.cuda.")]:
+            if getattr(module, "_lazy_init", None) is original:  # bound by name (torch.cuda.random)
+                monkeypatch.setattr(module, "_lazy_init", self._initialiser("_lazy_init"))
         for name in self.RESETS:  # what torch.cuda.reset_peak_memory_stats & co. call
             monkeypatch.setattr(torch._C, name, self._reset(name))
 
     def _initialiser(self, name: str) -> Callable[..., None]:
         def initialise(*args: Any, **kwargs: Any) -> None:
-            self.calls.append(name)
+            self.calls.append(f"{name}({args[0]})" if name == "set_device" else name)
             self.initialised = True
             if self.stop:
                 raise FirstCudaUse(name)
@@ -174,7 +182,7 @@ def test_entry_points_initialise_cuda_before_its_allocator_statistics(
     gpu = PretendGPU(monkeypatch)
     with pytest.raises(FirstCudaUse):
         ENTRY_POINTS[entry](tiny_devkit, tmp_path / "out", tiny_classes, ckpt)
-    assert gpu.calls[-1] in PretendGPU.INITIALISERS
+    assert gpu.calls[-1].split("(")[0] in PretendGPU.INITIALISERS
     assert not set(gpu.calls) & set(PretendGPU.RESETS), gpu.calls
 
 
@@ -227,3 +235,94 @@ def _copy(module: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(module)
+
+
+# ---------------------------------------------------------------- torchrun with NCCL, mocked
+class _FakeDDP(torch.nn.Module):
+    """Stands in for DistributedDataParallel (which needs a real process group): keeps its
+    arguments."""
+
+    def __init__(self, module: torch.nn.Module, **kwargs: Any) -> None:
+        super().__init__()
+        self.module, self.kwargs = module, kwargs
+
+
+class _StopEvaluation(Exception):
+    pass
+
+
+def _mock_process_group(monkeypatch: pytest.MonkeyPatch, calls: list[str], world: int) -> None:
+    import torch.distributed as dist
+
+    initialised = []
+
+    def init_process_group(backend: str, **kwargs: Any) -> None:
+        calls.append(f"init_process_group({backend})")
+        initialised.append(True)
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: bool(initialised))
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(dist, "get_rank", lambda *a: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a: world)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "broadcast", lambda *a, **k: None)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", _FakeDDP)
+
+
+def test_nccl_branch_sets_the_device_first_and_gives_it_to_ddp(
+        tiny_devkit: Path, tiny_classes: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of 2 on a two-GPU machine (torchrun's environment): the device is set before the
+    NCCL process group starts (NCCL binds a communicator to the current device), DDP gets
+    ``device_ids`` and ``output_device``, and the evaluation divides the cores between the
+    processes as training does (on main before issue 20 it started one worker per core in
+    every process)."""
+    import ssd_da.engine.trainer as trainer
+    from ssd_da.models.ssd import build_ssd
+
+    for key, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(key, value)
+    gpu = PretendGPU(monkeypatch, devices=2, stop=False)
+    _mock_process_group(monkeypatch, gpu.calls, world=2)
+    cfg = load_config(None, ["device=cuda", "pretrained=none", "backbone=resnet18", "workers=-1",
+                             f"data_root={tiny_devkit}", f"classes={json.dumps(tiny_classes)}"])
+    device, rank, world = trainer.prepare_process(cfg)
+    assert (device, rank, world) == (torch.device("cuda", 1), 1, 2)
+    assert gpu.calls[:2] == ["set_device(1)", "init_process_group(nccl)"]
+    assert gpu.calls[-1] == "_cuda_resetPeakMemoryStats"
+    state = trainer.make_train_state(cfg, build_ssd("resnet18", 3), "none", device)
+    assert isinstance(state.model, _FakeDDP)
+    assert state.model.kwargs == {"device_ids": [1], "output_device": 1}
+
+    seen = {}
+
+    def evaluate_model(*args: Any, **kwargs: Any) -> None:
+        seen["workers"] = args[5]
+        raise _StopEvaluation
+
+    monkeypatch.setattr(trainer, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    with pytest.raises(_StopEvaluation):
+        trainer.evaluate(state, None, tiny_classes, cfg, device, tmp_path, None)
+    assert seen["workers"] == 16 // 2 - 1  # as training's loader: the cores shared, one kept
+
+
+def test_cuda_rng_state_only_in_a_process_that_uses_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --device cpu run on a GPU machine neither saves nor restores a CUDA RNG state: reading
+    it would initialise CUDA (a context, GPU memory) in a process that never uses the GPU. On main
+    before issue 20 both did whenever CUDA was available."""
+    from ssd_da.engine.checkpoint import rng_states, set_rng_states
+
+    gpu = PretendGPU(monkeypatch)  # stops at the first initialisation
+    states = rng_states()
+    assert "cuda" not in states
+    set_rng_states({**states, "cuda": torch.zeros(16, dtype=torch.uint8)})
+    assert gpu.calls == []
+    gpu.initialised = True  # a process on the GPU: its state is saved and restored
+    saved = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, *a: restored.append(state))
+    assert rng_states()["cuda"] is saved
+    set_rng_states(rng_states())
+    assert restored == [saved]
