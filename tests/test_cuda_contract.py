@@ -6,6 +6,7 @@ GPU is, so that the first GPU user does not meet its defects.
 - Every attention module compiled by inductor under bf16 autocast.
 - The NCCL branch of the trainer with torch.distributed mocked; CUDA RNG states only in a process
   that uses CUDA.
+- ``--compile``: one training graph and one evaluation graph, whatever the last batch's size.
 """
 from __future__ import annotations
 
@@ -326,3 +327,57 @@ def test_cuda_rng_state_only_in_a_process_that_uses_cuda(monkeypatch: pytest.Mon
     assert rng_states()["cuda"] is saved
     set_rng_states(rng_states())
     assert restored == [saved]
+
+
+# ---------------------------------------------------------------- compile count
+class _Images(torch.utils.data.Dataset):
+    """``count`` seeded uint8 300x300 images as the evaluation loader's items."""
+
+    def __init__(self, count: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randint(0, 256, (count, 3, 300, 300), dtype=torch.uint8, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        return self.images[index], {"orig_size": torch.tensor([300, 300]), "index": index}
+
+
+@pytest.mark.slow
+def test_compile_makes_one_training_graph_and_one_evaluation_graph() -> None:
+    """Two training steps (batch 2), then two evaluations of 5 images in batches of 2, 2, 1:
+    one graph for training and one for evaluation, the last batch padded to 2 rather than
+    compiled again; the padded batch's detections are the eager model's. (On main before issue
+    20: three graphs, the batch of 1 compiled anew; 50-70 s each on a CPU with inductor.)"""
+    import copy
+
+    from torch._dynamo.testing import CompileCounter
+
+    from ssd_da.engine.inference import predict
+    from ssd_da.engine.step import make_optimizer, make_scaler, sgd_step
+    from ssd_da.models.ssd import build_ssd
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = build_ssd("resnet18", 3)
+    model = copy.deepcopy(eager)
+    counter = CompileCounter()  # counts the graphs dynamo hands over; runs them as they are
+    model.compile_network(backend=counter)
+    cpu = torch.device("cpu")
+    optimizer, scaler = make_optimizer(model, 1e-3, 0.9, 0.0), make_scaler(cpu)
+    images = _Images(5).images[:2]
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 100.0, 120.0]]), "labels": torch.tensor([1])}] * 2
+    model.train()
+    for _ in range(2):
+        sgd_step(model, optimizer, scaler, images, targets, cpu)
+    assert counter.frame_count == 1
+    eager.load_state_dict(model.state_dict())
+    for _ in range(2):
+        detections, _ = predict(model, _Images(5), cpu, batch_size=2, workers=0, progress=False)
+    assert counter.frame_count == 2
+    expected, _ = predict(eager, _Images(5), cpu, batch_size=2, workers=0, progress=False)
+    for index in range(5):
+        for key in ("boxes", "scores", "labels"):
+            torch.testing.assert_close(torch.as_tensor(detections[index][key]),
+                                       torch.as_tensor(expected[index][key]), rtol=1e-5, atol=1e-4)
