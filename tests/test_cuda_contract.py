@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -381,3 +382,46 @@ def test_compile_makes_one_training_graph_and_one_evaluation_graph() -> None:
         for key in ("boxes", "scores", "labels"):
             torch.testing.assert_close(torch.as_tensor(detections[index][key]),
                                        torch.as_tensor(expected[index][key]), rtol=1e-5, atol=1e-4)
+
+
+# ---------------------------------------------------------------- bf16 through --amp's switch
+FAMILIES = ["resnet18", "da_resnet18", "se_resnet18", "eca_resnet18", "sge_resnet18", "cbam_resnet18",
+            "resnet18_sa", "resnet18_mhsa", "resnet18_lga", "resnet18_la", "resnet18_ga"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", FAMILIES)
+def test_bf16_training_steps_and_predict_give_float32_results(
+        backbone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``amp=True`` through ``autocast_context`` (CPU_AMP: the CPU's bf16 autocast, the GPU's
+    code path): two SGD steps whose losses are float32, finite and not skipped, and ``predict``
+    whose raw detections (before the copy to numpy) are float32."""
+    import ssd_da.engine.inference as inference
+    import ssd_da.utils.device as device_utils
+    from ssd_da.engine.step import make_optimizer, make_scaler, sgd_step
+    from ssd_da.models.ssd import build_ssd
+
+    monkeypatch.setattr(device_utils, "CPU_AMP", True)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    model = build_ssd(backbone, 3)
+    optimizer, scaler = make_optimizer(model, 1e-3, 0.9, 5e-4), make_scaler(cpu)
+    data = _Images(2)
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 100.0, 120.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[50.0, 60.0, 200.0, 220.0]]), "labels": torch.tensor([2])}]
+    head_dtypes = []  # the network did run in bf16
+    model.head.register_forward_hook(lambda m, i, out: head_dtypes.append(out["cls_logits"].dtype))
+    model.train()
+    totals = []
+    for _ in range(2):
+        losses, not_finite = sgd_step(model, optimizer, scaler, data.images, targets, cpu, amp=True)
+        assert all(v.dtype == torch.float32 for v in losses.values()) and not bool(not_finite)
+        totals.append(float(sum(losses.values())))
+    assert scaler.get_scale() == 1.0 and totals[1] != totals[0]  # both steps were applied
+    raw = []
+    real_to_host = inference._to_host
+    monkeypatch.setattr(inference, "_to_host", lambda dets: raw.extend(dets) or real_to_host(dets))
+    detections, _ = inference.predict(model, data, cpu, batch_size=2, workers=0, amp=True, progress=False)
+    assert head_dtypes == [torch.bfloat16] * 3
+    assert len(raw) == 2 and all(d[k].dtype == torch.float32 for d in raw for k in ("boxes", "scores"))
+    assert all(np.isfinite(d["scores"]).all() and len(d["scores"]) > 0 for d in detections.values())
