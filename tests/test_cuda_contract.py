@@ -7,6 +7,8 @@ GPU is, so that the first GPU user does not meet its defects.
 - The NCCL branch of the trainer with torch.distributed mocked; CUDA RNG states only in a process
   that uses CUDA.
 - ``--compile``: one training graph and one evaluation graph, whatever the last batch's size.
+- bf16 through ``--amp``'s own switch on the CPU: float32 losses and detections, every family.
+- The model, the loss and the post-processing on the ``meta`` device: no tensor on a fixed device.
 """
 from __future__ import annotations
 
@@ -425,3 +427,44 @@ def test_bf16_training_steps_and_predict_give_float32_results(
     assert head_dtypes == [torch.bfloat16] * 3
     assert len(raw) == 2 and all(d[k].dtype == torch.float32 for d in raw for k in ("boxes", "scores"))
     assert all(np.isfinite(d["scores"]).all() and len(d["scores"]) > 0 for d in detections.values())
+
+
+# ---------------------------------------------------------------- no tensor on a fixed device
+def _keep_all_in_score_order(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                             threshold: float) -> torch.Tensor:
+    """Stands in for torchvision's batched_nms on the meta device, where NMS cannot run (its
+    output size depends on the values): every candidate kept, best first, on the inputs' device."""
+    assert boxes.device == scores.device == labels.device
+    return torch.argsort(scores, descending=True)
+
+
+@pytest.mark.parametrize("backbone", FAMILIES)
+def test_model_loss_and_postprocessing_run_on_the_meta_device(
+        backbone: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole model on ``meta`` (a device that is not the CPU, as CUDA is not): the network,
+    the loss with its backward, and the post-processing. An operation mixing a meta tensor
+    with a CPU tensor raises ("Tensor on device cpu is not on the expected device meta"), so a
+    tensor made on a fixed device (``torch.zeros(n)``, ``.cpu()``) anywhere on the way fails
+    here as it would on a GPU. Targets stay real CPU tensors, as the loader gives them."""
+    import torch.fx.experimental._config as fx_config
+
+    import ssd_da.models.ssd as ssd_module
+
+    if not hasattr(fx_config, "meta_nonzero_assume_all_nonzero"):
+        pytest.skip("this torch has no meta kernel for nonzero")
+    torch.manual_seed(0)
+    model = ssd_module.build_ssd(backbone, 3).to("meta")
+    images = torch.empty(2, 3, 300, 300, dtype=torch.uint8, device="meta")
+    targets = [{"boxes": torch.tensor([[10.0, 20.0, 100.0, 120.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    model.train()
+    losses = model(images, targets)
+    assert {v.device.type for v in losses.values()} == {"meta"}
+    sum(losses.values()).backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+    model.eval()
+    monkeypatch.setattr(ssd_module, "batched_nms", _keep_all_in_score_order)
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):  # nonzero's size: all kept
+        detections = model(images, original_sizes=[(300, 300), (375, 500)])
+    assert all(v.device.type == "meta" for d in detections for v in d.values())
+    assert detections[0]["boxes"].shape == (model.detections_per_img, 4)
