@@ -1,7 +1,7 @@
 """The CUDA contract, checked on the CPU (issue 20): every GPU path proves itself here, where no
 GPU is, so that the first GPU user does not meet its defects.
 
-- A pretend one-GPU machine (:class:`PretendGPU`): each entry point runs up to its first real CUDA
+- A pretend one-GPU machine (``PretendGPU``, tests/pretend_cuda.py): each entry point runs up to its first real CUDA
   use, and none may reset the allocator's statistics before CUDA is initialised.
 - Every attention module compiled by inductor under bf16 autocast.
 - The NCCL branch of the trainer with torch.distributed mocked; CUDA RNG states only in a process
@@ -12,9 +12,9 @@ GPU is, so that the first GPU user does not meet its defects.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
-import sys
 import types
 from pathlib import Path
 from typing import Any, Callable
@@ -25,57 +25,7 @@ import torch
 
 from ssd_da.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class FirstCudaUse(BaseException):
-    """Raised where the code first initialises CUDA: the pretend machine has no GPU to go on
-    with. A BaseException, so that no ``except Exception`` in the code under test hides it."""
-
-
-class PretendGPU:
-    """``torch.cuda`` as a machine with ``devices`` GPUs shows it before CUDA is initialised.
-
-    CUDA counts as initialised only after what initialises it in torch: ``torch.cuda.init``,
-    ``torch.cuda.set_device`` and ``torch.cuda._lazy_init``, which torch's C++ side calls for
-    the first CUDA tensor, ``.to("cuda")`` and every device query. Before that, the caching
-    allocator's statistics resets raise as torch's do ("Invalid device argument : did you call
-    init?"). With ``stop`` the first initialisation raises :class:`FirstCudaUse`; without it the
-    machine counts itself initialised and goes on (for code that never makes a CUDA tensor).
-    ``calls`` lists, in order, every initialisation and reset that ran.
-    """
-
-    INITIALISERS = ("init", "_lazy_init", "set_device")
-    RESETS = ("_cuda_resetPeakMemoryStats", "_cuda_resetAccumulatedMemoryStats")
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, devices: int = 1, stop: bool = True) -> None:
-        self.initialised, self.stop, self.calls = False, stop, []
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
-        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: self.initialised)
-        original = torch.cuda._lazy_init
-        for name in self.INITIALISERS:
-            monkeypatch.setattr(torch.cuda, name, self._initialiser(name))
-        for module in [m for n, m in sys.modules.items() if n.startswith("torch.cuda.")]:
-            if getattr(module, "_lazy_init", None) is original:  # bound by name (torch.cuda.random)
-                monkeypatch.setattr(module, "_lazy_init", self._initialiser("_lazy_init"))
-        for name in self.RESETS:  # what torch.cuda.reset_peak_memory_stats & co. call
-            monkeypatch.setattr(torch._C, name, self._reset(name))
-
-    def _initialiser(self, name: str) -> Callable[..., None]:
-        def initialise(*args: Any, **kwargs: Any) -> None:
-            self.calls.append(f"{name}({args[0]})" if name == "set_device" else name)
-            self.initialised = True
-            if self.stop:
-                raise FirstCudaUse(name)
-        return initialise
-
-    def _reset(self, name: str) -> Callable[..., None]:
-        def reset(*args: Any) -> None:
-            self.calls.append(name)
-            if not self.initialised:
-                raise RuntimeError("Invalid device argument : did you call init?")
-        return reset
+from pretend_cuda import FirstCudaUse, PretendGPU
 
 
 def test_pretend_gpu_behaves_as_torch_does(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,12 +168,12 @@ def test_inductor_compiled_module_under_bf16_autocast_matches_eager(name: str) -
     with torch.no_grad():  # off the init values (SGE's zeros, identity-like gates)
         for p in module.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    compiled = torch.compile(_copy(module), backend="inductor")
+    compiled = torch.compile(copy.deepcopy(module), backend="inductor")
     x = torch.randn(2, 64, 10, 10).bfloat16()
     weights = torch.randn(2, 64, 10, 10)
     results = []
     for net, amp, dtype in ((module, True, torch.bfloat16), (compiled, True, torch.bfloat16),
-                            (_copy(module), False, torch.float32)):
+                            (copy.deepcopy(module), False, torch.float32)):
         xi = x.to(dtype, copy=True).requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             y = net(xi)
@@ -233,12 +183,6 @@ def test_inductor_compiled_module_under_bf16_autocast_matches_eager(name: str) -
     assert torch.isfinite(g_comp).all(), f"{int((~torch.isfinite(g_comp)).sum())} non-finite"
     for comp, eager, exact in ((y_comp, y_eager, y_fp32), (g_comp, g_eager, g_fp32)):
         assert _relative(comp, eager) <= 2 * _relative(eager, exact) + 2 ** -8
-
-
-def _copy(module: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
 
 
 # ---------------------------------------------------------------- torchrun with NCCL, mocked
@@ -333,6 +277,10 @@ def test_cuda_rng_state_only_in_a_process_that_uses_cuda(monkeypatch: pytest.Mon
 
 
 # ---------------------------------------------------------------- compile count
+TARGETS = [{"boxes": torch.tensor([[10.0, 20.0, 100.0, 120.0]]), "labels": torch.tensor([1])},
+           {"boxes": torch.tensor([[50.0, 60.0, 200.0, 220.0]]), "labels": torch.tensor([2])}]
+
+
 class _Images(torch.utils.data.Dataset):
     """``count`` seeded uint8 300x300 images as the evaluation loader's items."""
 
@@ -353,8 +301,6 @@ def test_compile_makes_one_training_graph_and_one_evaluation_graph() -> None:
     one graph for training and one for evaluation, the last batch padded to 2 rather than
     compiled again; the padded batch's detections are the eager model's. (On main before issue
     20: three graphs, the batch of 1 compiled anew; 50-70 s each on a CPU with inductor.)"""
-    import copy
-
     from torch._dynamo.testing import CompileCounter
 
     from ssd_da.engine.inference import predict
@@ -369,11 +315,9 @@ def test_compile_makes_one_training_graph_and_one_evaluation_graph() -> None:
     model.compile_network(backend=counter)
     cpu = torch.device("cpu")
     optimizer, scaler = make_optimizer(model, 1e-3, 0.9, 0.0), make_scaler(cpu)
-    images = _Images(5).images[:2]
-    targets = [{"boxes": torch.tensor([[10.0, 20.0, 100.0, 120.0]]), "labels": torch.tensor([1])}] * 2
     model.train()
     for _ in range(2):
-        sgd_step(model, optimizer, scaler, images, targets, cpu)
+        sgd_step(model, optimizer, scaler, _Images(2).images, TARGETS, cpu)
     assert counter.frame_count == 1
     eager.load_state_dict(model.state_dict())
     for _ in range(2):
@@ -409,14 +353,12 @@ def test_bf16_training_steps_and_predict_give_float32_results(
     model = build_ssd(backbone, 3)
     optimizer, scaler = make_optimizer(model, 1e-3, 0.9, 5e-4), make_scaler(cpu)
     data = _Images(2)
-    targets = [{"boxes": torch.tensor([[10.0, 20.0, 100.0, 120.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.tensor([[50.0, 60.0, 200.0, 220.0]]), "labels": torch.tensor([2])}]
     head_dtypes = []  # the network did run in bf16
     model.head.register_forward_hook(lambda m, i, out: head_dtypes.append(out["cls_logits"].dtype))
     model.train()
     totals = []
     for _ in range(2):
-        losses, not_finite = sgd_step(model, optimizer, scaler, data.images, targets, cpu, amp=True)
+        losses, not_finite = sgd_step(model, optimizer, scaler, data.images, TARGETS, cpu, amp=True)
         assert all(v.dtype == torch.float32 for v in losses.values()) and not bool(not_finite)
         totals.append(float(sum(losses.values())))
     assert scaler.get_scale() == 1.0 and totals[1] != totals[0]  # both steps were applied
@@ -455,8 +397,7 @@ def test_model_loss_and_postprocessing_run_on_the_meta_device(
     torch.manual_seed(0)
     model = ssd_module.build_ssd(backbone, 3).to("meta")
     images = torch.empty(2, 3, 300, 300, dtype=torch.uint8, device="meta")
-    targets = [{"boxes": torch.tensor([[10.0, 20.0, 100.0, 120.0]]), "labels": torch.tensor([1])},
-               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    targets = [TARGETS[0], {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
     model.train()
     losses = model(images, targets)
     assert {v.device.type for v in losses.values()} == {"meta"}

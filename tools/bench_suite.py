@@ -1,11 +1,15 @@
 """``tools/benchmark.py train``, ``eval`` and ``gpu-suite``: throughput tables (Markdown).
 
-``gpu-suite`` is the whole GPU measurement of issue 12 in one command, sized to finish in under
-8 minutes on one H200: network-only training of plain ResNet50 and of every attention variant,
-torchvision's SSD class on our trunk and ``ssd300_vgg16`` in the same process, end-to-end
-training from the bundled BCCD JPEGs through the real loader, a VOC07-test-sized evaluation, and
-(time permitting) torch.compile. It stops at once, naming the package, when one is missing, and
-skips a part rather than run past its time budget.
+``gpu-suite`` is the whole GPU check of issues 12 and 20 in one command, sized to finish in
+under 8 minutes on one H200: first a smoke test of every GPU path (``bench_smoke``), then
+network-only training of plain ResNet50 and of every attention variant, torchvision's SSD class
+on our trunk and ``ssd300_vgg16`` in the same process, end-to-end training from the bundled BCCD
+JPEGs through the real loader, a VOC07-test-sized evaluation, and (time permitting)
+torch.compile. A part is a list of units (a model, a family): a unit that raises is recorded as
+FAILED and the next one runs; a part starts only if its share of the budget is left and stops
+between units when its time is up; the section is written as each part ends. ``--dry-run`` runs
+every part on the CPU at toy sizes. ``tools/benchmark.py`` checks the packages
+(``bench_packages``) before it imports anything that needs them.
 """
 from __future__ import annotations
 
