@@ -158,6 +158,11 @@ def train_unit(args: Any, device: torch.device, backbone: str, mode: dict[str, b
     return str(syncs[0]), f"{SMOKE_ITERS} steps of batch {cfg.batch_size}: loss {first:.3f} -> {last:.3f}"
 
 
+def _workers(args: Any) -> int:
+    """Loader workers of the smoke's tools: at most 4 (their runs are a few batches long)."""
+    return 4 if args.workers < 0 else min(4, args.workers)
+
+
 def _quiet_main(tool: Any, argv: list[str]) -> str:
     """``tool.main(parsed argv)`` with its output captured; RuntimeError with the output's tail
     when it does not return 0."""
@@ -189,7 +194,7 @@ def torchrun_unit(args: Any, device: torch.device, work: Path, classes: list[str
               "test_split": args.eval_split, "classes": classes, "backbone": "da_resnet18",
               "pretrained": "none", "batch_size": args.smoke_batch, "eval_batch_size": args.smoke_batch,
               "iters": SMOKE_ITERS, "lr_steps": [2], "warmup_iters": 1, "eval_every": 0,
-              "ckpt_every": SMOKE_ITERS, "log_every": 1, "workers": min(4, max(0, args.workers)),
+              "ckpt_every": SMOKE_ITERS, "log_every": 1, "workers": _workers(args),
               "amp": device.type == "cuda", "channels_last": device.type == "cuda", "output_dir": str(out)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            str(TOOLS / "train.py"), "--device", device.type, *(f"{k}={json.dumps(v)}" for k, v in values.items())]
@@ -220,7 +225,7 @@ def eval_unit(args: Any, device: torch.device, checkpoint: Callable[[], Path], w
     out = work / "eval.json"
     _quiet_main(eval_voc, ["--checkpoint", str(checkpoint()), "--data-root", str(args.data_root), "--split",
                            args.eval_split, "--device", device.type, "--batch-size", str(args.smoke_batch),
-                           "--workers", str(min(4, max(0, args.workers))), "--json", str(out)]
+                           "--workers", str(_workers(args)), "--json", str(out)]
                 + (["--amp"] if device.type == "cuda" else []))
     result = json.loads(out.read_text())
     return "", f"{result['num_images']} images, mAP {100 * (result['map'] or 0):.2f}% ({checkpoint().name})"
