@@ -1,8 +1,9 @@
 """The CUDA contract, checked on the CPU (issue 20): every GPU path proves itself here, where no
 GPU is, so that the first GPU user does not meet its defects.
 
-- A pretend one-GPU machine (``PretendGPU``, tests/pretend_cuda.py): each entry point runs up to its first real CUDA
-  use, and none may reset the allocator's statistics before CUDA is initialised.
+- A pretend one-GPU machine (``PretendGPU``, tests/pretend_cuda.py): each entry point runs up to
+  its first real CUDA use, and none may reset the allocator's statistics before CUDA is
+  initialised.
 - Every attention module compiled by inductor under bf16 autocast.
 - The NCCL branch of the trainer with torch.distributed mocked; CUDA RNG states only in a process
   that uses CUDA.

@@ -186,7 +186,8 @@ def make_checkpoint(classes: list[str], path: Path) -> Path:
     return path
 
 
-def torchrun_unit(args: Any, device: torch.device, work: Path, classes: list[str], deadline: float) -> tuple[str, str]:
+def torchrun_unit(args: Any, device: torch.device, work: Path, classes: list[str],
+                  deadline: float) -> tuple[str, str]:
     """tools/train.py under a 1-process torchrun: the process group (NCCL on CUDA), DDP, the
     loader, the final evaluation and the checkpoints of a real run of 3 iterations."""
     out = work / "torchrun"
@@ -197,7 +198,8 @@ def torchrun_unit(args: Any, device: torch.device, work: Path, classes: list[str
               "ckpt_every": SMOKE_ITERS, "log_every": 1, "workers": _workers(args),
               "amp": device.type == "cuda", "channels_last": device.type == "cuda", "output_dir": str(out)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           str(TOOLS / "train.py"), "--device", device.type, *(f"{k}={json.dumps(v)}" for k, v in values.items())]
+           str(TOOLS / "train.py"), "--device", device.type,
+           *(f"{k}={json.dumps(v)}" for k, v in values.items())]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=max(1.0, deadline - time.perf_counter()))
@@ -267,7 +269,8 @@ def smoke_units(args: Any, device: torch.device, work: Path, deadline: float) ->
     units: list[Unit] = [(f"train {backbone}, {mode}", partial(train_unit, args, device, backbone, MODES[mode]))
                          for mode in ("float32", "amp", "amp, channels_last") for backbone in args.smoke_backbones]
     backend = "NCCL" if device.type == "cuda" else "gloo"
-    units.append((f"torchrun, 1 process, {backend}", partial(torchrun_unit, args, device, work, classes, deadline)))
+    units.append((f"torchrun, 1 process, {backend}",
+                  partial(torchrun_unit, args, device, work, classes, deadline)))
     for name, unit in (("tools/eval_voc.py", eval_unit), ("tools/gradcam.py", gradcam_unit),
                        ("tools/detect.py", detect_unit)):
         units.append((name, partial(unit, args, device, checkpoint, work)))
@@ -278,4 +281,5 @@ def compile_units(args: Any, device: torch.device) -> list[Unit]:
     """``--amp --compile`` training units, riskiest family first (:data:`COMPILE_ORDER`)."""
     order = [b for b in COMPILE_ORDER if b in args.smoke_backbones]
     order += [b for b in args.smoke_backbones if b not in order]
-    return [(f"train {b}, amp, compile", partial(train_unit, args, device, b, MODES["amp, compile"])) for b in order]
+    return [(f"train {b}, amp, compile", partial(train_unit, args, device, b, MODES["amp, compile"]))
+            for b in order]
