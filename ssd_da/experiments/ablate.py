@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
-from ssd_da.config import Config, apply_overrides, save_config
+from ssd_da.config import (Config, apply_overrides, resolve_attention_init, save_config,
+                           saved_value)
 from ssd_da.data.voc import VOC_CLASSES
 from ssd_da.engine import trainer
 from ssd_da.engine.run_folder import existing_run_files
@@ -122,7 +123,8 @@ def plan_runs(base: Config, backbones: Sequence[str], seeds: Sequence[int], root
             out = _escape_braces(Path(root) / name / f"seed{seed}")
             cfg = apply_overrides(base, {"backbone": name, "seed": int(seed), "output_dir": out},
                                   "ablation runner")
-            specs.append(RunSpec(name, int(seed), cfg))
+            # Resolved here, as training resolves it, so a run's saved config.yaml compares equal.
+            specs.append(RunSpec(name, int(seed), resolve_attention_init(cfg)))
     return specs
 
 
@@ -141,11 +143,10 @@ def _check_saved_config(spec: RunSpec) -> None:
     with open(path) as fh:
         saved = yaml.safe_load(fh) or {}
     # A key missing from the saved file is a field added after that run (e.g. attention_init):
-    # the run had the field's default behaviour, so compare against the default.
-    defaults = Config().to_dict()
-    diffs = [f"{k}: saved {saved.get(k, defaults[k])!r}{'' if k in saved else ' (default)'}, "
+    # compare against the value such a run had (config.saved_value).
+    diffs = [f"{k}: saved {saved_value(saved, k)!r}{'' if k in saved else ' (not recorded)'}, "
              f"now {v!r}" for k, v in spec.cfg.to_dict().items()
-             if k not in RESULT_NEUTRAL_FIELDS and saved.get(k, defaults[k]) != v]
+             if k not in RESULT_NEUTRAL_FIELDS and saved_value(saved, k) != v]
     if diffs:
         raise ValueError(f"{path}: the existing run used other settings ({'; '.join(diffs)}); "
                          "use another --output-dir or remove that folder")
