@@ -232,7 +232,8 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
     state.evaluated_at, state.last_map = state.iteration, float(result.map)
     final = state.iteration >= cfg.iters
     # pycocotools' metrics too, once, at the end (pycocotools is slow): the official ones on
-    # COCO-format data; on VOC data the LGA paper's mAP50 / mAP50-95 (results.md reports them).
+    # COCO-format data; on VOC data pycocotools' AP50 / AP@[.5:.95], which results.md shows beside
+    # the LGA paper's mAP50 / mAP50-95 (those from YOLOv8's validator: not directly comparable).
     coco = coco_metrics_of(test_set, detections) if final and dist_utils.is_main_process() else None
     log.write({"iter": state.iteration, "map": result.map, "ap": result.ap,
                "eval_images_per_s": rate, **({"coco": coco} if coco else {})})

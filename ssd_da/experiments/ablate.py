@@ -123,8 +123,7 @@ def plan_runs(base: Config, backbones: Sequence[str], seeds: Sequence[int], root
             out = _escape_braces(Path(root) / name / f"seed{seed}")
             cfg = apply_overrides(base, {"backbone": name, "seed": int(seed), "output_dir": out},
                                   "ablation runner")
-            # Resolved here, as training resolves it, so a run's saved config.yaml compares equal.
-            specs.append(RunSpec(name, int(seed), resolve_attention_init(cfg)))
+            specs.append(RunSpec(name, int(seed), resolve_attention_init(cfg)))  # as train() does
     return specs
 
 
@@ -392,7 +391,7 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
     inits = [str(s["backbone_init"]) for s in summaries if "backbone_init" in s]  # older runs: none
     notes = describe(specs[0].cfg, backbones, seeds, inits) if specs else []
     failures = [f"{name}: {why}" for name, why in missing.items()]
-    # The DA paper's numbers are VOC07 test mAP; the LGA paper's (TinyPerson) are context always.
+    # The DA paper's mAP ("on the VOC data set") only beside VOC runs; the LGA paper's always.
     paper = layout == "lga" or list(class_names) == list(VOC_CLASSES)
     paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper))
     plot_map_vs_params(groups, paths["png"], layout)
