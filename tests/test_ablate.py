@@ -365,3 +365,7 @@ def test_describe_reports_the_weights_actually_used():
                     ["IMAGENET1K_V1", "none (IMAGENET1K_V1 unreachable)"])[0]
     assert line.endswith("pretrained 'IMAGENET1K_V1' asked, backbone weights used: IMAGENET1K_V1 "
                          "in 1 run(s); none (IMAGENET1K_V1 unreachable) in 1 run(s).")
+    # The attention init each run started with: "auto" resolved as training resolves it.
+    assert describe(cfg, ["da_resnet18"], [0])[2].startswith("- attention_init 'identity' (")
+    scratch = load_config(None, ["pretrained=none"])
+    assert describe(scratch, ["da_resnet18"], [0])[2].startswith("- attention_init 'default' (")

@@ -365,7 +365,9 @@ def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int],
             f"- Data: train {base.train_split}, test {base.test_split} under {base.data_root}"
             f"{' (COCO format)' if base.data_format == 'coco' else ''}; "
             f"metric {base.metric} mAP at the last iteration (not the best one, which would "
-            f"be picked on the test set)."]
+            f"be picked on the test set).",
+            f"- attention_init {resolve_attention_init(base).attention_init!r} (identity: "
+            f"the plain ResNet at step 0; default: each module's own initialisation)."]
 
 
 def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root: Path,
