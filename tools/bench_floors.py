@@ -60,7 +60,8 @@ def _fwd_bwd(module: Callable, x: torch.Tensor, grad: torch.Tensor, params: list
     return run
 
 
-def _contenders(names: list[str], channels: int, before: bool, compiled: bool) -> dict[str, tuple]:
+def _contenders(names: list[str], channels: int, before: bool, compiled: bool,
+                backend: str = "inductor") -> dict[str, tuple]:
     """{label: (callable module, parameters)}: after, before (the legacy twin, same weights) and
     compiled (torch.compile of the after module) variants."""
     out = {}
@@ -73,7 +74,7 @@ def _contenders(names: list[str], channels: int, before: bool, compiled: bool) -
             old.load_state_dict(module.state_dict())
             out[f"before:{name}"] = (old, list(old.parameters()))
         if compiled and name != "none":
-            out[f"compiled:{name}"] = (torch.compile(module), out[name][1])
+            out[f"compiled:{name}"] = (torch.compile(module, backend=backend), out[name][1])
     return out
 
 
@@ -85,7 +86,8 @@ def time_stage(names: list[str], channels: int, side: int, args: argparse.Namesp
     x = x.to(dtype).requires_grad_(True)
     grad = torch.randn_like(x)
     jobs = {label: _fwd_bwd(m, x, grad, params, args.amp)
-            for label, (m, params) in _contenders(names, channels, args.before, args.compile).items()}
+            for label, (m, params) in _contenders(names, channels, args.before, args.compile,
+                                                  getattr(args, "compile_backend", None) or "inductor").items()}
     jobs["read"] = lambda: x.detach().sum()
     jobs["clone"] = lambda: x.detach().clone()
     for job in jobs.values():  # warm-up (and compilation)

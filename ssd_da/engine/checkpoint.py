@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ssd_da.config import saved_value
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.models.ssd import build_ssd
 
@@ -103,20 +104,25 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 def rng_states() -> dict[str, Any]:
-    """The Python, numpy, torch (and CUDA, when present) generator states."""
+    """The Python, numpy, torch (and CUDA, when this process uses it) generator states.
+
+    "Uses" is ``torch.cuda.is_initialized()``, not ``is_available()``: reading the CUDA state
+    initialises CUDA, which would start a context (and take GPU memory) in a ``--device cpu``
+    run on a GPU machine."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(),
               "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_states` (a CUDA state is skipped on a machine without CUDA)."""
+    """Inverse of :func:`rng_states`; a CUDA state is restored only in a process that uses
+    CUDA (the resumed run's model is on its device by then), never by starting CUDA."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
+    if "cuda" in states and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(states["cuda"])
 
 
@@ -183,7 +189,8 @@ def load_detector(
     """Rebuild the detector a checkpoint was trained as and load its weights.
 
     Returns ``(model in eval mode on device, checkpoint dict)``; the checkpoint's ``backbone``,
-    ``class_names`` and ``config["attention_init"]`` (default "default") decide the
+    ``class_names`` and ``config["attention_init"]`` (missing: "default", what runs saved
+    without the key used; ``ssd_da.config.saved_value``) decide the
     architecture, so a file from another architecture fails here
     with a message naming it rather than deep inside ``load_state_dict``.
     """
@@ -192,7 +199,7 @@ def load_detector(
     if not class_names:
         raise CheckpointError(f"checkpoint {path} has no 'class_names'")
     # attention_init="identity" adds a gate per attention module: rebuild with the run's own.
-    attention_init = (state.get("config") or {}).get("attention_init", "default")
+    attention_init = saved_value(state.get("config") or {}, "attention_init")
     try:
         model = build_ssd(state["backbone"], num_classes=len(class_names) + 1,
                           attention_init=attention_init)

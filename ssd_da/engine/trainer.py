@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ssd_da.config import Config, save_config, validate_config
+from ssd_da.config import Config, resolve_attention_init, save_config, validate_config
 from ssd_da.data.demo import ensure_demo_dataset
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.checkpoint import (check_resumable, restore_training_state, save_checkpoint,
@@ -118,6 +118,7 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
     ``last.pth`` is written before the evaluation (a crash there keeps the newest state, and the
     resumed run evaluates first) and again after it, with its best mAP."""
     validate_config(cfg)
+    cfg = resolve_attention_init(cfg)  # config.yaml and the checkpoints record the value used
     class_names = class_names_from_config(cfg)
     resumed = check_resumable(resume, cfg, class_names) if resume else None
     device, rank, world = prepare_process(cfg)
@@ -223,15 +224,18 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
         # rank 0's, i.e. with the model that best.pth stores.
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
+    # The machine's cores are shared by every process of the run, as in training.
+    workers = resolve_workers(cfg.workers, dist_utils.get_world_size())
     result, detections, rate = evaluate_model(model, test_set, class_names, device,
-                                              cfg.eval_batch_size, resolve_workers(cfg.workers),
+                                              cfg.eval_batch_size, workers,
                                               cfg.amp, cfg.metric, progress=dist_utils.is_main_process(),
                                               channels_last=cfg.channels_last)
     model.train()
     state.evaluated_at, state.last_map = state.iteration, float(result.map)
     final = state.iteration >= cfg.iters
     # pycocotools' metrics too, once, at the end (pycocotools is slow): the official ones on
-    # COCO-format data; on VOC data the LGA paper's mAP50 / mAP50-95 (results.md reports them).
+    # COCO-format data; on VOC data pycocotools' AP50 / AP@[.5:.95], which results.md shows beside
+    # the LGA paper's mAP50 / mAP50-95 (those from YOLOv8's validator: not directly comparable).
     coco = coco_metrics_of(test_set, detections) if final and dist_utils.is_main_process() else None
     log.write({"iter": state.iteration, "map": result.map, "ap": result.ap,
                "eval_images_per_s": rate, **({"coco": coco} if coco else {})})
@@ -254,13 +258,16 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
 def build_model(cfg: Config, num_classes: int, device: torch.device
                 ) -> tuple[torch.nn.Module, str]:
     """SSD300 on ``cfg.backbone``; ImageNet weights when reachable, else scratch with a warning.
+    Attention modules start as ``cfg.attention_init`` says, "auto" resolved from
+    ``cfg.pretrained`` (:func:`~ssd_da.config.resolve_attention_init`).
     Returns ``(model, what its backbone was initialised from)``: the source, "none", or
     "none (<source> unreachable)", so summaries report what happened, not what was asked."""
-    source = None if cfg.pretrained.lower() in ("", "none", "scratch") else cfg.pretrained
+    source = cfg.trunk_weights()
     init = source or "none"
+    attention_init = resolve_attention_init(cfg).attention_init
     try:
         model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=source,
-                          attention_init=cfg.attention_init)
+                          attention_init=attention_init)
     except RuntimeError as exc:
         # Offline machines cannot download torchvision weights (load_pretrained raises
         # RuntimeError then): train from scratch rather than stop. Anything that is not a
@@ -269,10 +276,11 @@ def build_model(cfg: Config, num_classes: int, device: torch.device
             raise
         # Every process finds out; one says so (the others at debug level).
         logger.log(logging.WARNING if dist_utils.is_main_process() else logging.DEBUG,
-                   "ImageNet weights %r unreachable (%s); training %s from scratch",
-                   source, exc, cfg.backbone)
+                   "ImageNet weights %r unreachable (%s); training %s from scratch, attention "
+                   "modules still started as attention_init=%r", source, exc, cfg.backbone,
+                   attention_init)
         model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=None,
-                          attention_init=cfg.attention_init)
+                          attention_init=attention_init)
         init = f"none ({source} unreachable)"
     if cfg.sync_bn and dist_utils.is_distributed():
         if device.type == "cuda":
@@ -295,8 +303,10 @@ def make_train_state(cfg: Config, model: torch.nn.Module, backbone_init: str,
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     if dist_utils.is_distributed():
-        ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # One GPU per process: DDP's replicas, buckets and outputs live on this process's device.
+        cuda = device.type == "cuda"
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None, output_device=device.index if cuda else None)
     return TrainState(model, optimizer, scheduler, make_scaler(device), backbone_init=backbone_init)
 
 
@@ -313,6 +323,10 @@ def prepare_process(cfg: Config) -> tuple[torch.device, int, int]:
         ensure_demo_dataset(Path(cfg.data_root).parent)
     dist_utils.barrier()
     if device.type == "cuda":
+        # reset_peak_memory_stats does not initialise CUDA, and before that the allocator
+        # raises "Invalid device argument : did you call init?". set_device initialises it and
+        # makes ``device`` this process's current one (tests/test_cuda_contract.py).
+        torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     return device, rank, world
 
