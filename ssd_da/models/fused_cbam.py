@@ -23,7 +23,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch import Tensor
 
-from ssd_da.models.fused_gates import _grad_reductions, _mv, _net_grads, _samples, _scale, native_convs
+from ssd_da.models.fused_gates import (_grad_reductions, _mv, _net_grads, _samples, _scale,
+                                       native_convs)
 
 __all__ = ["cbam_gate"]
 
@@ -88,11 +89,20 @@ def _pool_grads(rows: Tensor, c: Tensor, pmax: Tensor, dpmax: Tensor, dpmean: Te
     return dc, ties, ties_c
 
 
+def _product_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype of ``x * c * s`` (the masks may be float32 under autocast)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 class _CBAMGate(torch.autograd.Function):
     """``y = x * c * s`` with CBAM's masks (module docstring); saves x and small tensors."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, channel: ChannelNet, spatial: SpatialNet, *params: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, channel: ChannelNet, spatial: SpatialNet,
+                *params: Tensor) -> Tensor:
         b, ch, h, w = x.shape
         rows = x.detach().flatten(2)  # the nets' graphs start at their (detached) inputs
         avg, mx = _pools(rows, None)
@@ -106,7 +116,7 @@ class _CBAMGate(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.graph = (leaves_c, c, leaf_s, s, pmax, mx)
         ctx.params = params
-        y = torch.empty_like(x, dtype=torch.promote_types(torch.promote_types(x.dtype, c.dtype), s.dtype))
+        y = torch.empty_like(x, dtype=_product_dtype(x, c, s))
         return _scale(rows, s.detach().view(b, h * w), c.detach(), y.flatten(2)).view_as(y)
 
     @staticmethod
@@ -163,5 +173,5 @@ def cbam_gate(x: Tensor, channel: ChannelNet, spatial: SpatialNet, params: list[
     with native_convs():
         c = channel(*_pools(rows, None))
         s = spatial(torch.stack(_pools(rows, c), dim=1).view(b, 2, h, w))
-    y = torch.empty_like(x, dtype=torch.promote_types(torch.promote_types(x.dtype, c.dtype), s.dtype))
+    y = torch.empty_like(x, dtype=_product_dtype(x, c, s))
     return _scale(rows, s.view(b, h * w), c, y.flatten(2)).view_as(y)

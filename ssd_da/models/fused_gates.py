@@ -197,8 +197,8 @@ def _net_grads(mask: Tensor, leaves: Sequence[Tensor], dmask: Tensor, params: Se
     order as ``params``)."""
     wanted = [i for i, p in enumerate(params) if p.requires_grad]
     with native_convs():
-        grads = torch.autograd.grad(mask, [*leaves, *(params[i] for i in wanted)], dmask.to(mask.dtype),
-                                    allow_unused=True)
+        grads = torch.autograd.grad(mask, [*leaves, *(params[i] for i in wanted)],
+                                    dmask.to(mask.dtype), allow_unused=True)
     for i, g in zip(wanted, grads[len(leaves):]):
         if g is not None:
             param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
@@ -227,15 +227,18 @@ class _Gate(torch.autograd.Function):
         dc, ds = _grad_reductions(g, rows, s, c, c is not None, s is not None)
         param_grads: list[Optional[Tensor]] = [None] * len(params)
         dm = dp = None
+        # The nets' input gradients, divided by the reductions' counts: dm / C (B, N), dp / N (B, C).
+        spatial = lambda d: _net_grads(masks.s, [masks.m], d.view_as(masks.m), params, param_grads)[0]  # noqa: E731
+        channel = lambda d: _net_grads(masks.c, [masks.p], d.view_as(masks.p), params, param_grads)[0]  # noqa: E731
         if order == "cs":  # s came from x * c: its gradient reaches c through the channel mean
-            dm = _net_grads(masks.s, [masks.m], ds.view_as(masks.m), params, param_grads)[0].reshape(b, n) / ch
+            dm = spatial(ds).reshape(b, n) / ch
             dc = dc + _reduce(rows, dm, "n")
         if c is not None:
-            dp = _net_grads(masks.c, [masks.p], dc.view_as(masks.p), params, param_grads)[0].reshape(b, ch) / n
+            dp = channel(dc).reshape(b, ch) / n
         if order == "sc":  # c came from x * s: its gradient reaches s through the GAP
             ds = ds + _reduce(rows, dp, "c")
         if s is not None and dm is None:
-            dm = _net_grads(masks.s, [masks.m], ds.view_as(masks.m), params, param_grads)[0].reshape(b, n) / ch
+            dm = spatial(ds).reshape(b, n) / ch
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.empty_like(x)
@@ -276,8 +279,8 @@ def _product(x: Tensor, masks: _Masks) -> Tensor:
     return y
 
 
-def gate(x: Tensor, order: str, spatial: Optional[MaskNet] = None, channel: Optional[MaskNet] = None,
-         params: Sequence[Tensor] = ()) -> Tensor:
+def gate(x: Tensor, order: str, spatial: Optional[MaskNet] = None,
+         channel: Optional[MaskNet] = None, params: Sequence[Tensor] = ()) -> Tensor:
     """``x * s * c`` for ``x`` (B, C, H, W), in eager mode (module docstring); returns (B, C, H, W).
 
     Args:

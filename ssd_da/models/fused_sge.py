@@ -93,7 +93,8 @@ def _mask_grad(ds: Tensor, s: Tensor, z: Tensor, std: Tensor, weight: Tensor, ep
     if n == 1:  # one position: the centred value is 0 whatever sim is
         return dz.zero_(), dweight, dbias
     scale = std + eps
-    k = (dz * z).sum(dim=2, keepdim=True).mul_(scale).div_(std * (n - 1)).masked_fill_(std == 0, 0.0)
+    k = (dz * z).sum(dim=2, keepdim=True).mul_(scale).div_(std * (n - 1))
+    k.masked_fill_(std == 0, 0.0)
     dc = dz.addcmul_(z, k, value=-1.0).div_(scale)
     return dc.sub_(dc.mean(dim=2, keepdim=True)), dweight, dbias
 
@@ -106,7 +107,8 @@ class _SGEGate(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float, groups: int) -> Tensor:
         rows = x.detach().flatten(2)
         p, sim = _similarity(rows, groups)
-        s, z, std = _mask(sim, weight.detach().flatten().to(sim.dtype), bias.detach().flatten().to(sim.dtype), eps)
+        w, b = (t.detach().flatten().to(sim.dtype) for t in (weight, bias))
+        s, z, std = _mask(sim, w, b, eps)
         ctx.save_for_backward(x, p, z, std, weight, bias)
         ctx.eps, ctx.groups = eps, groups
         y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, s.dtype))
