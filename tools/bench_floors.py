@@ -96,7 +96,8 @@ def time_stage(names: list[str], channels: int, side: int, args: argparse.Namesp
     for r in range(args.repeats):
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
             times[label].append(_timed(jobs[label], device, args.clock))
-    return {label: statistics.median(t) for label, t in times.items()}
+    pick = min if getattr(args, "stat", "median") == "min" else statistics.median
+    return {label: pick(t) for label, t in times.items()}
 
 
 def stage_rows(args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[str]]:
@@ -174,7 +175,8 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
     for r in range(args.step_rounds):
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
             times[label].append(_timed(steps[label], device, args.clock))
-    med = {label: statistics.median(t) for label, t in times.items()}
+    pick = min if args.stat == "min" else statistics.median
+    med = {label: pick(t) for label, t in times.items()}
     rows = []
     first = {label.rpartition(":")[0]: label for label in reversed(labels)}  # first of each kind
     for label in labels:
@@ -203,7 +205,7 @@ def run_stages(args: argparse.Namespace) -> str:
         f"- {torch.get_num_threads()} CPU threads; load average when it ended: {load_average()}", "",
         *TABLE_HEAD, *rows, "", *notes,
         *(["", "SSD300 training step (synthetic batch, forward, loss, backward, SGD), interleaved:", "",
-           "| backbone | s per step (median) | ratio to resnet50 | every step, s |",
+           f"| backbone | s per step ({args.stat}) | ratio to resnet50 | every step, s |",
            "|---|---:|---:|---|", *step] if step else []),
     ])
 
@@ -215,7 +217,7 @@ def stages_text(args: argparse.Namespace, device: torch.device) -> list[str]:
             f"forward and backward to the input and the parameters (a full-size upstream gradient), "
             f"on {args.device if args.device != 'auto' else device.type}, {precision}, batch "
             f"{args.batch_size}, at the block outputs of ResNet50's four stages in SSD300; "
-            f"{'process CPU time' if args.clock == 'cpu' else 'wall-clock time'}, median of "
+            f"{'process CPU time' if args.clock == 'cpu' else 'wall-clock time'}, {args.stat} of "
             f"{args.repeats} interleaved rounds after one warm-up. 'before': the modules as they were "
             f"before issue 24 (tools/attention_legacy.py), same weights; 'compiled': torch.compile "
             f"(inductor) of the module. Floor: the full-size reads R and writes W forward + backward "
@@ -243,5 +245,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (the gpu-suite's precision)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="per variant, of its rounds (min: the least disturbed, on a busy machine)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall-clock time, or the process's CPU time (CPU device; a shared machine)")

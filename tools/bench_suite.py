@@ -239,8 +239,8 @@ def modules_floor_units(args: argparse.Namespace, device: torch.device, report: 
     stage (the dry run: layer4 alone), so the part stops between stages when its time is up."""
     import bench_floors
 
-    common = {**vars(args), "clock": "wall", "repeats": 2 if args.dry_run else 10, "before": True,
-              "compile": False, "modules": ",".join(bench_floors.MODULES)}
+    common = {**vars(args), "clock": "wall", "stat": "median", "repeats": 2 if args.dry_run else 10,
+              "before": True, "compile": False, "modules": ",".join(bench_floors.MODULES)}
 
     def measure(stage: str, compiled: bool) -> tuple[str, str]:
         options = {**common, "stage_names": stage}
