@@ -32,32 +32,17 @@ def _groups(t: Tensor, groups: int) -> Tensor:
     return t.unflatten(1, (groups, t.shape[1] // groups))
 
 
-def _group_sums(a: Tensor, b: Tensor, groups: int) -> Tensor:
-    """``sum_{c in g} a[:, c, n] b[:, c, n]`` (B, G, N), for ``a`` (B, C, N) and ``b`` (B, C, N)
-    or (B, C, 1); one sample at a time on the CPU, the product in a reused buffer."""
-    out = a.new_empty(a.shape[0], groups, a.shape[2])
-    tmp = None
-    for k in _samples(a):
-        fits = tmp is not None and tmp.shape == a[k].shape
-        tmp = torch.mul(a[k], b[k], out=tmp) if fits else a[k] * b[k]
-        torch.sum(_groups(tmp, groups), dim=2, out=out[k])
-    return out
+def _group_sums(a: Tensor, b: Tensor, groups: int, tmp: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(``sum_{c in g} a[:, c, n] b[:, c, n]`` (k, G, N), the product's buffer) for ``a``
+    (k, C, N) and ``b`` (k, C, N) or (k, C, 1); the product goes into ``tmp`` when it fits."""
+    fits = tmp is not None and tmp.shape == a.shape
+    tmp = torch.mul(a, b, out=tmp) if fits else a * b
+    return _groups(tmp, groups).sum(dim=2), tmp
 
 
-def _similarity(rows: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    """(p (B, C), sim (B, G, N)): the GAP vector and every position's similarity with it."""
-    n = rows.shape[2]
-    p = rows.new_empty(rows.shape[:2])
-    for k in _samples(rows):
-        p[k] = _mv(rows[k], rows.new_ones(rows[k].shape[0], n)) / n
-    return p, _group_sums(rows, p.unsqueeze(2), groups)
-
-
-def _apply(rows: Tensor, s: Tensor, out: Tensor, groups: int) -> Tensor:
-    """``out[c, n] = x[c, n] s[g(c), n]``, into ``out`` (B, C, N)."""
-    for k in _samples(rows):
-        torch.mul(_groups(rows[k], groups), s[k].unsqueeze(2), out=_groups(out[k], groups))
-    return out
+def _gap(rows: Tensor) -> Tensor:
+    """``mean_n x`` (k, C) of ``rows`` (k, C, N), as a matrix-vector product."""
+    return _mv(rows, rows.new_ones(rows.shape[0], rows.shape[2])) / rows.shape[2]
 
 
 def _mask(sim: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,57 +86,76 @@ def _mask_grad(ds: Tensor, s: Tensor, z: Tensor, std: Tensor, weight: Tensor, ep
 
 class _SGEGate(torch.autograd.Function):
     """SGE's ``y = x * s`` (module docstring); saves x and small tensors (z is a quarter of x
-    at layer1, 1/32 at layer4)."""
+    at layer1, 1/32 at layer4). On the CPU both directions go one sample at a time, from the
+    GAP to the output (the similarity, the mask and their gradients stay in cache)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, eps: float, groups: int) -> Tensor:
         rows = x.detach().flatten(2)
-        p, sim = _similarity(rows, groups)
-        w, b = (t.detach().flatten().to(sim.dtype) for t in (weight, bias))
-        s, z, std = _mask(sim, w, b, eps)
+        w, b = (t.detach().flatten() for t in (weight, bias))
+        y, p, z, std = _forward(rows, w, b, eps, groups)
         ctx.save_for_backward(x, p, z, std, weight, bias)
         ctx.eps, ctx.groups = eps, groups
-        y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, s.dtype))
-        _apply(rows, s, y.flatten(2), groups)
-        return y
+        return y.view_as(x)
 
     @staticmethod
     @once_differentiable  # first derivatives only: the backward writes into buffers
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, p, z, std, weight, bias = ctx.saved_tensors
-        rows, g, groups = x.flatten(2), grad.flatten(2), ctx.groups
+        rows, g, groups, n = x.flatten(2), grad.flatten(2), ctx.groups, x[0, 0].numel()
         w, b = weight.flatten().to(z.dtype), bias.flatten().to(z.dtype)
-        s = _sigmoid_affine(z, w, b)  # recomputed: cheaper to keep z than z and s
-        ds = _group_sums(g, rows, groups)
-        dsim, dweight, dbias = _mask_grad(ds.to(z.dtype), s, z, std, w, ctx.eps)
-        dx = None
-        if ctx.needs_input_grad[0]:
+        dx = torch.empty_like(x)
+        dweight, dbias, tmp = torch.zeros_like(w), torch.zeros_like(b), None
+        for k in _samples(rows):
+            s = _sigmoid_affine(z[k], w, b)  # recomputed: cheaper to keep z than z and s
+            ds, tmp = _group_sums(g[k], rows[k], groups, tmp)
+            dsim, dw, db = _mask_grad(ds.to(z.dtype), s, z[k], std[k], w, ctx.eps)
+            dweight += dw
+            dbias += db
             dsim = dsim.to(rows.dtype)
-            dx = torch.empty_like(x)
-            _sge_dx(g, s, p, dsim, _p_grad(rows, dsim, groups) / rows.shape[2], dx.flatten(2), groups)
+            dp = _p_grad(rows[k], dsim, groups, tmp) / n
+            _sge_dx(g[k], s, p[k], dsim, dp, dx.flatten(2)[k], groups)
+        dx = dx if ctx.needs_input_grad[0] else None
         return dx, dweight.view_as(weight).to(weight.dtype), dbias.view_as(bias).to(bias.dtype), None, None
 
 
-def _p_grad(rows: Tensor, dsim: Tensor, groups: int) -> Tensor:
-    """``sum_n x[c, n] dsim[g(c), n]`` (B, C): the gradient the similarity passes to p."""
-    dp = rows.new_empty(rows.shape[:2])
-    tmp = None
+def _forward(rows: Tensor, w: Tensor, b: Tensor, eps: float, groups: int
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y (B, C, N), p (B, C), z (B, G, N), std (B, G, 1)) of SGE on ``rows`` (B, C, N), one
+    sample at a time on the CPU."""
+    bsz, ch, n = rows.shape
+    p = rows.new_empty(bsz, ch)
+    z = rows.new_empty(bsz, groups, n)
+    std = rows.new_empty(bsz, groups, 1)
+    y, tmp = None, None
     for k in _samples(rows):
-        grouped = _groups(rows[k], groups)
-        fits = tmp is not None and tmp.shape == grouped.shape
-        tmp = torch.mul(grouped, dsim[k].unsqueeze(2), out=tmp) if fits else grouped * dsim[k].unsqueeze(2)
-        dp[k] = tmp.sum(dim=3).flatten(1)
-    return dp
+        p[k] = _gap(rows[k])
+        sim, tmp = _group_sums(rows[k], p[k].unsqueeze(2), groups, tmp)
+        s, z[k], std[k] = _mask(sim, w.to(sim.dtype), b.to(sim.dtype), eps)
+        if y is None:  # in x's memory format, in the dtype of x * s
+            y = torch.empty_like(rows, dtype=torch.promote_types(rows.dtype, s.dtype))
+        torch.mul(_groups(rows[k], groups), s.unsqueeze(2), out=_groups(y[k], groups))
+    return y, p, z, std
+
+
+def _p_grad(rows: Tensor, dsim: Tensor, groups: int, tmp: Optional[Tensor]) -> Tensor:
+    """``sum_n x[c, n] dsim[g(c), n]`` (k, C): the gradient the similarity passes to p; the
+    product goes into ``tmp`` (k, C, N) when it fits."""
+    grouped = _groups(rows, groups)
+    if tmp is not None and tmp.shape == rows.shape and tmp.dtype == rows.dtype:
+        prod = torch.mul(grouped, dsim.unsqueeze(2), out=_groups(tmp, groups))
+    else:
+        prod = grouped * dsim.unsqueeze(2)
+    return prod.sum(dim=3).flatten(1)
 
 
 def _sge_dx(g: Tensor, s: Tensor, p: Tensor, dsim: Tensor, dp: Tensor, out: Tensor, groups: int) -> Tensor:
-    """``dx = g * s + p * dsim + dp`` (mask and dsim per group and position, p and dp per
-    channel, dp already divided by N), one sample at a time, into ``out`` (B, C, N)."""
-    for k in _samples(g):
-        o = _groups(out[k], groups)
-        torch.addcmul(_groups(dp[k].unsqueeze(2), groups), _groups(g[k], groups), s[k].unsqueeze(2), out=o)
-        o.addcmul_(_groups(p[k].unsqueeze(2), groups), dsim[k].unsqueeze(2))
-    return out
+    """``dx = g * s + p * dsim + dp`` for one chunk (k, C, N) into ``out``: mask and dsim per
+    group and position (k, G, N), p and dp per channel (k, C), dp already divided by N."""
+    o = _groups(out, groups)
+    # Not one addcmul with the per-channel dp as its input: a slow path (fused_gates._mul_add).
+    torch.mul(_groups(g, groups), s.unsqueeze(2), out=o).add_(_groups(dp.unsqueeze(2), groups))
+    return o.addcmul_(_groups(p.unsqueeze(2), groups), dsim.unsqueeze(2))
 
 
 def sge_gate(x: Tensor, weight: Tensor, bias: Tensor, eps: float, groups: int) -> Tensor:
@@ -164,9 +168,4 @@ def sge_gate(x: Tensor, weight: Tensor, bias: Tensor, eps: float, groups: int) -
     """
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return _SGEGate.apply(x, weight, bias, eps, groups)
-    rows = x.flatten(2)
-    sim = _similarity(rows, groups)[1]
-    s = _mask(sim, weight.flatten().to(sim.dtype), bias.flatten().to(sim.dtype), eps)[0]
-    y = torch.empty_like(x, dtype=torch.promote_types(x.dtype, s.dtype))
-    _apply(rows, s, y.flatten(2), groups)
-    return y
+    return _forward(x.flatten(2), weight.flatten(), bias.flatten(), eps, groups)[0].view_as(x)
