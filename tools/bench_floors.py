@@ -200,7 +200,8 @@ def run_stages(args: argparse.Namespace) -> str:
     rows, notes = stage_rows(args, device)
     step = step_rows(args, device) if args.step else []
     return "\n".join([
-        "## modules-stages: attention modules against their memory-traffic floor (issue 24)", "",
+        f"## modules-stages{'-compiled' if args.compile else ''}: attention modules against their "
+        f"memory-traffic floor (issue 24){', torch.compile' if args.compile else ''}", "",
         *stages_text(args, device), "", *env,
         f"- {torch.get_num_threads()} CPU threads; load average when it ended: {load_average()}", "",
         *TABLE_HEAD, *rows, "", *notes,

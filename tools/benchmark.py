@@ -280,7 +280,7 @@ def run_modules(args: argparse.Namespace) -> str:
     if args.stages:
         args.modules = args.modules or ",".join(bench_floors.MODULES)
         args.batch_size = args.batch_size or 8
-        args.section = "modules-stages"
+        args.section = "modules-stages-compiled" if args.compile else "modules-stages"
         return bench_floors.run_stages(args)
     args.modules = args.modules or "se,eca,cbam,sa,mhsa,la,ga,lga"
     args.batch_size = args.batch_size or 16
