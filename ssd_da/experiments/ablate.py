@@ -205,25 +205,39 @@ def _train_in_process(spec: RunSpec, resume: Path | None, train_fn: TrainFn) -> 
     return _finished(spec)
 
 
-def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script: Path) -> RunOutcome:
-    """The training script on one GPU, fed the run's resolved config; output to train.log."""
+def train_command(spec: RunSpec, resume: Path | None, train_script: Path,
+                  launcher: Sequence[str] = ()) -> list[str]:
+    """The argv that trains ``spec`` with ``train_script`` from its saved config (written here:
+    the script writes the same file again); ``launcher`` goes first (e.g. torchrun's argv)."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     config_path = spec.out_dir / "config.yaml"
-    save_config(spec.cfg, config_path)  # train.py writes the same file again
-    cmd = [sys.executable, str(train_script), "--config", str(config_path)]
+    save_config(spec.cfg, config_path)
+    cmd = [*launcher, str(train_script), "--config", str(config_path)]
     if resume is not None:
         cmd += ["--resume", str(resume)]
     if _replaces_leftovers(spec, resume):
         cmd += ["--overwrite"]
+    return cmd
+
+
+def exit_outcome(spec: RunSpec, rc: int, log: Path) -> RunOutcome:
+    """The outcome of a training subprocess that exited with ``rc`` (its output in ``log``)."""
+    if rc == EXIT_NON_FINITE:  # a seed that diverges is a result, not a crash
+        return RunOutcome(spec, "diverged", f"non-finite loss; see {log}")
+    if rc != 0:
+        return RunOutcome(spec, "failed", f"exit status {rc}; see {log}")
+    return _finished(spec)
+
+
+def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script: Path) -> RunOutcome:
+    """The training script on one GPU, fed the run's resolved config; output to train.log."""
+    cmd = train_command(spec, resume, Path(train_script), [sys.executable])
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
     logger.info("[gpu %s] %s: %s", gpu, spec.name, " ".join(cmd))
-    with open(spec.out_dir / "train.log", "a") as log:
-        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc == EXIT_NON_FINITE:  # a seed that diverges is a result, not a crash
-        return RunOutcome(spec, "diverged", f"non-finite loss; see {spec.out_dir / 'train.log'}")
-    if rc != 0:
-        return RunOutcome(spec, "failed", f"exit status {rc}; see {spec.out_dir / 'train.log'}")
-    return _finished(spec)
+    log = spec.out_dir / "train.log"
+    with open(log, "a") as fh:
+        rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    return exit_outcome(spec, rc, log)
 
 
 def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str],
