@@ -1,6 +1,6 @@
 """The runs of a suite as SLURM jobs, through submitit: submit (idempotently), watch, report.
 
-Each unfinished run becomes one job (the runs of one submission form a job array) that calls
+Each unfinished run becomes one job that calls
 :class:`~ssd_da.experiments.slurm_job.SlurmRun`. The suite folder keeps what a later command
 needs: ``slurm/jobs.json`` (the job id and log files of each run, and the suite's options, which
 ``tools/ablate.py --status`` reads) and ``slurm/logs/`` (submitit's job scripts, pickles and logs).
@@ -42,7 +42,7 @@ FINAL_STATES = ("done", "failed", "diverged", "not submitted")
 # sbatch options the launcher sets itself (its own options, or submitit's bookkeeping).
 OWNED_SBATCH = {"partition": "--partition", "time": "--time-limit", "gpus-per-node":
                 "--gpus-per-job", "cpus-per-task": "--cpus-per-job", "account": "--account",
-                "qos": "--qos", "signal": "--signal-before", "array": "(one array per submission)",
+                "qos": "--qos", "signal": "--signal-before", "array": "(one job per run)",
                 "output": "(submitit's log)", "error": "(submitit's log)",
                 "job-name": "(ssd_da)", "ntasks-per-node": "(one task per job)"}
 
@@ -149,7 +149,7 @@ def _need(command: str) -> None:
 
 
 def active_jobs() -> dict[str, str]:
-    """{job id: state} of this user's queued and running jobs; array tasks as ``<array>_<k>``."""
+    """{job id: state} of this user's queued and running jobs (array tasks as ``<id>_<k>``)."""
     _need("squeue")
     out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
                          capture_output=True, text=True, timeout=60)
@@ -184,8 +184,10 @@ def submit_runs(specs: Sequence[RunSpec], root: Path, opts: SlurmOptions, train_
             executor.update_parameters(**opts.executor_parameters())
             runs = [SlurmRun(s, Path(train_script).resolve(), opts.gpus_per_job,
                              grace_s=max(1.0, opts.signal_s / 2)) for s in todo]
-            with executor.batch():
-                handles = [executor.submit(run) for run in runs]
+            # One job per run, not an array: each can be signalled, requeued and cancelled by
+            # its own id (SLURM 22.05 answers a signal to one array task with "try again
+            # later" while its siblings are pending, and scancel retries for a minute).
+            handles = [executor.submit(run) for run in runs]
             for spec, job in zip(todo, handles):
                 jobs["runs"][spec.name] = {"job_id": str(job.job_id),
                                            "stdout": str(job.paths.stdout),
