@@ -57,7 +57,8 @@ DEFAULT_DEPTHS = {"order": (50,), "attention": (18, 34, 50, 101), "lga": (18,)}
 # Settings that do not change what a run learns: an existing run folder is reused when only
 # these differ from its saved config.yaml (``iters`` is checked against the summary instead).
 RESULT_NEUTRAL_FIELDS = frozenset({"workers", "device", "eval_batch_size", "log_every",
-                                   "ckpt_every", "eval_every", "iters", "output_dir"})
+                                   "ckpt_every", "eval_every", "iters", "output_dir",
+                                   "tensorboard"})
 TrainFn = Callable[..., dict[str, Any]]
 
 
