@@ -123,3 +123,14 @@ def test_tensorboard_option_reaches_every_run_and_reuses_finished_ones(tmp_path)
     save_config(load_config(None, ["iters=5", "backbone=resnet18"]), spec.out_dir / "config.yaml")
     (spec.out_dir / "summary.json").write_text(json.dumps({"iterations": 5}))
     assert run_state(spec) == ("done", None)
+
+
+def test_overwrite_deletes_the_events_with_the_run(tmp_path):
+    from ssd_da.engine.run_folder import clear_run
+
+    (tmp_path / TENSORBOARD_DIR).mkdir()
+    (tmp_path / TENSORBOARD_DIR / "events.out.tfevents.1").write_bytes(b"old run")
+    (tmp_path / "log.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("the user's")
+    clear_run(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
