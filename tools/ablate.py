@@ -23,7 +23,8 @@ interval).
 
 Every tools/train.py option (--config, --iters, --lr, key=value, ...) is passed to every run.
 The runner owns --backbone, --seed and --resume; --output-dir DIR gets one folder per run,
-DIR/<backbone>/seed<k>/, and results.csv, results.md, map_vs_params.png at its top. Rerunning
+DIR/<backbone>/seed<k>/, and results.csv, results.md (with the seeds each difference needs),
+map_vs_params.png and power_curves.png at its top. Rerunning
 the same command skips finished runs and resumes interrupted ones; with --launcher slurm it
 also leaves queued and running jobs alone and resubmits failed ones (job ids in DIR/slurm/).
 Exit status: 0 every run finished (--no-wait: submitted); 1 some did not; 2 bad input;
@@ -87,7 +88,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=_str_list,
                    help="one tools/train.py subprocess per GPU id, e.g. 0,1,2,3 (default: "
                         "runs one after another in this process)")
-    g.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    g.add_argument("--level", type=float, default=0.95,
+                   help="confidence level of the intervals (the power test's alpha is 1 - level)")
+    g.add_argument("--min-effect", type=float, default=0.3, metavar="PP",
+                   help="the difference in points of mAP that results.md's seeds-needed column "
+                        "plans for, next to the observed one (default 0.3)")
     g.add_argument("--report-only", action="store_true",
                    help="write the tables from the runs on disk; train nothing")
     _add_slurm_arguments(p)
@@ -167,6 +172,8 @@ def _backbones_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]
         _fail(f"--seeds must be >= 1, got {args.seeds}")
     if not 0.0 < args.level < 1.0:
         _fail(f"--level must lie strictly between 0 and 1, got {args.level}")
+    if not args.min_effect > 0.0:
+        _fail(f"--min-effect must be > 0 points of mAP, got {args.min_effect}")
     try:
         backbones = suite_backbones(args.suite, args.depths) if args.suite else args.backbones
     except ValueError as exc:
@@ -260,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
             outcomes = run_suite(specs, args.gpus, train_script=TRAIN_SCRIPT)
         paths = write_reports(specs, outcomes, root, class_names_from_config(base),
                               args.suite if args.suite in ("order", "lga") else "attention",
-                              args.level)
+                              args.level, min_effect=args.min_effect)
     except (ValueError, FileNotFoundError) as exc:
         return report_error("ablate.py", exc)
     return _closing(specs, outcomes, paths)
@@ -273,7 +280,7 @@ def _closing(specs: list, outcomes: list, paths: dict) -> int:
     counts = ", ".join(f"{sum(o.status == k for o in outcomes)} {k}"
                        for k in ("skipped", "trained", "diverged", "failed"))
     print(f"\n{len(specs)} runs ({counts if outcomes else 'report only'}); tables in "
-          f"{paths['md']}, {paths['csv']}, {paths['png']}")
+          f"{paths['md']}, {paths['csv']}, {paths['png']}, {paths['power']}")
     return 1 if bad else 0
 
 

@@ -33,8 +33,9 @@ from ssd_da.engine import trainer
 from ssd_da.engine.run_folder import existing_run_files
 from ssd_da.engine.runlog import read_run_log
 from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError
+from ssd_da.experiments.power import power_report
 from ssd_da.experiments.report import (RunRecord, format_markdown, plot_map_vs_params, summarize,
-                                       write_results_csv)
+                                       table_label, write_results_csv)
 from ssd_da.models.complexity import measure_detector
 from ssd_da.models.names import DEPTHS, backbone_name, parse_backbone_name
 
@@ -386,8 +387,10 @@ def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int],
 def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root: Path,
                   class_names: Sequence[str], layout: str = "attention", level: float = 0.95,
                   measure: Callable[[str, int], tuple[int, int]] = measure_detector,
-                  ) -> dict[str, Path]:
-    """results.csv, results.md and map_vs_params.png under ``root``; returns their paths."""
+                  min_effect: float = 0.3) -> dict[str, Path]:
+    """results.csv, results.md, map_vs_params.png and power_curves.png under ``root``; returns
+    their paths. ``min_effect``: the difference (points of mAP) the seeds-needed column plans
+    for, next to the observed one; the test's alpha is ``1 - level``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     records, missing = collect_records(specs, len(class_names) + 1, measure)
@@ -395,7 +398,7 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
         if o.status in ("diverged", "failed"):
             missing[o.spec.name] = f"{o.status}: {o.message}"
     paths = {"csv": root / "results.csv", "md": root / "results.md",
-             "png": root / "map_vs_params.png"}
+             "png": root / "map_vs_params.png", "power": root / "power_curves.png"}
     write_results_csv(records, class_names, paths["csv"])
     groups = summarize(records, level)
     backbones = list(dict.fromkeys(s.backbone for s in specs))
@@ -408,7 +411,9 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
     failures = [f"{name}: {why}" for name, why in missing.items()]
     # The DA paper's numbers are VOC07 test mAP; the LGA paper's (TinyPerson) are context always.
     paper = layout == "lga" or list(class_names) == list(VOC_CLASSES)
-    paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper))
+    power = power_report(groups, paths["power"], min_effect, 1.0 - level,
+                         lambda name: table_label(name, layout))
+    paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper, power))
     plot_map_vs_params(groups, paths["png"], layout)
     logger.info("%d of %d runs reported; %s", len(records), len(specs),
                 ", ".join(str(p) for p in paths.values()))
