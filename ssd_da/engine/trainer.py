@@ -346,7 +346,7 @@ def finish_run(state: TrainState, cfg: Config, out_dir: Path, device: torch.devi
                wall_time_s: float, skipped: dict[str, int]) -> dict[str, Any]:
     """Checks that DDP replicas agree, then curves PNG and a summary (rank 0), then tears down
     the process group. Timings are for the whole run, all resumed sessions together."""
-    dist_utils.check_replicas_agree(dist_utils.unwrap(state.model))
+    digests = dist_utils.check_replicas_agree(dist_utils.unwrap(state.model))
     timing = state.timing
     summary = {
         "backbone": cfg.backbone, "iterations": state.iteration, "final_map": state.last_map,
@@ -357,6 +357,7 @@ def finish_run(state: TrainState, cfg: Config, out_dir: Path, device: torch.devi
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                            if device.type == "cuda" else None),
         "output_dir": str(out_dir), "skipped_samples": skipped,  # --skip-bad
+        "parameter_digests": digests,  # per rank, all equal (checked): the final weights' hash
     }
     if dist_utils.is_main_process():
         plot_training_curves(out_dir / "log.jsonl", out_dir / "curves.png")
