@@ -130,13 +130,16 @@ FAKE_TRAIN = textwrap.dedent("""
     open(os.path.join(out, "pid"), "w").write(str(os.getpid()))
     if mode == "diverge":
         sys.exit(3)
-    if mode in ("graceful", "stubborn"):  # a trainer that stops at the end of its step, or not
+    if mode == "graceful":  # the trainer's signal handling: finish the step, save, exit 75
         def stop(signum, frame):
-            if mode == "graceful":
-                open(os.path.join(out, "last.pth"), "w").write("state")
-                sys.exit(0)
+            open(os.path.join(out, "last.pth"), "w").write("state")
+            sys.exit(75)
         signal.signal(signal.SIGUSR1, stop)
+        signal.signal(signal.SIGTERM, stop)
+    if mode == "stubborn":  # ignores the time-limit warning; SIGTERM ends it with status 1
+        signal.signal(signal.SIGUSR1, lambda s, f: None)
         signal.signal(signal.SIGTERM, lambda s, f: sys.exit(1))
+    if mode in ("graceful", "stubborn"):
         time.sleep(20)
         sys.exit(0)
     with open(os.path.join(out, "log.jsonl"), "a") as fh:
@@ -200,13 +203,15 @@ def test_time_limit_signal_requeues_the_job(wrapper, monkeypatch, mode, to_child
         os.kill(int((spec.out_dir / "pid").read_text()), signal.SIGKILL)
 
 
-def test_preemption_ends_the_job_without_a_result_or_a_requeue(wrapper, monkeypatch):
+@pytest.mark.parametrize("mode", ["graceful", "stubborn"])
+def test_preemption_ends_the_job_without_a_result_or_a_requeue(wrapper, monkeypatch, mode):
     spec, run, calls = wrapper
-    monkeypatch.setenv("FAKE_MODE", "stubborn")  # exits 1 on SIGTERM
+    monkeypatch.setenv("FAKE_MODE", mode)  # exits 75 after saving, or 1
     _signal_once_started(spec, signal.SIGTERM, to_child=True)
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit) as exc:  # no result pickle: the run is not over
         run()
     assert exc.value.code == EXIT_REQUEUED and calls == []  # SLURM requeues a pre-empted job
+    assert ((spec.out_dir / "last.pth").is_file()) == (mode == "graceful")
 
 
 def test_wrapper_returns_the_outcome_and_resumes(wrapper, monkeypatch):

@@ -14,6 +14,11 @@ terminal. This wrapper only decides what happens to the job afterwards:
 - ``SIGTERM``: pre-emption, ``scontrol requeue`` or ``scancel``. SLURM itself requeues a
   pre-empted job (``PreemptMode=REQUEUE``) or ends it; the wrapper exits without a result.
 
+What this needs of the training process: on SIGUSR1 and SIGTERM it stops, at best after
+finishing its step and writing ``last.pth`` (the trainer's signal handling, exit status 75); its
+exit status is not read. A trainer without that handling dies of the signal and the run resumes
+from its last periodic ``last.pth`` (``ckpt_every``), losing only the steps since.
+
 A requeued or pre-empted run resumes bit-identically: the data order is a function of the seed
 and the iteration only (:mod:`ssd_da.engine.trainer`), so a run that went through any number of
 ``last.pth`` checkpoints ends with the same weights as one that did not.
@@ -113,11 +118,13 @@ class SlurmRun:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                     preexec_fn=_ignore_usr1 if self.gpus > 1 else None)
             rc = self._wait(proc, signals)
-        if signals.time_limit_at is not None and run_state(self.spec)[0] != "done":
-            requeue_this_job()
-            raise SystemExit(EXIT_REQUEUED)
-        if signals.terminated and rc != 0:
-            raise SystemExit(EXIT_REQUEUED)  # SLURM requeues (pre-emption) or ends the job
+        # The trainer's exit status after a signal does not matter here (75 when it saved
+        # last.pth and stopped, or death by the signal before it could): unfinished is unfinished.
+        if (signals.time_limit_at is not None or signals.terminated) \
+                and run_state(self.spec)[0] != "done":
+            if signals.time_limit_at is not None:
+                requeue_this_job()
+            raise SystemExit(EXIT_REQUEUED)  # no result: SLURM requeues (pre-emption) or ends it
         return exit_outcome(self.spec, rc, log)
 
     def _wait(self, proc: subprocess.Popen, signals: JobSignals) -> int:
