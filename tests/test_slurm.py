@@ -226,3 +226,55 @@ def test_wrapper_returns_the_outcome_and_resumes(wrapper, monkeypatch):
     torchrun = SlurmRun(spec, run.train_script, gpus=4).launcher()
     assert torchrun == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "4"]
+
+
+class _FakeJob:
+    def __init__(self, job_id: str, folder: Path) -> None:
+        self.job_id, self.paths = job_id, JobPaths(folder, job_id, 0)
+
+
+class _FakeExecutor:
+    """submitit.SlurmExecutor's surface that submit_runs uses; job ids 100, 101, ..."""
+
+    submitted: list = []
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def update_parameters(self, **params) -> None:
+        self.params = params
+
+    def submit(self, run: SlurmRun) -> _FakeJob:
+        _FakeExecutor.submitted.append(run.spec.name)
+        return _FakeJob(str(99 + len(_FakeExecutor.submitted)), self.folder)
+
+
+def test_resubmitting_skips_finished_and_queued_runs_and_resubmits_the_rest(tmp_path, monkeypatch):
+    import submitit
+
+    monkeypatch.setattr(submitit, "SlurmExecutor", _FakeExecutor)
+    monkeypatch.setattr(slurm, "_need", lambda command: None)
+    _FakeExecutor.submitted = []
+    root = tmp_path / "suite"
+    specs = plan_runs(load_config(None, ["iters=3", "classes=[x]"]), ["resnet18", "da_resnet18"],
+                      [0, 1], root)
+    _finished_run(specs[0])
+    monkeypatch.setattr(slurm, "active_jobs", lambda: {})
+    todo = slurm.submit_runs(specs, root, SlurmOptions(), tmp_path / "train.py", {"seeds": 2})
+    assert [s.name for s in todo] == _FakeExecutor.submitted == [s.name for s in specs[1:]]
+    jobs = slurm.read_jobs(root)
+    assert jobs["options"] == {"seeds": 2}
+    assert {k: v["job_id"] for k, v in jobs["runs"].items()} == {
+        "da_resnet18/seed0": "100", "resnet18/seed1": "101", "da_resnet18/seed1": "102"}
+    # 100 still queued, 101 running, 102 gone (failed or cancelled): only 102's run goes again.
+    monkeypatch.setattr(slurm, "active_jobs", lambda: {"100": "PENDING", "101": "RUNNING"})
+    again = slurm.submit_runs(specs, root, SlurmOptions(), tmp_path / "train.py", {"seeds": 2})
+    assert [s.name for s in again] == ["da_resnet18/seed1"]
+    assert slurm.read_jobs(root)["runs"]["da_resnet18/seed1"]["job_id"] == "103"
+    # A second submission while one holds the suite's lock is refused, not doubled.
+    import fcntl
+
+    with open(root / "slurm" / "submit.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another ablate.py is submitting this suite"):
+            slurm.submit_runs(specs, root, SlurmOptions(), tmp_path / "train.py", {})
