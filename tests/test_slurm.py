@@ -237,6 +237,7 @@ class _FakeExecutor:
     """submitit.SlurmExecutor's surface that submit_runs uses; job ids 100, 101, ..."""
 
     submitted: list = []
+    refuse: set = set()  # run names sbatch refuses
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -245,6 +246,10 @@ class _FakeExecutor:
         self.params = params
 
     def submit(self, run: SlurmRun) -> _FakeJob:
+        from submitit.core.utils import FailedJobError
+
+        if run.spec.name in _FakeExecutor.refuse:
+            raise FailedJobError("sbatch: error: Batch job submission failed: Invalid account")
         _FakeExecutor.submitted.append(run.spec.name)
         return _FakeJob(str(99 + len(_FakeExecutor.submitted)), self.folder)
 
@@ -271,6 +276,15 @@ def test_resubmitting_skips_finished_and_queued_runs_and_resubmits_the_rest(tmp_
     again = slurm.submit_runs(specs, root, SlurmOptions(), tmp_path / "train.py", {"seeds": 2})
     assert [s.name for s in again] == ["da_resnet18/seed1"]
     assert slurm.read_jobs(root)["runs"]["da_resnet18/seed1"]["job_id"] == "103"
+    # sbatch refuses a job half-way: a clear error, and the jobs submitted before it are kept.
+    (root / "slurm" / "jobs.json").unlink()
+    _FakeExecutor.refuse = {"resnet18/seed1"}
+    monkeypatch.setattr(slurm, "active_jobs", lambda: {})
+    with pytest.raises(ValueError, match=r"sbatch refused the job of resnet18/seed1: .*Invalid "
+                                         r"account \(see --partition, --account"):
+        slurm.submit_runs(specs, root, SlurmOptions(), tmp_path / "train.py", {})
+    assert list(slurm.read_jobs(root)["runs"]) == ["da_resnet18/seed0"]
+    _FakeExecutor.refuse = set()
     # A second submission while one holds the suite's lock is refused, not doubled.
     import fcntl
 

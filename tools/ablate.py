@@ -27,7 +27,8 @@ DIR/<backbone>/seed<k>/, and results.csv, results.md (with the seeds each differ
 map_vs_params.png and power_curves.png at its top. Rerunning
 the same command skips finished runs and resumes interrupted ones; with --launcher slurm it
 also leaves queued and running jobs alone and resubmits failed ones (job ids in DIR/slurm/).
-Exit status: 0 every run finished (--no-wait: submitted); 1 some did not; 2 bad input;
+Exit status: 0 every run finished (--no-wait: submitted); 1 some did not; 2 bad input (or
+sbatch / squeue refused, message on stderr);
 4 (--status) some runs are still queued or running (the tables come once none is).
 """
 from __future__ import annotations
@@ -42,8 +43,9 @@ from ssd_da.config import add_config_arguments, parse_key_values, resolve_config
 from ssd_da.engine.data import class_names_from_config
 from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_suite,
                                        suite_backbones, write_reports)
-from ssd_da.experiments.slurm import (SlurmOptions, format_status, outcomes_of, read_jobs,
-                                      submit_runs, suite_status, wait_for_runs)
+from ssd_da.experiments.slurm import (SlurmOptions, SlurmUnavailable, format_status,
+                                      outcomes_of, read_jobs, submit_runs, suite_status,
+                                      wait_for_runs)
 from ssd_da.utils.cli import fail, report_error
 
 logger = logging.getLogger("ablate")
@@ -268,7 +270,7 @@ def main(args: argparse.Namespace) -> int:
         paths = write_reports(specs, outcomes, root, class_names_from_config(base),
                               args.suite if args.suite in ("order", "lga") else "attention",
                               args.level, min_effect=args.min_effect)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, SlurmUnavailable) as exc:
         return report_error("ablate.py", exc)
     return _closing(specs, outcomes, paths)
 

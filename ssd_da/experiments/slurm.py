@@ -47,6 +47,10 @@ OWNED_SBATCH = {"partition": "--partition", "time": "--time-limit", "gpus-per-no
                 "job-name": "(ssd_da)", "ntasks-per-node": "(one task per job)"}
 
 
+class SlurmUnavailable(RuntimeError):
+    """squeue did not answer: the controller is down or unreachable."""
+
+
 @dataclass(frozen=True)
 class SlurmOptions:
     """What each job asks SLURM for. ``sbatch``: further ``#SBATCH`` options, name -> value
@@ -154,7 +158,7 @@ def active_jobs() -> dict[str, str]:
     out = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T"],
                          capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
-        raise RuntimeError(f"squeue failed: {out.stderr.strip()}")
+        raise SlurmUnavailable(f"squeue failed (is slurmctld reachable?): {out.stderr.strip()}")
     states = {}
     for line in out.stdout.splitlines():
         job_id, _, state = line.strip().partition("|")
@@ -182,21 +186,35 @@ def submit_runs(specs: Sequence[RunSpec], root: Path, opts: SlurmOptions, train_
         if todo:
             executor = submitit.SlurmExecutor(folder=_log_folder(root))
             executor.update_parameters(**opts.executor_parameters())
-            runs = [SlurmRun(s, Path(train_script).resolve(), opts.gpus_per_job,
-                             grace_s=max(1.0, opts.signal_s / 2)) for s in todo]
             # One job per run, not an array: each can be signalled, requeued and cancelled by
             # its own id (SLURM 22.05 answers a signal to one array task with "try again
             # later" while its siblings are pending, and scancel retries for a minute).
-            handles = [executor.submit(run) for run in runs]
-            for spec, job in zip(todo, handles):
+            for spec in todo:
+                job = _submit_one(executor, SlurmRun(spec, Path(train_script).resolve(),
+                                                     opts.gpus_per_job,
+                                                     grace_s=max(1.0, opts.signal_s / 2)))
                 jobs["runs"][spec.name] = {"job_id": str(job.job_id),
                                            "stdout": str(job.paths.stdout),
                                            "stderr": str(job.paths.stderr)}
+                _write_jobs(root, jobs)  # at once: a later refusal must not orphan this job
                 logger.info("%s: job %s", spec.name, job.job_id)
         _write_jobs(root, jobs)
     logger.info("%d runs: %d submitted, %d finished or queued/running already", len(specs),
                 len(todo), len(specs) - len(todo))
     return todo
+
+
+def _submit_one(executor: Any, run: SlurmRun) -> Any:
+    """``executor.submit(run)``; sbatch's refusal (an unknown partition, account or QoS, an
+    impossible request) as a ValueError naming the options that shape the request."""
+    from submitit.core.utils import FailedJobError
+
+    try:
+        return executor.submit(run)
+    except FailedJobError as exc:
+        raise ValueError(f"sbatch refused the job of {run.spec.name}: {str(exc).strip()} "
+                         f"(see --partition, --account, --qos, --gpus-per-job, --cpus-per-job, "
+                         f"--time-limit, --sbatch)") from None
 
 
 def _ended(spec: RunSpec, record: dict[str, str], root: Path) -> RunStatus:
