@@ -22,7 +22,9 @@ READY_TIMEOUT_S=${SLURM_LOCAL_TIMEOUT_S:-180}
 
 cannot() { echo "slurm_local.sh: cannot start: $*" >&2; exit 3; }
 die() { echo "slurm_local.sh: $*" >&2; exit 1; }
-alive() { [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive PIDFILE NAME: the pid file names a running process called NAME (a stale file's pid may
+# belong to another process by now).
+alive() { [[ -s "$1" ]] && [[ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" == "$2" ]]; }
 
 install_packages() {
     command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
@@ -87,11 +89,11 @@ EOF
     fi
     mv "$CONF.tmp" "$CONF"
     # A running cluster reads the new file now (started daemons read it when they start).
-    if alive "$CTLD_PID"; then scontrol reconfigure || die "scontrol reconfigure failed"; fi
+    if alive "$CTLD_PID" slurmctld; then scontrol reconfigure || die "scontrol reconfigure failed"; fi
 }
 
 start_munge() {
-    alive "$MUNGE_PID" && return 0
+    alive "$MUNGE_PID" munged && return 0
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
     if [[ ! -s /etc/munge/munge.key ]]; then  # the package makes one; make it if it did not
@@ -123,23 +125,22 @@ start() {
     write_config
     start_munge
     munge -n | unmunge >/dev/null 2>&1 || die "munge does not work (munge -n | unmunge failed)"
-    alive "$CTLD_PID" || slurmctld || die "slurmctld did not start; see $LOGS/slurmctld.log"
-    alive "$SLURMD_PID" || slurmd || die "slurmd did not start; see $LOGS/slurmd.log"
+    alive "$CTLD_PID" slurmctld || slurmctld || die "slurmctld did not start; see $LOGS/slurmctld.log"
+    alive "$SLURMD_PID" slurmd || slurmd || die "slurmd did not start; see $LOGS/slurmd.log"
     wait_ready
     echo "slurm_local.sh: one-node cluster ready ($(sinfo -h -o '%P %D node(s) %c CPUs' | head -n 1))"
 }
 
 stop() {
-    local pidfile
-    for pidfile in "$SLURMD_PID" "$CTLD_PID" "$MUNGE_PID"; do
-        if alive "$pidfile"; then kill "$(cat "$pidfile")"; fi
-    done
+    if alive "$SLURMD_PID" slurmd; then kill "$(cat "$SLURMD_PID")"; fi
+    if alive "$CTLD_PID" slurmctld; then kill "$(cat "$CTLD_PID")"; fi
+    if alive "$MUNGE_PID" munged; then kill "$(cat "$MUNGE_PID")"; fi
     echo "slurm_local.sh: stopped"
 }
 
 status() {
     command -v sinfo >/dev/null || die "SLURM is not installed (run: bash tools/slurm_local.sh start)"
-    alive "$CTLD_PID" && alive "$SLURMD_PID" || die "slurmctld/slurmd not running"
+    alive "$CTLD_PID" slurmctld && alive "$SLURMD_PID" slurmd || die "slurmctld/slurmd not running"
     case "$(node_state)" in
         idle*|mixed*|allocated*|completing*) echo "slurm_local.sh: ready"; return 0 ;;
         *) die "node state '$(node_state)'" ;;
