@@ -120,6 +120,7 @@ def test_status_of_each_run_from_squeue_folders_and_results(tmp_path, monkeypatc
     outcomes = slurm.outcomes_of(got)
     assert [o.status for o in outcomes] == ["trained", "failed", "failed", "diverged", "failed",
                                             "failed"]
+    assert slurm.outcomes_of(got, done_before=[specs[0].name])[0].status == "skipped"
 
 
 # ---------------------------------------------------------------- the job wrapper

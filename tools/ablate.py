@@ -41,7 +41,7 @@ from typing import NoReturn
 
 from ssd_da.config import add_config_arguments, parse_key_values, resolve_config
 from ssd_da.engine.data import class_names_from_config
-from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_suite,
+from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_state, run_suite,
                                        suite_backbones, write_reports)
 from ssd_da.experiments.slurm import (SlurmOptions, SlurmUnavailable, format_status,
                                       outcomes_of, read_jobs, submit_runs, suite_status,
@@ -226,6 +226,7 @@ def _run_on_slurm(args: argparse.Namespace, specs: list) -> list | None:
     """Submit (unless --status), wait (unless --no-wait); the outcomes once no run is queued or
     running, else None."""
     root = Path(args.output_dir)
+    done_before = [s.name for s in specs if run_state(s)[0] == "done"]
     if not args.status:
         options = {k: v for k, v in vars(args).items() if k not in ("status", "no_wait")}
         submit_runs(specs, root, _slurm_options(args), TRAIN_SCRIPT, options)
@@ -236,7 +237,7 @@ def _run_on_slurm(args: argparse.Namespace, specs: list) -> list | None:
     print(format_status(statuses))
     if any(s.state in ("queued", "running") for s in statuses):
         return None
-    return outcomes_of(statuses)
+    return outcomes_of(statuses, done_before)
 
 
 def main(args: argparse.Namespace) -> int:

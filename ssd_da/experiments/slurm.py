@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -286,8 +286,12 @@ def wait_for_runs(specs: Sequence[RunSpec], root: Path, poll_s: float = 30.0
             time.sleep(poll_s)
 
 
-def outcomes_of(statuses: Sequence[RunStatus]) -> list[RunOutcome]:
-    """The statuses as :func:`~ssd_da.experiments.ablate.write_reports` takes them."""
+def outcomes_of(statuses: Sequence[RunStatus], done_before: Iterable[str] = ()
+                ) -> list[RunOutcome]:
+    """The statuses as :func:`~ssd_da.experiments.ablate.write_reports` takes them; runs named
+    in ``done_before`` (finished before this command) count as skipped."""
     kind = {"done": "trained", "diverged": "diverged"}
-    return [RunOutcome(s.spec, kind.get(s.state, "failed"),
+    earlier = set(done_before)
+    return [RunOutcome(s.spec, "skipped" if s.state == "done" and s.spec.name in earlier
+                       else kind.get(s.state, "failed"),
                        s.message or f"{s.state}; see {s.log or '-'}") for s in statuses]
