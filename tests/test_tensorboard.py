@@ -3,6 +3,7 @@ checkpoint and resumed, whose events (read back with TensorBoard's own reader) h
 exactly once, with the log's values."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -120,7 +121,7 @@ def test_tensorboard_option_reaches_every_run_and_reuses_finished_ones(tmp_path)
     assert spec.cfg.tensorboard is True
     # A run trained without --tensorboard learned the same thing: it is reused, not refused.
     spec.out_dir.mkdir(parents=True)
-    save_config(load_config(None, ["iters=5", "backbone=resnet18"]), spec.out_dir / "config.yaml")
+    save_config(dataclasses.replace(spec.cfg, tensorboard=False), spec.out_dir / "config.yaml")
     (spec.out_dir / "summary.json").write_text(json.dumps({"iterations": 5}))
     assert run_state(spec) == ("done", None)
 
