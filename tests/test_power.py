@@ -42,7 +42,8 @@ def test_worked_example_effect_half_an_sd_needs_34_seeds():
     assert math.ceil(((z(0.975) + z(0.8)) / 0.5) ** 2 + z(0.975) ** 2 / 2) == 34
 
 
-@pytest.mark.parametrize("n, effect, sd", [(2, 4 / 3, math.sqrt(1 / 3)), (4, 4 / 3, math.sqrt(1 / 3)),
+@pytest.mark.parametrize("n, effect, sd", [(2, 4 / 3, math.sqrt(1 / 3)),
+                                           (4, 4 / 3, math.sqrt(1 / 3)),
                                            (32, 0.3, math.sqrt(1 / 3)), (7, 0.2, 0.9)])
 def test_power_agrees_with_the_integral_written_out(n, effect, sd):
     assert paired_power(n, effect, sd) == pytest.approx(power_by_integral(n, effect, sd), abs=1e-9)
@@ -89,8 +90,9 @@ def test_results_md_section_by_hand(tmp_path):
     # 3 seeds 0.565, with 4 seeds 0.854 (both also by the integral above); for 0.3 points
     # (dz = 0.52): 31 seeds give 0.799, 32 give 0.813.
     assert rows["DA-ResNet18 vs ResNet18"] == ["3", "+1.33", "0.58", "4", "32"]
-    assert power_by_integral(3, 4 / 3, math.sqrt(1 / 3)) < 0.8 < power_by_integral(4, 4 / 3, math.sqrt(1 / 3))
-    assert power_by_integral(31, 0.3, math.sqrt(1 / 3)) < 0.8 < power_by_integral(32, 0.3, math.sqrt(1 / 3))
+    sd = math.sqrt(1 / 3)
+    assert power_by_integral(3, 4 / 3, sd) < 0.8 < power_by_integral(4, 4 / 3, sd)
+    assert power_by_integral(31, 0.3, sd) < 0.8 < power_by_integral(32, 0.3, sd)
     assert rows["SE-ResNet34 vs ResNet34"][2:] == ["n/a", "n/a (one seed: no spread)",
                                                    "n/a (one seed: no spread)"]
     assert rows["ECA-ResNet50 vs ResNet50"][2:] == ["n/a", "n/a (seeds not matched)",

@@ -48,7 +48,8 @@ def test_each_job_asks_for_what_the_options_say():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"time_min": 0}, "--time-limit must be >= 1 minute"),
-    ({"time_min": 2, "signal_s": 120}, r"--signal-before must lie between 1 and the time limit \(120 s\)"),
+    ({"time_min": 2, "signal_s": 120},
+     r"--signal-before must lie between 1 and the time limit \(120 s\)"),
     ({"gpus_per_job": -1}, "--gpus-per-job must be >= 0"),
     ({"cpus_per_job": 0}, "--cpus-per-job must be >= 1"),
     ({"sbatch": {"signal": "USR2@60"}}, "set by the launcher; use --signal-before"),
@@ -62,7 +63,8 @@ def test_options_slurm_would_refuse_are_refused_first(kwargs, message):
 def test_cli_refuses_options_of_the_other_launcher(tmp_path, capsys):
     base = ["--backbones", "resnet18", "--output-dir", str(tmp_path / "s")]
     cases = [([*base, "--partition", "gpu"], "--partition: for --launcher slurm"),
-             ([*base, "--no-wait", "--time-limit", "30"], "--no-wait, --time-limit: for --launcher"),
+             ([*base, "--no-wait", "--time-limit", "30"],
+              "--no-wait, --time-limit: for --launcher"),
              ([*base, "--launcher", "slurm", "--gpus", "0"], "use --gpus-per-job N"),
              ([*base, "--launcher", "slurm", "--sbatch=--mem=1G"], "expected NAME=VALUE"),
              (["--status", *base], "--status takes only --output-dir"),
@@ -95,7 +97,7 @@ def test_status_of_each_run_from_squeue_folders_and_results(tmp_path, monkeypatc
     (root / "slurm").mkdir(parents=True)
     (root / "slurm" / "jobs.json").write_text(json.dumps({"options": {}, "runs": records}))
     for job_id, result in (("10", ("success", RunOutcome(specs[3], "diverged", "non-finite loss"))),
-                           ("11", ("error", "Traceback (most recent call last):\nValueError: boom"))):
+                           ("11", ("error", "Traceback ...\nValueError: boom"))):
         path = JobPaths(logs, job_id, 0).result_pickle
         path.parent.mkdir(parents=True)
         cloudpickle_dump(result, path)
@@ -185,7 +187,8 @@ def _signal_once_started(spec, signum: int, to_child: bool) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize("mode, to_child, max_s", [("graceful", True, 3.0), ("stubborn", False, 8.0)])
+@pytest.mark.parametrize("mode, to_child, max_s",
+                         [("graceful", True, 3.0), ("stubborn", False, 8.0)])
 def test_time_limit_signal_requeues_the_job(wrapper, monkeypatch, mode, to_child, max_s):
     spec, run, calls = wrapper
     monkeypatch.setenv("FAKE_MODE", mode)

@@ -91,7 +91,8 @@ def test_suite_on_slurm_with_preempted_jobs_resumes_bit_identically(cluster, tin
 
     # The same command again, waiting: nothing is submitted twice, the requeued jobs go on.
     reference = subprocess.Popen(  # meanwhile, the two runs uninterrupted, on this machine
-        [sys.executable, str(ROOT / "tools" / "ablate.py"), *_argv(tiny_devkit, ref, "--seeds", "1")],
+        [sys.executable, str(ROOT / "tools" / "ablate.py"),
+         *_argv(tiny_devkit, ref, "--seeds", "1")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert _cli(argv) == 0
     assert json.loads((out / "slurm" / "jobs.json").read_text())["runs"] == jobs

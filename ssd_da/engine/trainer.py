@@ -178,7 +178,8 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
                 now = (train_clock.seconds(), state.timing["images"], waits.seconds)
                 span = max(now[0] - last_log[0], 1e-9)
                 rate = (now[1] - last_log[1]) / span
-                values = {**read_losses(losses), "lr": lr, "data_wait": (now[2] - last_log[2]) / span}
+                values = {**read_losses(losses), "lr": lr,
+                          "data_wait": (now[2] - last_log[2]) / span}
                 log.write({"iter": it, "images_per_s": rate, **values})
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 last_log = now
