@@ -104,20 +104,25 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 def rng_states() -> dict[str, Any]:
-    """The Python, numpy, torch (and CUDA, when present) generator states."""
+    """The Python, numpy, torch (and CUDA, when this process uses it) generator states.
+
+    "Uses" is ``torch.cuda.is_initialized()``, not ``is_available()``: reading the CUDA state
+    initialises CUDA, which would start a context (and take GPU memory) in a ``--device cpu``
+    run on a GPU machine."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(),
               "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_states` (a CUDA state is skipped on a machine without CUDA)."""
+    """Inverse of :func:`rng_states`; a CUDA state is restored only in a process that uses
+    CUDA (the resumed run's model is on its device by then), never by starting CUDA."""
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
+    if "cuda" in states and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(states["cuda"])
 
 
