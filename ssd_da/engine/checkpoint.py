@@ -10,12 +10,22 @@ resumed run does it first), ``backbone_init``, ``world_size``, ``timing``;
 check skips non-finite steps; its scale stays 1 in a healthy run) and ``rng`` (Python, numpy,
 torch and CUDA generator states). Older checkpoints may hold an empty ``scaler`` entry (a
 disabled scaler) or none; the scaler then starts afresh.
+
+Opening a checkpoint never runs code: every file is read with ``torch.load(weights_only=True)``,
+which rebuilds only tensors, numbers, strings, lists, tuples and dicts. Everything saved here is
+of those types (numpy's generator state is stored as a plain tuple of ints); checkpoints of
+earlier versions, whose numpy state is an array, load too, with numpy's array reconstruction
+allowed for that one read (it builds arrays of plain data, never calls anything else). A pickle
+that names anything else (``os.system``, a class of another program) is refused with
+:class:`CheckpointError` before any of it runs.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,14 +71,50 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def _numpy_array_globals() -> list[Any]:
+    """What unpickling a numpy array of plain data needs, under the names numpy 1 and numpy 2
+    write (``numpy.core`` became ``numpy._core``): for checkpoints of earlier versions, whose
+    RNG state holds numpy's generator state as an array."""
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    return [(reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]  # numpy >= 1.25 builds dtypes of their own class
+
+
+def _refusal(path: Path, exc: Exception) -> str:
+    """Why torch.load(weights_only=True) refused ``path``, in one line naming what it holds."""
+    names: list[str] = []
+    try:  # reads the pickle's names without running anything
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 (older torch, or not a zip checkpoint: use the message)
+        names = re.findall(r"GLOBAL ([\w.]+)", str(exc))[:1]
+    allowed = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+               "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType"}
+    names = [n for n in names if n not in allowed] or names
+    what = ", ".join(names[:5]) if names else "objects other than tensors and plain data"
+    return (f"checkpoint {path} refused: it holds pickled {what}, which opening it would run "
+            f"or build (a checkpoint of ssd_da holds only tensors, numbers, strings, lists and "
+            f"dicts). It was not written by this project's tools, or was altered; do not open "
+            f"it with torch.load(weights_only=False) unless you trust its source. Use a "
+            f"last.pth / best.pth written by tools/train.py")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (clear errors for anything else)."""
+    """Read a checkpoint written by :func:`save_checkpoint` without running any code from it
+    (``weights_only=True``; module docstring); clear errors for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the .pth file in it, "
+                              f"e.g. {path / 'last.pth'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # pickle/zip errors: say which file, keep the cause
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: never retry unsafely
+        raise CheckpointError(_refusal(path, exc)) from None
+    except Exception as exc:  # zip/format errors: say which file, keep the cause
         raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state or "backbone" not in state:
         raise CheckpointError(
@@ -103,8 +149,12 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 def rng_states() -> dict[str, Any]:
-    """The Python, numpy, torch (and CUDA, when present) generator states."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The Python, numpy, torch (and CUDA, when present) generator states, in types that
+    ``torch.load(weights_only=True)`` reads: numpy's legacy state tuple with its key array
+    as a list of ints."""
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    states = {"python": random.getstate(),
+              "numpy": (str(name), [int(k) for k in key], int(pos), int(has_gauss), float(gauss)),
               "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
@@ -112,9 +162,11 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_states` (a CUDA state is skipped on a machine without CUDA)."""
+    """Inverse of :func:`rng_states` (a CUDA state is skipped on a machine without CUDA); also
+    takes the numpy array form that earlier versions saved."""
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
