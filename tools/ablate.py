@@ -18,6 +18,8 @@ Every tools/train.py option (--config, --iters, --lr, key=value, ...) is passed 
 The runner owns --backbone, --seed and --resume; --output-dir DIR gets one folder per run,
 DIR/<backbone>/seed<k>/, and results.csv, results.md, map_vs_params.png at its top. Rerunning
 the same command skips finished runs and resumes interrupted ones.
+Exit status: 0 every run finished, 1 some did not, 2 bad input, 75 stopped by SIGTERM, SIGINT or
+SIGUSR1 (the current run saved its last.pth: rerun the same command), 130 a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from typing import NoReturn
 
 from ssd_da.config import add_config_arguments, parse_key_values, resolve_config
 from ssd_da.engine.data import class_names_from_config
+from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE, Interrupted,
+                                     stop_on_signals)
 from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_suite,
                                        suite_backbones, write_reports)
 from ssd_da.utils.cli import fail, report_error
@@ -122,7 +126,22 @@ def _backbones_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]
 
 def main(args: argparse.Namespace) -> int:
     """Plan, train (unless --report-only) and report. 0: every run finished; 1: some did not;
-    2: bad input (message on stderr)."""
+    2: bad input (message on stderr); 75: stopped by a signal, 130: by a second Ctrl-C."""
+    try:
+        with stop_on_signals():
+            return run(args)
+    except Interrupted as exc:
+        print(f"ablate.py: {exc}; rerun the same command to continue the suite (finished runs "
+              f"are skipped, interrupted ones resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print(f"ablate.py: {exc or 'interrupted'}; the runs' last checkpoints on disk are intact",
+              file=sys.stderr)
+        return EXIT_STOPPED_AT_ONCE
+
+
+def run(args: argparse.Namespace) -> int:
+    """:func:`main` without the signal handling."""
     _check_owned(args)
     backbones, seeds = _backbones_and_seeds(args)
     if args.gpus and not args.report_only:
@@ -141,6 +160,11 @@ def main(args: argparse.Namespace) -> int:
                               args.level)
     except (ValueError, FileNotFoundError) as exc:
         return report_error("ablate.py", exc)
+    stopped = [o.spec.name for o in outcomes if o.status == "interrupted"]
+    if stopped:
+        raise Interrupted(f"stopped by a signal; {len(stopped)} run(s) not finished "
+                          f"({', '.join(stopped[:4])}{' ...' if len(stopped) > 4 else ''})",
+                          "signal")
     bad = [o for o in outcomes if o.status in ("diverged", "failed")]
     for o in bad:
         logger.error("%s %s: %s", o.spec.name, o.status, o.message)

@@ -23,6 +23,7 @@ from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.data.transforms import build_eval_transform, build_train_transform
 from ssd_da.data.voc import VOC_CLASSES, VOCDetection, detection_collate
 from ssd_da.engine import distributed as dist_utils
+from ssd_da.engine.interrupt import ignore_stop_signals
 from ssd_da.models.ssd import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def make_train_loader(dataset: VOCDetection, batch_size: int, seed: int, start_i
                              if workers > 0 else {})
     return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=detection_collate, drop_last=True, pin_memory=pin_memory,
-                      generator=generator, **extra)
+                      generator=generator, worker_init_fn=ignore_stop_signals, **extra)
 
 
 def build_train_loader(dataset: VOCDetection, cfg: Config, start_iter: int, rank: int,
@@ -217,4 +218,5 @@ def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int,
                       pin_memory: bool) -> DataLoader:
     subset = torch.utils.data.Subset(dataset, list(indices))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=detection_collate, pin_memory=pin_memory)
+                      collate_fn=detection_collate, pin_memory=pin_memory,
+                      worker_init_fn=ignore_stop_signals)

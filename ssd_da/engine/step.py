@@ -27,7 +27,8 @@ import torch
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.utils.device import autocast_context
 
-__all__ = ["NonFiniteLossError", "make_scaler", "make_optimizer", "sgd_step", "read_losses", "FiniteCheck"]
+__all__ = ["NonFiniteLossError", "make_scaler", "make_optimizer", "sgd_step", "read_losses", "FiniteCheck",
+           "check_weights_finite"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,3 +119,21 @@ class FiniteCheck:
             f"non-finite {what} at {when}; its update was skipped (no update with a non-finite "
             f"value is ever applied) and training stops here. "
             + (last_good or "The last checkpoint on disk is a good state."))
+
+
+def check_weights_finite(model: torch.nn.Module, iteration: int, last_good: str = "") -> None:
+    """Raise NonFiniteLossError if a parameter or floating buffer of ``model`` is not finite
+    (one host read; called before a checkpoint or an evaluation). A finite loss and gradient
+    can still make the weights overflow: with a learning rate of 1e30 one step does, and
+    FiniteCheck, which sees only losses and gradients, would let the run finish on them."""
+    named = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
+             if t.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    if bool(finite.all()):
+        return
+    bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+    raise NonFiniteLossError(
+        f"non-finite weights after iteration {iteration} ({len(bad)} of {len(named)} tensors, "
+        f"e.g. {', '.join(bad[:3])}): a step too large for them (is the learning rate far too "
+        f"high?); nothing is saved from this state and training stops here. "
+        + (last_good or "The last checkpoint on disk is a good state."))

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from ssd_da.engine.data import (
     build_datasets, build_train_loader, class_names_from_config, log_loader_rate, resolve_workers,
 )
 from ssd_da.engine.inference import coco_metrics_of, evaluate_model, format_coco
+from ssd_da.engine.interrupt import Interrupted, stop_on_signals, stop_requested
 from ssd_da.engine.plots import plot_training_curves
 from ssd_da.engine.run_folder import (adopt_log, check_run_folder, clear_run,
                                       remove_stale_temporaries)
@@ -34,7 +36,8 @@ from ssd_da.engine.runlog import RunLog
 from ssd_da.models.pretrained import is_weights_name
 from ssd_da.models.ssd import build_ssd
 from ssd_da.engine.step import (  # noqa: F401 (NonFiniteLossError: public here too)
-    FiniteCheck, NonFiniteLossError, make_optimizer, make_scaler, read_losses, sgd_step,
+    FiniteCheck, NonFiniteLossError, check_weights_finite, make_optimizer, make_scaler,
+    read_losses, sgd_step,
 )
 from ssd_da.utils.device import resolve_device
 
@@ -154,8 +157,9 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
     last_log = (train_clock.seconds(), state.timing["images"])
     finite = FiniteCheck(state.iteration)
     state.model.train()
-    with tqdm(total=cfg.iters, initial=state.iteration, desc=f"train {cfg.backbone}",
-              disable=rank != 0, dynamic_ncols=True) as bar:
+    with stop_on_signals(), tqdm(total=cfg.iters, initial=state.iteration,
+                                 desc=f"train {cfg.backbone}", disable=rank != 0,
+                                 dynamic_ncols=True) as bar:
         for images, targets in loader:
             losses, lr = train_step(state, images, targets, cfg, device, finite)
             state.timing["images"] += images.shape[0] * world
@@ -164,10 +168,13 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
             logging_now = it % cfg.log_every == 0 or it == cfg.iters
             evaluating = evaluation_due(it, cfg)
             saving = it % cfg.ckpt_every == 0 or it == cfg.iters
-            if logging_now or evaluating or saving:
+            stopping = agreed_stop(logging_now or evaluating or saving, device)
+            if logging_now or evaluating or saving or stopping:
                 # The only host reads of the loop (a GPU step never waits otherwise): stop on
                 # a non-finite step before it is logged, evaluated or saved.
                 finite.check(state.scaler, it, last_good_state(state, cfg))
+                if evaluating or saving or stopping:
+                    check_weights_finite(state.model, it, last_good_state(state, cfg))
             if logging_now:
                 now = (train_clock.seconds(), state.timing["images"])
                 rate = (now[1] - last_log[1]) / max(now[0] - last_log[0], 1e-9)
@@ -183,6 +190,11 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
                     evaluate_now()
                     if saving:
                         save_last()  # again, with the evaluation's best mAP
+                if stopping:
+                    if state.last_saved != (out_dir / "last.pth", it):
+                        save_last()
+                    raise Interrupted(stopped_message(stopping, state, cfg, out_dir / "last.pth"),
+                                      stopping, out_dir / "last.pth")
     return finish_run(state, cfg, out_dir, device, wall_clock.seconds(),
                       {"train": train_set.num_skipped, "test": test_set.num_skipped})
 
@@ -199,6 +211,30 @@ def train_step(state: TrainState, images: torch.Tensor, targets: list[dict], cfg
     state.scheduler.step()
     state.iteration += 1
     return losses, lr
+
+
+def agreed_stop(host_read: bool, device: torch.device) -> str | None:
+    """The stop signal received (:mod:`ssd_da.engine.interrupt`) once every process knows of
+    it, else None. One process: after any step. Under torchrun: only on iterations that read
+    the host anyway (``host_read``: logging, checkpoint, evaluation), where one all-reduce lets
+    all processes stop at the same step (a process that stopped alone would leave the others
+    waiting in the next gradient all-reduce)."""
+    local = stop_requested()
+    if not dist_utils.is_distributed():
+        return local
+    if not host_read:
+        return None
+    flag = torch.tensor([local is not None], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return (local or "a stop signal (another process)") if bool(flag.item()) else None
+
+
+def stopped_message(signal_name: str, state: TrainState, cfg: Config, path: Path) -> str:
+    """What an interrupted run says: where it stopped, what it saved, how to continue."""
+    torchrun = dist_utils.get_world_size() > 1
+    return (f"{signal_name}: stopped at iteration {state.iteration} of {cfg.iters} and saved "
+            f"{path}; continue with: python tools/train.py --resume {shlex.quote(str(path))}"
+            + (" (under torchrun: the same torchrun command, with that --resume)" if torchrun else ""))
 
 
 def last_good_state(state: TrainState, cfg: Config) -> str:
