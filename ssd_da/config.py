@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -233,10 +234,12 @@ def _check_range(name: str, value: float) -> None:
     low, high, low_in, high_in = _RANGES[name]
     too_low = low is not None and (value < low or (value == low and not low_in))
     too_high = high is not None and (value > high or (value == high and not high_in))
-    if too_low or too_high or value != value:  # value != value: NaN
+    finite = math.isfinite(value)  # NaN and inf: "--lr inf" would make every weight inf
+    if too_low or too_high or not finite:
         left = ("[" if low_in else "(") + ("-inf" if low is None else f"{low:g}")
-        right = ("inf" if high is None else f"{high:g}") + ("]" if high_in else ")")
-        raise ValueError(f"config field {name!r} must lie in {left}, {right}, got {value!r}")
+        right = ("inf)" if high is None else f"{high:g}" + ("]" if high_in else ")"))
+        what = "lie in" if finite else "be a finite number in"
+        raise ValueError(f"config field {name!r} must {what} {left}, {right}, got {value!r}")
 
 
 def validate_config(cfg: Config) -> None:

@@ -18,8 +18,9 @@ Every tools/train.py option (--config, --iters, --lr, key=value, ...) is passed 
 The runner owns --backbone, --seed and --resume; --output-dir DIR gets one folder per run,
 DIR/<backbone>/seed<k>/, and results.csv, results.md, map_vs_params.png at its top. Rerunning
 the same command skips finished runs and resumes interrupted ones.
-Exit status: 0 every run finished, 1 some did not, 2 bad input, 75 stopped by SIGTERM, SIGINT or
-SIGUSR1 (the current run saved its last.pth: rerun the same command), 130 a second Ctrl-C.
+Exit status: 0 every run finished, 1 some did not, 2 bad input, 74 a checkpoint could not be
+written (no space), 75 stopped by SIGTERM, SIGINT or SIGUSR1 (the current run saved its
+last.pth: rerun the same command), 130 a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from ssd_da.config import add_config_arguments, parse_key_values, resolve_config
+from ssd_da.engine.checkpoint import EXIT_WRITE_FAILED, CheckpointWriteError
 from ssd_da.engine.data import class_names_from_config
+from ssd_da.engine.folder_lock import hold_folder_lock
 from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE, Interrupted,
                                      stop_on_signals)
 from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_suite,
@@ -138,6 +141,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"ablate.py: {exc or 'interrupted'}; the runs' last checkpoints on disk are intact",
               file=sys.stderr)
         return EXIT_STOPPED_AT_ONCE
+    except CheckpointWriteError as exc:
+        report_error("ablate.py", exc)
+        return EXIT_WRITE_FAILED
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,10 +160,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         base = resolve_config(run_args)
         specs = plan_runs(base, backbones, seeds, root)
-        outcomes = [] if args.report_only else run_suite(specs, args.gpus, train_script=TRAIN_SCRIPT)
-        paths = write_reports(specs, outcomes, root, class_names_from_config(base),
-                              args.suite if args.suite in ("order", "lga") else "attention",
-                              args.level)
+        # One suite per folder at a time (--report-only only reads the runs: no lock, so a
+        # running suite's partial results can be tabulated).
+        with hold_folder_lock(root, "--output-dir", enabled=not args.report_only):
+            outcomes = [] if args.report_only else run_suite(specs, args.gpus,
+                                                             train_script=TRAIN_SCRIPT)
+            paths = write_reports(specs, outcomes, root, class_names_from_config(base),
+                                  args.suite if args.suite in ("order", "lga") else "attention",
+                                  args.level)
     except (ValueError, FileNotFoundError) as exc:
         return report_error("ablate.py", exc)
     stopped = [o.spec.name for o in outcomes if o.status == "interrupted"]

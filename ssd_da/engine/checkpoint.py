@@ -21,11 +21,14 @@ that names anything else (``os.system``, a class of another program) is refused 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import random
 import re
+import resource
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,11 +52,24 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used for what was asked (names the file and why)."""
 
 
+# Exit status of the tools when a checkpoint could not be written for lack of space or a file-size
+# limit (sysexits.h's EX_IOERR); the previous checkpoint is intact.
+EXIT_WRITE_FAILED = 74
+_SPACE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large"}
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space, quota, file-size limit); the message names
+    the file, the free space and says that the previous checkpoint is intact."""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically: a crash mid-write never leaves a torn file.
 
     The temporary file lives in the same folder so that ``os.replace`` is a rename on one
-    filesystem, which POSIX guarantees to be atomic.
+    filesystem, which POSIX guarantees to be atomic. A full disk, a quota or a file-size limit
+    raises :class:`CheckpointWriteError` (the temporary removed, ``path`` untouched).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,10 +81,40 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared like any output
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        code = _space_errno(exc)
+        if code is not None:
+            raise CheckpointWriteError(code, _write_failure(path, code)) from exc
         raise
+
+
+def _space_errno(exc: BaseException) -> int | None:
+    """The errno of a lack of space in ``exc`` or its context: torch's writer reports the
+    OSError of the file's write as "unexpected pos" and keeps it only as the context."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _SPACE_ERRORS:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _write_failure(path: Path, code: int) -> str:
+    """What happened, the free space, the limit and the state of the previous checkpoint."""
+    usage = shutil.disk_usage(path.parent)
+    limit = ""
+    if code == errno.EFBIG:
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY:
+            limit = f"; the file-size limit (ulimit -f) is {soft / 2**20:.1f} MiB"
+    previous = (f"the previous {path} is intact" if path.exists()
+                else f"no earlier {path.name} existed there")
+    return (f"{_SPACE_ERRORS[code]} while writing {path}: {usage.free / 2**20:.0f} MiB free on "
+            f"the filesystem of {path.parent} ({usage.total / 2**30:.1f} GiB){limit}; {previous} "
+            f"(the partial file was removed). Free some space or raise the limit, then continue "
+            f"from the last checkpoint with --resume")
 
 
 def _numpy_array_globals() -> list[Any]:

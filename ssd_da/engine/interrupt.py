@@ -29,10 +29,12 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_STOPPED_AT_ONCE", "STOP_SIGNALS", "Interrupted",
-           "stop_on_signals", "stop_requested", "ignore_stop_signals"]
+           "stop_on_signals", "stop_requested", "agreed_stop", "ignore_stop_signals"]
 
 # sysexits.h's EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run saved its
 # state and continues when the printed command (or the same ablate command) is run again.
@@ -96,6 +98,22 @@ def stop_on_signals() -> Iterator[None]:
                 signal.signal(sig, handler)
             _previous.clear()
             _requested = None
+
+
+def agreed_stop(host_read: bool, device: torch.device) -> str | None:
+    """The stop signal received (module docstring) once every process knows of
+    it, else None. One process: after any step. Under torchrun: only on iterations that read
+    the host anyway (``host_read``: logging, checkpoint, evaluation), where one all-reduce lets
+    all processes stop at the same step (a process that stopped alone would leave the others
+    waiting in the next gradient all-reduce)."""
+    local = stop_requested()
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return local
+    if not host_read:
+        return None
+    flag = torch.tensor([local is not None], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return (local or "a stop signal (another process)") if bool(flag.item()) else None
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

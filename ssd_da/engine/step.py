@@ -28,7 +28,7 @@ from ssd_da.engine import distributed as dist_utils
 from ssd_da.utils.device import autocast_context
 
 __all__ = ["NonFiniteLossError", "make_scaler", "make_optimizer", "sgd_step", "read_losses", "FiniteCheck",
-           "check_weights_finite"]
+           "check_model_finite"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,19 +121,36 @@ class FiniteCheck:
             + (last_good or "The last checkpoint on disk is a good state."))
 
 
-def check_weights_finite(model: torch.nn.Module, iteration: int, last_good: str = "") -> None:
-    """Raise NonFiniteLossError if a parameter or floating buffer of ``model`` is not finite
-    (one host read; called before a checkpoint or an evaluation). A finite loss and gradient
-    can still make the weights overflow: with a learning rate of 1e30 one step does, and
-    FiniteCheck, which sees only losses and gradients, would let the run finish on them."""
-    named = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
+
+def check_model_finite(model: torch.nn.Module, images: torch.Tensor, iteration: int,
+                       last_good: str = "") -> None:
+    """Raise NonFiniteLossError unless every parameter and floating buffer of ``model`` is
+    finite and so are its raw outputs on ``images`` (a training batch, run in eval mode and
+    without gradients: the BatchNorm statistics stay as they are). Called before a checkpoint
+    or an evaluation; one host read (all processes decide together under torchrun).
+
+    A finite loss and gradient can still give weights that overflow: with a learning rate of
+    1e30 one step leaves weights near 1e31, finite, whose every output is inf or NaN, and
+    FiniteCheck, which sees only losses and gradients, would let the run end "done" on them."""
+    net = dist_utils.unwrap(model)
+    named = [(n, t) for n, t in (*net.named_parameters(), *net.named_buffers())
              if t.is_floating_point()]
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
-    if bool(finite.all()):
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            outputs = net.head_outputs(images.to(named[0][1].device, non_blocking=True))
+    finally:
+        net.train(was_training)
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]
+                         + [torch.isfinite(v).all() for v in outputs.values()])
+    bad = dist_utils.all_reduce_mean((~finite).float())  # > 0 where any process saw a problem
+    if not bool((bad > 0).any()):
         return
-    bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
+    names = [n for n, _ in named] + [f"output {k}" for k in outputs]
+    found = [n for n, b in zip(names, (bad > 0).tolist()) if b]
     raise NonFiniteLossError(
-        f"non-finite weights after iteration {iteration} ({len(bad)} of {len(named)} tensors, "
-        f"e.g. {', '.join(bad[:3])}): a step too large for them (is the learning rate far too "
-        f"high?); nothing is saved from this state and training stops here. "
-        + (last_good or "The last checkpoint on disk is a good state."))
+        f"non-finite {'weights' if found[0] in dict(named) else 'outputs'} after iteration "
+        f"{iteration} (e.g. {', '.join(found[:3])}): a step too large for the network (is the "
+        f"learning rate far too high?); nothing is saved from this state and training stops "
+        f"here. " + (last_good or "The last checkpoint on disk is a good state."))

@@ -24,11 +24,12 @@ from ssd_da.data.demo import ensure_demo_dataset
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.checkpoint import (check_resumable, restore_training_state, save_checkpoint,
                                       training_checkpoint)
+from ssd_da.engine.folder_lock import hold_folder_lock
 from ssd_da.engine.data import (
     build_datasets, build_train_loader, class_names_from_config, log_loader_rate, resolve_workers,
 )
 from ssd_da.engine.inference import coco_metrics_of, evaluate_model, format_coco
-from ssd_da.engine.interrupt import Interrupted, stop_on_signals, stop_requested
+from ssd_da.engine.interrupt import Interrupted, agreed_stop, stop_on_signals
 from ssd_da.engine.plots import plot_training_curves
 from ssd_da.engine.run_folder import (adopt_log, check_run_folder, clear_run,
                                       remove_stale_temporaries)
@@ -36,7 +37,7 @@ from ssd_da.engine.runlog import RunLog
 from ssd_da.models.pretrained import is_weights_name
 from ssd_da.models.ssd import build_ssd
 from ssd_da.engine.step import (  # noqa: F401 (NonFiniteLossError: public here too)
-    FiniteCheck, NonFiniteLossError, check_weights_finite, make_optimizer, make_scaler,
+    FiniteCheck, NonFiniteLossError, check_model_finite, make_optimizer, make_scaler,
     read_losses, sgd_step,
 )
 from ssd_da.utils.device import resolve_device
@@ -119,13 +120,28 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
     ``log.jsonl``; every ``ckpt_every`` (and at the end) ``last.pth`` is written; every
     ``eval_every`` (and at the end) the test split is evaluated and ``best.pth`` kept. A due
     ``last.pth`` is written before the evaluation (a crash there keeps the newest state, and the
-    resumed run evaluates first) and again after it, with its best mAP."""
+    resumed run evaluates first) and again after it, with its best mAP.
+
+    The output folder is locked (:mod:`ssd_da.engine.folder_lock`) from its checks to the end:
+    a second run into it fails at once. SIGTERM, SIGINT and SIGUSR1 stop the run after the
+    current step with ``last.pth`` written (:class:`~ssd_da.engine.interrupt.Interrupted`)."""
     validate_config(cfg)
     class_names = class_names_from_config(cfg)
     resumed = check_resumable(resume, cfg, class_names) if resume else None
     device, rank, world = prepare_process(cfg)
     out_dir = cfg.resolved_output_dir()
-    check_run_folder(out_dir, Path(resume) if resume else None, overwrite)
+    with hold_folder_lock(out_dir, "--output-dir", enabled=rank == 0):
+        check_run_folder(out_dir, Path(resume) if resume else None, overwrite)
+        return train_in_folder(cfg, out_dir, class_names, resume, resumed, overwrite,
+                               (device, rank, world))
+
+
+def train_in_folder(cfg: Config, out_dir: Path, class_names: list[str],
+                    resume: str | Path | None, resumed: dict[str, Any] | None, overwrite: bool,
+                    process: tuple[torch.device, int, int]) -> dict[str, Any]:
+    """:func:`train` once the folder is checked and locked: data, model, the loop, the summary.
+    ``resumed``: the checkpoint read from ``resume``; ``process``: (device, rank, world size)."""
+    device, rank, world = process
     train_set, test_set = build_datasets(cfg)
     model, backbone_init = build_model(cfg, len(class_names) + 1, device)
     state = make_train_state(cfg, model, backbone_init, device)
@@ -174,7 +190,7 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
                 # a non-finite step before it is logged, evaluated or saved.
                 finite.check(state.scaler, it, last_good_state(state, cfg))
                 if evaluating or saving or stopping:
-                    check_weights_finite(state.model, it, last_good_state(state, cfg))
+                    check_model_finite(state.model, images, it, last_good_state(state, cfg))
             if logging_now:
                 now = (train_clock.seconds(), state.timing["images"])
                 rate = (now[1] - last_log[1]) / max(now[0] - last_log[0], 1e-9)
@@ -211,22 +227,6 @@ def train_step(state: TrainState, images: torch.Tensor, targets: list[dict], cfg
     state.scheduler.step()
     state.iteration += 1
     return losses, lr
-
-
-def agreed_stop(host_read: bool, device: torch.device) -> str | None:
-    """The stop signal received (:mod:`ssd_da.engine.interrupt`) once every process knows of
-    it, else None. One process: after any step. Under torchrun: only on iterations that read
-    the host anyway (``host_read``: logging, checkpoint, evaluation), where one all-reduce lets
-    all processes stop at the same step (a process that stopped alone would leave the others
-    waiting in the next gradient all-reduce)."""
-    local = stop_requested()
-    if not dist_utils.is_distributed():
-        return local
-    if not host_read:
-        return None
-    flag = torch.tensor([local is not None], dtype=torch.int32, device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return (local or "a stop signal (another process)") if bool(flag.item()) else None
 
 
 def stopped_message(signal_name: str, state: TrainState, cfg: Config, path: Path) -> str:
