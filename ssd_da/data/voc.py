@@ -234,10 +234,21 @@ class VOCDetection(torch.utils.data.Dataset):
         if not self.annotations:
             raise ValueError(f"{where}: none of the {num_listed} listed images is usable "
                              f"({self.num_skipped} skipped as bad)")
+        self._warn_empty()
         num_objects = sum(len(a.labels) for a in self.annotations)
         num_difficult = sum(int(a.difficult.sum()) for a in self.annotations)
         logger.info("%s: %d images, %d objects (%d difficult)", where,
                     len(self.annotations), num_objects, num_difficult)
+
+    def _warn_empty(self) -> None:
+        """One warning for the images whose XML holds no object at all: legal (negative
+        images), but also what a file the parser cannot read looks like."""
+        empty = [f"{a.image_id}.xml" for a in self.annotations
+                 if len(a.ground_truth()["labels"]) == 0 and not a.other_names]
+        if empty:
+            logger.warning("%s (%s): %d of %d images have no <object> in their XML (e.g. %s); "
+                           "fine for negative images, otherwise check those files", self.split,
+                           self.data_root, len(empty), len(self.annotations), ", ".join(empty[:3]))
 
     def _load_one(self, year_dir: Path, image_id: str) -> tuple[Annotation, Path]:
         """Parse one XML, locate its image and read its header (under ``skip_bad`` decode it);

@@ -62,6 +62,17 @@ class Annotation:
         return {"boxes": boxes, "labels": labels, "difficult": difficult}
 
 
+def _drop_namespaces(root: ET.Element) -> None:
+    """``<annotation xmlns="...">`` (some labelling tools and converters write one) puts every
+    tag in that namespace ("{uri}object"), and ``find("object")`` would then find nothing: read
+    the tags without it. Plain VOC files skip the walk."""
+    if not root.tag.startswith("{") and not any(c.tag.startswith("{") for c in root):
+        return
+    for elem in root.iter():
+        if isinstance(elem.tag, str) and elem.tag.startswith("{"):
+            elem.tag = elem.tag.split("}", 1)[1]
+
+
 def _number(elem: ET.Element | None, what: str, xml_path: Path) -> float:
     """Float value of ``elem``'s text; AnnotationError naming the file and field otherwise."""
     if elem is None or elem.text is None or not elem.text.strip():
@@ -174,6 +185,7 @@ def parse_annotation(
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as err:
         raise AnnotationError(f"{xml_path}: malformed XML ({err})") from None
+    _drop_namespaces(root)
     height, width = _image_size(root, xml_path, image_size)
     class_to_label = {name: i + 1 for i, name in enumerate(class_names)}
     boxes_l, labels_l, difficult_l, proper_l, other = _parse_objects(root, xml_path, class_to_label)
