@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ssd_da.data.decode import EncodedImage
-from ssd_da.data.images import check_image, load_rgb, read_image  # noqa: F401 (re-exported)
+from ssd_da.data.images import (ImageAudit, check_image, inspect_image,  # noqa: F401
+                                load_rgb, read_image)
 from ssd_da.data.voc_xml import (Annotation, AnnotationError, MissingSizeError,  # noqa: F401
                                  clip_boxes, parse_annotation)
 
@@ -194,6 +195,7 @@ class VOCDetection(torch.utils.data.Dataset):
         self.annotations: list[Annotation] = []
         self.image_paths: list[Path] = []
         self.skipped: list[str] = []  # one message per skipped sample, naming its file
+        self.audit = ImageAudit()  # sizes that disagree, EXIF orientations: reported once
         other: dict[str, list[str]] = {}
         items = resolve_split(self.data_root, split)
         for year_dir, image_id in items:
@@ -235,6 +237,7 @@ class VOCDetection(torch.utils.data.Dataset):
             raise ValueError(f"{where}: none of the {num_listed} listed images is usable "
                              f"({self.num_skipped} skipped as bad)")
         self._warn_empty()
+        self.audit.report(where, len(self.annotations))
         num_objects = sum(len(a.labels) for a in self.annotations)
         num_difficult = sum(int(a.difficult.sum()) for a in self.annotations)
         logger.info("%s: %d images, %d objects (%d difficult)", where,
@@ -266,18 +269,20 @@ class VOCDetection(torch.utils.data.Dataset):
             size = None if image_path is None else self._check(
                 image_path, f"needed for the size that {xml_path} lacks")
             if size is not None:
-                ann = parse_annotation(xml_path, self.class_names, image_size=size)
+                ann = parse_annotation(xml_path, self.class_names, image_size=size[:2])
         if image_path is None:
             raise FileNotFoundError(f"image for {xml_path} not found: expected "
                                     f"{os.path.join(year_dir, 'JPEGImages', image_id + '.jpg')}")
         if size is None:
-            self._check(image_path, f"the image of {xml_path}")
+            size = self._check(image_path, f"the image of {xml_path}")
+        self.audit.note(image_path, size[:2], (ann.height, ann.width), size[2])
         return ann, image_path
 
-    def _check(self, image_path: Path, why: str) -> tuple[int, int]:
-        """(height, width) of the image from its header; OSError naming it and ``why`` otherwise."""
+    def _check(self, image_path: Path, why: str) -> tuple[int, int, int]:
+        """(height, width, EXIF orientation) of the image from its header; OSError naming it
+        and ``why`` otherwise."""
         try:
-            return check_image(image_path, decode=self.skip_bad)
+            return inspect_image(image_path, decode=self.skip_bad)
         except OSError as err:
             raise OSError(f"cannot read image {image_path} ({why}): {err.__cause__ or err}") from err
 
@@ -306,9 +311,8 @@ class VOCDetection(torch.utils.data.Dataset):
         if not self.keep_difficult:
             boxes, labels = boxes[~ann.difficult], labels[~ann.difficult]
         if (height, width) != (ann.height, ann.width):
-            # The XML's <size> disagrees with the file; keep the boxes inside the real image.
-            logger.warning("%s is %dx%d but its annotation says %dx%d; clipping boxes to the image",
-                           self.image_paths[index], width, height, ann.width, ann.height)
+            # The annotation's size disagrees with the file (said once, when the dataset was
+            # built: ImageAudit); keep the boxes inside the real image.
             boxes, keep = clip_boxes(boxes, width, height)
             boxes, labels = boxes[keep], labels[keep]
         if isinstance(image, np.ndarray) and image.shape[:2] != (height, width):
