@@ -79,15 +79,30 @@ def resolve_split(data_root: str | Path, split: str) -> list[tuple[Path, str]]:
         set_file = year_dir / "ImageSets" / "Main" / f"{image_set}.txt"
         if not set_file.is_file():
             raise FileNotFoundError(f"split {name} needs the image set file {set_file}, which does not exist")
-        # utf-8-sig: an editor's byte-order mark must not become part of the first image id.
-        ids = [line.split()[0] for line in set_file.read_text(encoding="utf-8-sig").splitlines()
-               if line.strip()]
+        ids = _read_set_file(set_file)
         if not ids:
             raise ValueError(f"split {name}: the image set file {set_file} lists no images")
         items.extend((year_dir, image_id) for image_id in ids)
         set_files.append(set_file)
     _check_unique(items, split, set_files)
     return items
+
+
+def _read_set_file(set_file: Path) -> list[str]:
+    """The image ids of an ImageSets/Main file, one per line. A class set file
+    (``dog_trainval.txt``) adds a -1/0/1 column, which is dropped; any other second word is an
+    id with a space, which would be cut at it: an error naming the line."""
+    ids = []
+    # utf-8-sig: an editor's byte-order mark must not become part of the first image id.
+    for number, line in enumerate(set_file.read_text(encoding="utf-8-sig").splitlines(), 1):
+        words = line.split()
+        if len(words) > 2 or (len(words) == 2 and words[1] not in ("-1", "0", "1")):
+            raise ValueError(f"{set_file}:{number}: {line.strip()!r} is not one image id: ids "
+                             f"cannot contain spaces (each names Annotations/<id>.xml and "
+                             f"JPEGImages/<id>.jpg); rename those files without spaces")
+        if words:
+            ids.append(words[0])
+    return ids
 
 
 def _check_unique(items: Sequence[tuple[Path, str]], split: str, set_files: Sequence[Path]) -> None:

@@ -147,7 +147,24 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
         # undefined, and a run would train to the end to report "nan".
         raise ValueError(f"test split {cfg.test_split} ({cfg.data_root}) has no non-difficult "
                          f"object of the classes {', '.join(names)}: its mAP would be undefined")
+    if train_set is not None:
+        warn_overlap(train_set, test_set, cfg)
     return train_set, test_set
+
+
+def warn_overlap(train_set: VOCDetection, test_set: VOCDetection, cfg: Config) -> None:
+    """A loud warning when test images are also training images (the same split for both, or
+    overlapping ones such as voc07_trainval and voc07_val): the test mAP then measures how well
+    the detector remembers its training images, not how it detects. Compared by file path
+    (both come from one data root, built the same way)."""
+    seen = {os.path.normpath(p) for p in train_set.image_paths}
+    shared = [p for p in test_set.image_paths if os.path.normpath(p) in seen]
+    if shared:
+        logger.warning("!!! %d of %d test images (%s) are also training images (%s), e.g. %s: "
+                       "its mAP measures memory, not detection, and says nothing about new "
+                       "images; use disjoint splits (e.g. --train-split voc07_train "
+                       "--test-split voc07_val) !!!", len(shared), len(test_set.image_paths),
+                       cfg.test_split, cfg.train_split, ", ".join(p.name for p in shared[:3]))
 
 
 def resolve_workers(requested: int, world_size: int = 1) -> int:
