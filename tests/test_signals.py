@@ -177,3 +177,18 @@ def test_ablate_saves_the_current_run_and_a_rerun_finishes(tiny_devkit, tiny_cla
     monkeypatch.setattr("ssd_da.experiments.ablate.measure_detector", lambda b, n: (1, 1))
     assert ablate_tool.main(parse(argv)) == 0
     assert json.loads((root / "resnet18" / "seed0" / "summary.json").read_text())["iterations"] == 3
+
+
+def test_a_stop_request_is_forwarded_to_a_training_subprocess():
+    """ablate --gpus: a SIGTERM sent to the runner alone reaches each run's train.py."""
+    from ssd_da.engine.interrupt import wait_forwarding_stop
+
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75));"
+             "print('ready', flush=True); time.sleep(60); sys.exit(0)")
+    with stop_on_signals():
+        proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        signal.raise_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert wait_forwarding_stop(proc, poll_s=0.05) == 75
+        assert time.monotonic() - started < 10

@@ -138,8 +138,8 @@ def main(args: argparse.Namespace) -> int:
               f"are skipped, interrupted ones resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt as exc:
-        print(f"ablate.py: {exc or 'interrupted'}; the runs' last checkpoints on disk are intact",
-              file=sys.stderr)
+        print(f"ablate.py: {str(exc) or 'interrupted'}; the runs' last checkpoints on disk are "
+              f"intact", file=sys.stderr)
         return EXIT_STOPPED_AT_ONCE
     except CheckpointWriteError as exc:
         report_error("ablate.py", exc)

@@ -83,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         report_error("train.py", exc)
         return EXIT_WRITE_FAILED
     except KeyboardInterrupt as exc:
-        print(f"train.py: {exc or 'interrupted'}; the last checkpoint on disk is intact",
+        print(f"train.py: {str(exc) or 'interrupted'}; the last checkpoint on disk is intact",
               file=sys.stderr)
         return EXIT_STOPPED_AT_ONCE
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError

@@ -82,7 +82,8 @@ def hold_folder_lock(folder: str | Path, option: str = "--output-dir",
         yield
         return
     if fcntl is None:
-        logger.warning("no file locking on this system: nothing keeps a second run out of %s", folder)
+        logger.warning("no file locking on this system: nothing keeps a second run out of %s",
+                       folder)
         yield
         return
     check_folder_path(folder, option)

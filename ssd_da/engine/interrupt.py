@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,7 +35,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = ["EXIT_INTERRUPTED", "EXIT_STOPPED_AT_ONCE", "STOP_SIGNALS", "Interrupted",
-           "stop_on_signals", "stop_requested", "agreed_stop", "ignore_stop_signals"]
+           "stop_on_signals", "stop_requested", "agreed_stop", "wait_forwarding_stop",
+           "ignore_stop_signals"]
 
 # sysexits.h's EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run saved its
 # state and continues when the printed command (or the same ablate command) is run again.
@@ -114,6 +116,20 @@ def agreed_stop(host_read: bool, device: torch.device) -> str | None:
     flag = torch.tensor([local is not None], dtype=torch.int32, device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return (local or "a stop signal (another process)") if bool(flag.item()) else None
+
+
+def wait_forwarding_stop(proc: subprocess.Popen, poll_s: float = 0.5) -> int:
+    """Wait for a training subprocess; when this process is asked to stop (a signal sent to it
+    alone, e.g. ``kill <pid>``), pass SIGTERM on, so the run saves and exits
+    :data:`EXIT_INTERRUPTED`."""
+    forwarded = False
+    while True:
+        try:
+            return proc.wait(timeout=poll_s)
+        except subprocess.TimeoutExpired:
+            if stop_requested() and not forwarded:
+                proc.send_signal(signal.SIGTERM)
+                forwarded = True
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

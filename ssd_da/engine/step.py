@@ -27,8 +27,8 @@ import torch
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.utils.device import autocast_context
 
-__all__ = ["NonFiniteLossError", "make_scaler", "make_optimizer", "sgd_step", "read_losses", "FiniteCheck",
-           "check_model_finite"]
+__all__ = ["NonFiniteLossError", "make_scaler", "make_optimizer", "sgd_step", "read_losses",
+           "FiniteCheck", "check_model_finite"]
 
 
 class NonFiniteLossError(RuntimeError):

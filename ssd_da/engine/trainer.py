@@ -234,7 +234,8 @@ def stopped_message(signal_name: str, state: TrainState, cfg: Config, path: Path
     torchrun = dist_utils.get_world_size() > 1
     return (f"{signal_name}: stopped at iteration {state.iteration} of {cfg.iters} and saved "
             f"{path}; continue with: python tools/train.py --resume {shlex.quote(str(path))}"
-            + (" (under torchrun: the same torchrun command, with that --resume)" if torchrun else ""))
+            + (" (under torchrun: the same torchrun command, with that --resume)"
+               if torchrun else ""))
 
 
 def last_good_state(state: TrainState, cfg: Config) -> str:

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -31,7 +30,8 @@ import yaml
 from ssd_da.config import Config, apply_overrides, save_config
 from ssd_da.data.voc import VOC_CLASSES
 from ssd_da.engine import trainer
-from ssd_da.engine.interrupt import EXIT_INTERRUPTED, Interrupted, stop_requested
+from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, Interrupted, stop_requested,
+                                     wait_forwarding_stop)
 from ssd_da.engine.run_folder import existing_run_files
 from ssd_da.engine.runlog import read_run_log
 from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError
@@ -221,7 +221,7 @@ def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
     logger.info("[gpu %s] %s: %s", gpu, spec.name, " ".join(cmd))
     with open(spec.out_dir / "train.log", "a") as log:
-        rc = _wait_forwarding_stop(subprocess.Popen(cmd, env=env, stdout=log,
+        rc = wait_forwarding_stop(subprocess.Popen(cmd, env=env, stdout=log,
                                                     stderr=subprocess.STDOUT))
     if rc == EXIT_INTERRUPTED:
         return RunOutcome(spec, "interrupted", f"stopped by a signal after saving "
@@ -231,20 +231,6 @@ def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script
     if rc != 0:
         return RunOutcome(spec, "failed", f"exit status {rc}; see {spec.out_dir / 'train.log'}")
     return _finished(spec)
-
-
-def _wait_forwarding_stop(proc: subprocess.Popen, poll_s: float = 0.5) -> int:
-    """Wait for a training subprocess; when this process is asked to stop (a signal sent to it
-    alone, e.g. ``kill <pid>``), pass SIGTERM on, so the run saves and exits
-    :data:`~ssd_da.engine.interrupt.EXIT_INTERRUPTED`."""
-    forwarded = False
-    while True:
-        try:
-            return proc.wait(timeout=poll_s)
-        except subprocess.TimeoutExpired:
-            if stop_requested() and not forwarded:
-                proc.send_signal(signal.SIGTERM)
-                forwarded = True
 
 
 def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str],
@@ -330,8 +316,9 @@ def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
         train_fn = train_fn or trainer.train  # looked up now: tests replace it
         trained = []
         for spec, resume in jobs:
-            if stop_requested():  # a signal between two runs: start no further one
-                raise Interrupted(f"{stop_requested()}: stopped before {spec.name}", stop_requested())
+            signal_name = stop_requested()
+            if signal_name:  # a signal between two runs: start no further one
+                raise Interrupted(f"{signal_name}: stopped before {spec.name}", signal_name)
             logger.info("%s: %s", spec.name, f"resuming from {resume}" if resume else "training")
             trained.append(_train_in_process(spec, resume, train_fn))
     by_name = {o.spec.name: o for o in trained}
