@@ -234,3 +234,17 @@ def test_a_file_size_limit_in_training_exits_74(tmp_path, tiny_devkit, tiny_clas
     assert proc.returncode == 74, proc.stderr[-2000:]
     assert f"file too large while writing {out / 'last.pth'}" in proc.stderr
     assert "Traceback" not in proc.stderr and not (out / "last.pth").exists()
+
+
+def test_a_filesystem_without_locks_warns_and_runs(tmp_path, monkeypatch, caplog):
+    """flock can fail with ENOLCK on some network filesystems: that is not "in use"."""
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING):
+        with hold_folder_lock(tmp_path / "run"):
+            (tmp_path / "run" / "log.jsonl").write_text("")
+    assert "cannot lock" in caplog.text and not (tmp_path / "run" / ".lock").exists()

@@ -41,21 +41,28 @@ def _holder_line() -> str:
     return f"pid {os.getpid()} on host {socket.gethostname()}, started {started}: {command}\n"
 
 
-def _open_locked(path: Path, folder: Path, option: str) -> int:
-    """A descriptor of ``path`` holding its exclusive lock; FolderLockedError if another
-    process holds it. Retries when the holder deleted the file between our open and lock (we
-    would hold a lock on a file nobody else can see)."""
+def _open_locked(path: Path, folder: Path, option: str) -> int | None:
+    """A descriptor of ``path`` holding its exclusive lock, or None where the filesystem has no
+    locks (said in a warning); FolderLockedError if another process holds it. Retries when the
+    holder deleted the file between our open and lock (we would hold a lock on a file nobody
+    else can see)."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # BlockingIOError (EWOULDBLOCK): held by a live process
+        except BlockingIOError:  # EWOULDBLOCK: held by a live process
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
             os.close(fd)
             raise FolderLockedError(
                 f"{option} {folder} is in use by another run ({holder}); two runs in one "
                 f"folder would mix their logs and checkpoints: wait for it to end, stop it, or "
                 f"choose another {option}") from None
+        except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            logger.warning("%s: cannot lock %s (%s); nothing keeps a second run out of it",
+                           option, folder, exc)
+            return None
         try:
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 return fd
@@ -95,6 +102,12 @@ def hold_folder_lock(folder: str | Path, option: str = "--output-dir",
     except BaseException:
         _remove_empty(created)
         raise
+    if fd is None:
+        try:
+            yield
+        finally:
+            _remove_empty(created)
+        return
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder_line().encode(), 0)

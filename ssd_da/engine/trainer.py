@@ -206,7 +206,7 @@ def train_in_folder(cfg: Config, out_dir: Path, class_names: list[str],
                     evaluate_now()
                     if saving:
                         save_last()  # again, with the evaluation's best mAP
-                if stopping:
+                if stopping and it < cfg.iters:  # at the last step: finish as usual
                     if state.last_saved != (out_dir / "last.pth", it):
                         save_last()
                     raise Interrupted(stopped_message(stopping, state, cfg, out_dir / "last.pth"),
