@@ -30,6 +30,8 @@ from ssd_da.models.names import ATTENTION_INITS, parse_backbone_name
 logger = logging.getLogger(__name__)
 
 
+# Config.attention_init's default: resolved by resolve_attention_init from Config.pretrained.
+AUTO_INIT = "auto"
 # "voc": a VOCdevkit folder and voc07_trainval-style splits; "coco":
 # annotations/instances_<split>.json and <split>/ image folders (ssd_da.data.coco).
 DATA_FORMATS: tuple[str, ...] = ("voc", "coco")
@@ -48,11 +50,15 @@ class Config:
     # "none". If the named weights cannot be reached (offline) training starts from scratch with
     # a warning, so the default never blocks a run.
     pretrained: str = "IMAGENET1K_V1"
-    # How the attention modules start on top of those weights (which exist only for the plain
-    # ResNets): "default", each module's own initialisation (random gates); "identity", each
-    # wrapped as x + g * (attn(x) - x) with g = 0, so the detector starts exactly as the plain
-    # ResNet's (one extra parameter per module; docs/experiments.md, "Fair starts").
-    attention_init: str = "default"
+    # How the attention modules start: "default", each module's own initialisation (random
+    # gates); "identity", each wrapped as x + g * (attn(x) - x) with g = 0, so the detector
+    # starts exactly as the plain ResNet's (one extra parameter per module); "auto": "identity"
+    # when `pretrained` names trunk weights (a file or a torchvision name), "default" when it is
+    # "none". Our choice, not the papers' (neither says how its attention modules started):
+    # ImageNet weights exist only for the plain ResNets, and a random module on them perturbs,
+    # or for SA and MHSA scrambles, the pretrained trunk at step 0 (docs/experiments.md, "Fair
+    # starts"). Training records the resolved value, never "auto" (resolve_attention_init).
+    attention_init: str = AUTO_INIT
     sync_bn: bool = False
 
     # data
@@ -102,6 +108,11 @@ class Config:
     device: str = "auto"
     metric: str = "voc07"  # "voc07" (11-point) or "area"
     eval_batch_size: int = 32
+
+    def trunk_weights(self) -> str | None:
+        """The trunk weights ``pretrained`` names (a file or a torchvision name), or None for
+        a start from scratch ("none", "scratch" or empty, in any case)."""
+        return None if self.pretrained.lower() in ("", "none", "scratch") else self.pretrained
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir.format(backbone=self.backbone))
@@ -234,6 +245,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return apply_overrides(cfg, parse_key_values(overrides), "command line")
 
 
+def resolve_attention_init(cfg: Config) -> Config:
+    """``cfg`` with ``attention_init`` "auto" replaced by what it stands for: "identity" when
+    ``pretrained`` names trunk weights, "default" from scratch. An explicit value is kept. The
+    value follows the setting, not the download: a run whose named weights turn out unreachable
+    falls back to scratch (trainer.build_model) and keeps the resolved value."""
+    if cfg.attention_init != AUTO_INIT:
+        return cfg
+    init = "identity" if cfg.trunk_weights() is not None else "default"
+    return dataclasses.replace(cfg, attention_init=init)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     with open(path, "w") as fh:
         yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
@@ -271,9 +293,9 @@ def validate_config(cfg: Config) -> None:
     """Fail on a bad name or value before any data is read or folder written (ValueError
     naming the field); warn about a legal but probably unintended schedule."""
     parse_backbone_name(cfg.backbone)  # ValueError listing the valid backbones
-    if cfg.attention_init not in ATTENTION_INITS:
+    if cfg.attention_init not in (*ATTENTION_INITS, AUTO_INIT):
         raise ValueError(f"attention_init {cfg.attention_init!r} is not one of: "
-                         f"{', '.join(ATTENTION_INITS)}")
+                         f"{', '.join((*ATTENTION_INITS, AUTO_INIT))}")
     if cfg.data_format not in DATA_FORMATS:
         raise ValueError(f"data_format {cfg.data_format!r} is not one of: "
                          f"{', '.join(DATA_FORMATS)}")
@@ -321,7 +343,8 @@ def _warn_about_schedule(cfg: Config) -> None:
 CLI_FIELDS: tuple[str, ...] = (
     "backbone", "data_format", "data_root", "train_split", "test_split", "classes", "iters",
     "batch_size", "lr", "workers", "eval_every", "output_dir", "pretrained", "device", "seed",
-    "metric", "amp", "sync_bn", "skip_bad", "ignore_other_classes", "channels_last", "compile",
+    "metric", "attention_init", "amp", "sync_bn", "skip_bad", "ignore_other_classes",
+    "channels_last", "compile",
 )
 # What the flags do (the other options' help is the field name and its default).
 _FLAG_HELP = {
@@ -357,7 +380,9 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None = None
     """Defaults < ``--config`` YAML < ``key=value`` < explicit options.
 
     ``saved``: the config stored in the checkpoint a run resumes from. Without ``--config`` it
-    replaces the defaults, so ``--resume last.pth`` alone continues with the run's own recipe."""
+    replaces the defaults, so ``--resume last.pth`` alone continues with the run's own recipe.
+    With or without ``--config``, an ``attention_init`` given nowhere on this command line is
+    the run's recorded one (its modules were built that way)."""
     if saved is not None and not args.config:
         source = f"config saved in {getattr(args, 'resume', None) or 'the checkpoint'}"
         cfg = apply_overrides(Config(), saved, source)
@@ -365,4 +390,22 @@ def resolve_config(args: argparse.Namespace, saved: dict[str, Any] | None = None
     else:
         cfg = load_config(args.config, args.overrides)
     explicit = {k: getattr(args, k) for k in CLI_FIELDS if getattr(args, k, None) is not None}
-    return apply_overrides(cfg, explicit, "command-line options")
+    cfg = apply_overrides(cfg, explicit, "command-line options")
+    if saved is not None and cfg.attention_init == AUTO_INIT:
+        cfg = dataclasses.replace(cfg, attention_init=saved_value(saved, "attention_init"))
+    return cfg
+
+
+# Fields whose default has changed: a config saved without the key (before the field existed)
+# ran with the value here, not with today's default. attention_init's default became "auto"
+# after configs were saved without the key, whose runs started each module its own way.
+SAVED_WITHOUT_KEY: dict[str, Any] = {"attention_init": "default"}
+
+
+def saved_value(saved: dict[str, Any], name: str) -> Any:
+    """The value field ``name`` had in the run whose config ``saved`` is (a config.yaml or a
+    checkpoint's "config"): the saved one, else :data:`SAVED_WITHOUT_KEY`'s, else the
+    default."""
+    if name in saved:
+        return saved[name]
+    return SAVED_WITHOUT_KEY[name] if name in SAVED_WITHOUT_KEY else _default(name)

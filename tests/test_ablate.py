@@ -285,9 +285,13 @@ def test_saved_config_without_a_newer_key_counts_as_its_default(tmp_path):
     # modules the default way, so an identity-start suite must not reuse (or report) it.
     import yaml
 
-    for init, state in (("default", ("new", None)), ("identity", None)):
-        spec = plan_runs(load_config(None, [f"attention_init={init}"]), ["da_resnet18"], [0],
-                         tmp_path / init)[0]
+    # Not given, attention_init is "auto": "identity" on the default pretrained trunk,
+    # "default" from scratch; plan_runs resolves it as training does.
+    for k, (given, state) in enumerate(((["attention_init=default"], ("new", None)),
+                                        (["attention_init=identity"], None),
+                                        ([], None), (["pretrained=none"], ("new", None)))):
+        spec = plan_runs(load_config(None, given), ["da_resnet18"], [0], tmp_path / str(k))[0]
+        assert spec.cfg.attention_init == ("identity" if state is None else "default")
         spec.out_dir.mkdir(parents=True)
         old = {k: v for k, v in spec.cfg.to_dict().items() if k != "attention_init"}
         (spec.out_dir / "config.yaml").write_text(yaml.safe_dump(old))
@@ -295,7 +299,8 @@ def test_saved_config_without_a_newer_key_counts_as_its_default(tmp_path):
             assert run_state(spec) == state
         else:
             with pytest.raises(ValueError,
-                               match=r"attention_init: saved 'default' \(default\), now 'identity'"):
+                               match=r"attention_init: saved 'default' \(not recorded\), now "
+                                     r"'identity'"):
                 run_state(spec)
 
 
@@ -359,3 +364,7 @@ def test_describe_reports_the_weights_actually_used():
                     ["IMAGENET1K_V1", "none (IMAGENET1K_V1 unreachable)"])[0]
     assert line.endswith("pretrained 'IMAGENET1K_V1' asked, backbone weights used: IMAGENET1K_V1 "
                          "in 1 run(s); none (IMAGENET1K_V1 unreachable) in 1 run(s).")
+    # The attention init each run started with: "auto" resolved as training resolves it.
+    assert describe(cfg, ["da_resnet18"], [0])[2].startswith("- attention_init 'identity' (")
+    scratch = load_config(None, ["pretrained=none"])
+    assert describe(scratch, ["da_resnet18"], [0])[2].startswith("- attention_init 'default' (")

@@ -60,6 +60,49 @@ def test_parameter_counts_resnet18_end():
     assert _count(build_attention("sa", d)) == 3 * d // 64  # 24
 
 
+def _lga_count(d: int, h: int) -> int:
+    """LGA's count by the docstring's formula, 3 scales, PE 14 x 14, kernels 3, 5, 7, 11:
+    3 (D^2 + 11 D) + 4 (D + 1) + 196 D + (9 + 25 + 49 + 121) D + 4 (D + 3 D^2 / h + 3 D) + 2
+    + D^2 + D."""
+    return (3 * (d * d + 11 * d) + 4 * (d + 1) + 196 * d + 204 * d
+            + 4 * (d + 3 * d * d // h + 3 * d) + 2 + d * d + d)
+
+
+# By hand, term by term (multi-scale + scale weights + PE + depthwise of the 4 branches + their
+# grouped qkv convs with biases + alphas + output conv):
+#   D=512, h=8 (ours):     803,328 + 2,052 + 100,352 + 104,448 + 401,408 + 2 + 262,656 = 1,674,246
+#   D=512, h=32 (head 16): 803,328 + 2,052 + 100,352 + 104,448 + 106,496 + 2 + 262,656 = 1,379,334
+#   D=128, h=8 (authors' ResNet18):  53,376 + 516 + 25,088 + 26,112 + 26,624 + 2 + 16,512 = 148,230
+#   D=24, h=6 (authors' MobileNetV3): 2,520 + 100 + 4,704 + 4,896 + 1,536 + 2 + 600 = 14,358
+@pytest.mark.parametrize("d,kw,heads,expected", [
+    (512, {}, 8, 1_674_246), (512, {"head_dim": 16}, 32, 1_379_334),
+    (128, {"heads": 8}, 8, 148_230), (128, {"head_dim": 16}, 8, 148_230),
+    (24, {"heads": 6}, 6, 14_358), (24, {"head_dim": 4}, 6, 14_358),
+])
+def test_parameter_counts_ours_and_the_authors_configs(d, kw, heads, expected):
+    m = build_attention("lga", d, **kw)
+    assert m.heads == heads and m.scale == (d // heads) ** -0.5
+    assert _lga_count(d, heads) == expected
+    assert _count(m) == expected
+
+
+def test_head_dim_option_everywhere():
+    from ssd_da.models.lga import LGA_AUTHORS_HEAD_DIM
+    from ssd_da.models.resnet import build_resnet
+
+    assert LGA_AUTHORS_HEAD_DIM == 16  # 128 channels / 8 heads in the authors' ResNet18 config
+    assert build_attention("la", 512, head_dim=16).heads == 32
+    assert build_attention("ga", 512, head_dim=16).heads == 32
+    assert build_resnet("resnet18_lga", num_classes=None, head_dim=16).end_attn.heads == 32
+    with pytest.raises(ValueError, match="give heads or head_dim, not both"):
+        build_attention("lga", 512, heads=8, head_dim=16)
+    with pytest.raises(ValueError, match=r"head_dim=3 does not divide channels=20; valid "
+                                         r"head_dim: \[1, 2, 4, 5, 10, 20\]"):
+        build_attention("lga", 20, head_dim=3)
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+        build_attention("lga", 16, head_dim=0)
+
+
 @pytest.mark.parametrize("channels,heads", [(64, 1), (128, 2), (256, 4), (512, 8), (1024, 16),
                                             (2048, 32), (16, 1)])
 def test_default_heads_per_resnet_width(channels, heads):

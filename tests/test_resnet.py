@@ -42,21 +42,29 @@ def test_parameter_counts_table2(depth):
     assert round((PLAIN[depth] + se_extra) / 1e6, 4) == SE_PAPER_M[depth]
 
 
-# ECA adds k parameters per block. Released k by stage (BangguWu/ECANet eca_resnet50_k3557,
-# eca_resnet101_k3357) vs the formula k = psi(C) (256, 512, 1024 -> 5; 2048 -> 7), with
-# 3/4/6/3 (R50) or 3/4/23/3 (R101) blocks:
+# ECA adds k parameters per block. Released k by stage (the ECA authors' README, BangguWu/ECANet:
+# eca_resnet18_k3577, eca_resnet34_k3357, eca_resnet50_k3557, eca_resnet101_k3357) vs the formula
+# k = psi(C) (64 -> 3; 128 .. 1024 -> 5; 2048 -> 7), with 2/2/2/2 (R18), 3/4/6/3 (R34, R50) or
+# 3/4/23/3 (R101) blocks:
+#   R18  released 2*3 + 2*5 + 2*7 + 2*7 = 44,   formula 2*3 + 2*5 + 2*5 + 2*5 = 36;
+#   R34  released 3*3 + 4*3 + 6*5 + 3*7 = 72,   formula 3*3 + 4*5 + 6*5 + 3*5 = 74;
 #   R50  released 3*3 + 4*5 + 6*5 + 3*7 = 80,   formula 3*5 + 4*5 + 6*5 + 3*7 = 86;
 #   R101 released 3*3 + 4*3 + 23*5 + 3*7 = 157, formula 3*5 + 4*5 + 23*5 + 3*7 = 171.
-# ResNet18 (no released model; the authors' constructor uses k 3 everywhere): 8 * 3 = 24, and
-# the formula (64 -> 3; 128, 256, 512 -> 5): 2 * (3 + 5 + 5 + 5) = 36.
-@pytest.mark.parametrize("name, extra, stage_k", [
-    ("eca_resnet50", 80, (3, 5, 5, 7)), ("eca_adaptive_resnet50", 86, (5, 5, 5, 7)),
-    ("eca_resnet101", 157, (3, 3, 5, 7)), ("eca_adaptive_resnet101", 171, (5, 5, 5, 7)),
-    ("eca_resnet18", 24, (3, 3, 3, 3)), ("eca_adaptive_resnet18", 36, (3, 5, 5, 5)),
+# Classifier totals: ResNet18 11,689,512 + 44 = 11,689,556; ResNet34 21,797,672 + 72 = 21,797,744.
+@pytest.mark.parametrize("name, extra, total, stage_k", [
+    ("eca_resnet18", 44, 11_689_556, (3, 5, 7, 7)),
+    ("eca_adaptive_resnet18", 36, 11_689_548, (3, 5, 5, 5)),
+    ("eca_resnet34", 72, 21_797_744, (3, 3, 5, 7)),
+    ("eca_adaptive_resnet34", 74, 21_797_746, (3, 5, 5, 5)),
+    ("eca_resnet50", 80, 25_557_112, (3, 5, 5, 7)),
+    ("eca_adaptive_resnet50", 86, 25_557_118, (5, 5, 5, 7)),
+    ("eca_resnet101", 157, 44_549_317, (3, 3, 5, 7)),
+    ("eca_adaptive_resnet101", 171, 44_549_331, (5, 5, 5, 7)),
 ])
-def test_eca_kernel_sizes_released_and_formula(name, extra, stage_k):
+def test_eca_kernel_sizes_released_and_formula(name, extra, total, stage_k):
     depth = int(name.rpartition("resnet")[2])
-    assert _count(name) == PLAIN[depth] + extra
+    assert PLAIN[depth] + extra == total
+    assert _count(name) == total
     model = _meta(name, num_classes=None)
     for stage, k in enumerate(stage_k, start=1):
         assert {b.attn.conv.kernel_size for b in getattr(model, f"layer{stage}")} == {(k,)}

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ssd_da.config import saved_value
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.models.ssd import build_ssd
 
@@ -281,7 +282,8 @@ def load_detector(
     """Rebuild the detector a checkpoint was trained as and load its weights.
 
     Returns ``(model in eval mode on device, checkpoint dict)``; the checkpoint's ``backbone``,
-    ``class_names`` and ``config["attention_init"]`` (default "default") decide the
+    ``class_names`` and ``config["attention_init"]`` (missing: "default", what runs saved
+    without the key used; ``ssd_da.config.saved_value``) decide the
     architecture, so a file from another architecture fails here
     with a message naming it rather than deep inside ``load_state_dict``.
     """
@@ -290,7 +292,7 @@ def load_detector(
     if not class_names:
         raise CheckpointError(f"checkpoint {path} has no 'class_names'")
     # attention_init="identity" adds a gate per attention module: rebuild with the run's own.
-    attention_init = (state.get("config") or {}).get("attention_init", "default")
+    attention_init = saved_value(state.get("config") or {}, "attention_init")
     try:
         model = build_ssd(state["backbone"], num_classes=len(class_names) + 1,
                           attention_init=attention_init)

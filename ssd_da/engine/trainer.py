@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ssd_da.config import Config, save_config, validate_config
+from ssd_da.config import Config, resolve_attention_init, save_config, validate_config
 from ssd_da.data.demo import ensure_demo_dataset
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.checkpoint import (check_resumable, restore_training_state, save_checkpoint,
@@ -126,6 +126,7 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
     a second run into it fails at once. SIGTERM, SIGINT and SIGUSR1 stop the run after the
     current step with ``last.pth`` written (:class:`~ssd_da.engine.interrupt.Interrupted`)."""
     validate_config(cfg)
+    cfg = resolve_attention_init(cfg)  # config.yaml and the checkpoints record the value used
     class_names = class_names_from_config(cfg)
     resumed = check_resumable(resume, cfg, class_names) if resume else None
     device, rank, world = prepare_process(cfg)
@@ -268,7 +269,8 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
     state.evaluated_at, state.last_map = state.iteration, float(result.map)
     final = state.iteration >= cfg.iters
     # pycocotools' metrics too, once, at the end (pycocotools is slow): the official ones on
-    # COCO-format data; on VOC data the LGA paper's mAP50 / mAP50-95 (results.md reports them).
+    # COCO-format data; on VOC data pycocotools' AP50 / AP@[.5:.95], which results.md shows beside
+    # the LGA paper's mAP50 / mAP50-95 (those from YOLOv8's validator: not directly comparable).
     coco = coco_metrics_of(test_set, detections) if final and dist_utils.is_main_process() else None
     log.write({"iter": state.iteration, "map": result.map, "ap": result.ap,
                "eval_images_per_s": rate, **({"coco": coco} if coco else {})})
@@ -291,13 +293,16 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
 def build_model(cfg: Config, num_classes: int, device: torch.device
                 ) -> tuple[torch.nn.Module, str]:
     """SSD300 on ``cfg.backbone``; ImageNet weights when reachable, else scratch with a warning.
+    Attention modules start as ``cfg.attention_init`` says, "auto" resolved from
+    ``cfg.pretrained`` (:func:`~ssd_da.config.resolve_attention_init`).
     Returns ``(model, what its backbone was initialised from)``: the source, "none", or
     "none (<source> unreachable)", so summaries report what happened, not what was asked."""
-    source = None if cfg.pretrained.lower() in ("", "none", "scratch") else cfg.pretrained
+    source = cfg.trunk_weights()
     init = source or "none"
+    attention_init = resolve_attention_init(cfg).attention_init
     try:
         model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=source,
-                          attention_init=cfg.attention_init)
+                          attention_init=attention_init)
     except RuntimeError as exc:
         # Offline machines cannot download torchvision weights (load_pretrained raises
         # RuntimeError then): train from scratch rather than stop. Anything that is not a
@@ -306,10 +311,11 @@ def build_model(cfg: Config, num_classes: int, device: torch.device
             raise
         # Every process finds out; one says so (the others at debug level).
         logger.log(logging.WARNING if dist_utils.is_main_process() else logging.DEBUG,
-                   "ImageNet weights %r unreachable (%s); training %s from scratch",
-                   source, exc, cfg.backbone)
+                   "ImageNet weights %r unreachable (%s); training %s from scratch, attention "
+                   "modules still started as attention_init=%r", source, exc, cfg.backbone,
+                   attention_init)
         model = build_ssd(cfg.backbone, num_classes=num_classes, pretrained=None,
-                          attention_init=cfg.attention_init)
+                          attention_init=attention_init)
         init = f"none ({source} unreachable)"
     if cfg.sync_bn and dist_utils.is_distributed():
         if device.type == "cuda":

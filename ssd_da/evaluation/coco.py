@@ -1,7 +1,9 @@
 """COCO-style AP@[.5:.95] and AP50 of a VOC detection set, through pycocotools; and the
 official COCO evaluation of a COCO-format dataset against its own JSON (``coco_metrics_on_gt``).
 
-An extra to the paper's VOC07 metric (section III reports only VOC 11-point mAP). The COCO
+An extra to the DA paper's metric (section III reports only the 11-point mAP). The LGA paper's
+mAP50 / mAP50-95 come from YOLOv8's validator, which matches and caps detections its own way, so
+these pycocotools figures are not directly comparable with them either. The COCO
 objects are built in memory (no temporary files, no rounding through text) and pycocotools'
 printing is suppressed.
 

@@ -1,7 +1,8 @@
 """PASCAL VOC detection AP as py-faster-rcnn's ``voc_eval.py`` computes it (numpy, vectorised).
 
-The paper reports SSD300 mAP on VOC2007 test with the 11-point interpolation at IoU 0.5 (DA
-paper, section III). The published VOC07 numbers of ssd.pytorch, lufficc/SSD and mmdetection come
+The DA paper reports SSD300 mAP "on the VOC data set" with the 11-point interpolation (section
+III); it names neither the test split nor the IoU threshold ("the set IoU threshold"). We follow
+the VOC convention: VOC2007 test at IoU 0.5. The published VOC07 numbers of ssd.pytorch, lufficc/SSD and mmdetection come
 from ``voc_eval.py`` of py-faster-rcnn (Bharath Hariharan's Python port of the devkit), and this
 module reproduces that algorithm to the last bit (docs/method.md, "The VOC evaluator"):
 

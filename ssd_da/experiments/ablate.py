@@ -27,7 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
-from ssd_da.config import Config, apply_overrides, save_config
+from ssd_da.config import (Config, apply_overrides, resolve_attention_init, save_config,
+                           saved_value)
 from ssd_da.data.voc import VOC_CLASSES
 from ssd_da.engine import trainer
 from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, Interrupted, stop_requested,
@@ -125,7 +126,7 @@ def plan_runs(base: Config, backbones: Sequence[str], seeds: Sequence[int], root
             out = _escape_braces(Path(root) / name / f"seed{seed}")
             cfg = apply_overrides(base, {"backbone": name, "seed": int(seed), "output_dir": out},
                                   "ablation runner")
-            specs.append(RunSpec(name, int(seed), cfg))
+            specs.append(RunSpec(name, int(seed), resolve_attention_init(cfg)))  # as train() does
     return specs
 
 
@@ -144,11 +145,10 @@ def _check_saved_config(spec: RunSpec) -> None:
     with open(path) as fh:
         saved = yaml.safe_load(fh) or {}
     # A key missing from the saved file is a field added after that run (e.g. attention_init):
-    # the run had the field's default behaviour, so compare against the default.
-    defaults = Config().to_dict()
-    diffs = [f"{k}: saved {saved.get(k, defaults[k])!r}{'' if k in saved else ' (default)'}, "
+    # compare against the value such a run had (config.saved_value).
+    diffs = [f"{k}: saved {saved_value(saved, k)!r}{'' if k in saved else ' (not recorded)'}, "
              f"now {v!r}" for k, v in spec.cfg.to_dict().items()
-             if k not in RESULT_NEUTRAL_FIELDS and saved.get(k, defaults[k]) != v]
+             if k not in RESULT_NEUTRAL_FIELDS and saved_value(saved, k) != v]
     if diffs:
         raise ValueError(f"{path}: the existing run used other settings ({'; '.join(diffs)}); "
                          "use another --output-dir or remove that folder")
@@ -376,7 +376,9 @@ def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int],
             f"- Data: train {base.train_split}, test {base.test_split} under {base.data_root}"
             f"{' (COCO format)' if base.data_format == 'coco' else ''}; "
             f"metric {base.metric} mAP at the last iteration (not the best one, which would "
-            f"be picked on the test set)."]
+            f"be picked on the test set).",
+            f"- attention_init {resolve_attention_init(base).attention_init!r} (identity: "
+            f"the plain ResNet at step 0; default: each module's own initialisation)."]
 
 
 def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root: Path,
@@ -402,7 +404,7 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
     inits = [str(s["backbone_init"]) for s in summaries if "backbone_init" in s]  # older runs: none
     notes = describe(specs[0].cfg, backbones, seeds, inits) if specs else []
     failures = [f"{name}: {why}" for name, why in missing.items()]
-    # The DA paper's numbers are VOC07 test mAP; the LGA paper's (TinyPerson) are context always.
+    # The DA paper's mAP ("on the VOC data set") only beside VOC runs; the LGA paper's always.
     paper = layout == "lga" or list(class_names) == list(VOC_CLASSES)
     paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper))
     plot_map_vs_params(groups, paths["png"], layout)

@@ -242,11 +242,11 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
     return max(3, k)
 
 
-# k_size by stage (layer1..layer4) of the ECA authors' released ImageNet models (BangguWu/ECANet:
-# eca_resnet50_k3557, eca_resnet101_k3357). ResNet18/34 have no released model; the authors'
-# constructors build them with k = 3 in every stage, which we use.
+# k_size by stage (layer1..layer4) of the ECA authors' released ImageNet models, as their names in
+# the authors' README (BangguWu/ECANet) spell them: eca_resnet18_k3577, eca_resnet34_k3357,
+# eca_resnet50_k3557, eca_resnet101_k3357.
 ECA_RELEASED_KERNEL_SIZES: dict[int, tuple[int, int, int, int]] = {
-    18: (3, 3, 3, 3), 34: (3, 3, 3, 3), 50: (3, 5, 5, 7), 101: (3, 3, 5, 7)}
+    18: (3, 5, 7, 7), 34: (3, 3, 5, 7), 50: (3, 5, 5, 7), 101: (3, 3, 5, 7)}
 
 
 class EfficientChannelAttention(nn.Module):
@@ -256,8 +256,9 @@ class EfficientChannelAttention(nn.Module):
     x * mask. k parameters per block. Which k:
 
     * ``eca`` in a ResNet (:meth:`stage_options`): the k of the authors' released models, by
-      stage, :data:`ECA_RELEASED_KERNEL_SIZES` (ResNet50 3, 5, 5, 7; ResNet101 3, 3, 5, 7), so
-      their checkpoints fit; depths without an entry use the formula;
+      stage, :data:`ECA_RELEASED_KERNEL_SIZES` (ResNet18 3, 5, 7, 7; ResNet34 3, 3, 5, 7;
+      ResNet50 3, 5, 5, 7; ResNet101 3, 3, 5, 7), so their checkpoints fit; depths without an
+      entry use the formula;
     * ``eca_adaptive``: the paper's formula, :func:`eca_kernel_size` (gamma 2, b 1) of each
       block's C (ResNet50 by stage: 5, 5, 5, 7);
     * built alone, with only C known: the formula; ``kernel_size`` overrides all of these.

@@ -43,12 +43,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LGA_HEAD_DIM", "lga_default_heads", "channel_attention", "LocalGlobalAttention",
-           "LocalAttention", "GlobalAttention"]
+__all__ = ["LGA_HEAD_DIM", "LGA_AUTHORS_HEAD_DIM", "lga_default_heads", "lga_heads",
+           "channel_attention", "LocalGlobalAttention", "LocalAttention", "GlobalAttention"]
 
-# Default head width: 512 channels (ResNet18/34 after layer4, the paper's Table 4 setting) get the
-# public ResNet18 config's 8 heads; other widths keep 64 channels per head (see lga_default_heads).
+# Our default head width: 64 channels per head, so 8 heads at the 512 channels of ResNet18/34
+# after layer4 (1,674,246 LGA parameters there). Our choice: the paper leaves the head count
+# symbolic (section 3.2, eq. 1). The authors' ResNet18 config (ResNet18+LGA.yaml in their
+# repository's history) is `LocalGlobalAttention, [128, 8]` at YOLOv8's width multiplier 0.25:
+# 128 channels at P5 in 8 heads of 16 (148,230 parameters); their MobileNetV3 config, [24, 6],
+# has heads of 4 (14,358 parameters). SSD300 reads ResNet18's full 512-channel layer4, so their
+# width does not carry over; their head width does: ``head_dim=LGA_AUTHORS_HEAD_DIM`` (32 heads
+# at 512 channels, 1,379,334 parameters).
 LGA_HEAD_DIM = 64
+LGA_AUTHORS_HEAD_DIM = 16
 PE_SIZE = 14  # the public code's learned positional encoding is 14 x 14
 
 
@@ -74,6 +81,29 @@ def lga_default_heads(channels: int) -> int:
                          f"({channels} // {LGA_HEAD_DIM} = {heads} does not divide it); "
                          f"pass heads=, a divisor of {channels}")
     return heads
+
+
+def lga_heads(channels: int, heads: int | None = None, head_dim: int | None = None,
+              module: str = "LGA") -> int:
+    """The head count from at most one of ``heads`` and ``head_dim`` (channels per head);
+    neither: :func:`lga_default_heads`. E.g. ``(512, head_dim=16) -> 32``.
+
+    Raises:
+        ValueError: both given, a non-positive value, or a ``head_dim`` that does not divide
+            ``channels`` (the message names the divisors' head widths).
+    """
+    _positive_int(channels, "channels", module)
+    if heads is not None and head_dim is not None:
+        raise ValueError(f"{module}: give heads or head_dim, not both (got {heads} and {head_dim})")
+    if heads is not None:
+        return _positive_int(heads, "heads", module)
+    if head_dim is None:
+        return lga_default_heads(channels)
+    if channels % _positive_int(head_dim, "head_dim", module):
+        widths = [d for d in range(1, channels + 1) if channels % d == 0]
+        raise ValueError(f"{module}: head_dim={head_dim} does not divide channels={channels}; "
+                         f"valid head_dim: {widths}")
+    return channels // head_dim
 
 
 def channel_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -128,26 +158,31 @@ class LocalGlobalAttention(nn.Module):
 
     Args:
         channels: D.
-        heads: attention heads h (D must be divisible by h); ``None``: one per 64 channels
-            (:func:`lga_default_heads`: 8 at 512 channels, 32 at 2048).
+        heads: attention heads h (D must be divisible by h); ``None``: from ``head_dim``, or
+            without it one per 64 channels (:func:`lga_default_heads`: 8 at 512 channels, 32 at
+            2048; our choice, see :data:`LGA_HEAD_DIM`).
         local_kernels: kernels of the local branches (paper: 3, 5, 7); empty: no local branch.
         global_kernel: kernel of the global branch (public code: 11); ``None``: no global branch.
         num_scales: multi-scale convs with strides 1, 2, 4, ... (paper: 3).
         pe_size: side of the learned positional encoding before resizing (public code: 14).
+        head_dim: channels per head instead of ``heads`` (:func:`lga_heads`), e.g.
+            :data:`LGA_AUTHORS_HEAD_DIM` (16), the authors' ResNet18 head width.
 
     Parameters (all convs with bias, as published), with ``K`` the branch kernels:
     ``num_scales * (D^2 + 11 D)`` (multi-scale) ``+ (num_scales + 1) (D + 1)`` (scale weights)
     ``+ pe_size^2 D`` ``+ sum_K (k^2 D + D + 3 D^2 / h + 3 D)`` ``+ branches`` (alphas)
-    ``+ D^2 + D`` (output conv): 1,674,246 at D = 512, h = 8.
+    ``+ D^2 + D`` (output conv): 1,674,246 at D = 512, h = 8 (ours); 1,379,334 at D = 512,
+    h = 32 (head_dim 16); 148,230 at D = 128, h = 8 and 14,358 at D = 24, h = 6 (the authors'
+    ResNet18 and MobileNetV3 configs).
     """
 
     def __init__(self, channels: int, heads: int | None = None,
                  local_kernels: Sequence[int] = (3, 5, 7), global_kernel: int | None = 11,
-                 num_scales: int = 3, pe_size: int = PE_SIZE) -> None:
+                 num_scales: int = 3, pe_size: int = PE_SIZE, *,
+                 head_dim: int | None = None) -> None:
         super().__init__()
         name = type(self).__name__
-        _positive_int(channels, "channels", name)
-        heads = lga_default_heads(channels) if heads is None else _positive_int(heads, "heads", name)
+        heads = lga_heads(channels, heads, head_dim, name)
         if channels % heads:
             raise ValueError(f"{name}: channels={channels} is not divisible by heads={heads}")
         local_kernels = tuple(local_kernels)
@@ -204,8 +239,9 @@ class LocalAttention(LocalGlobalAttention):
 
     def __init__(self, channels: int, heads: int | None = None,
                  local_kernels: Sequence[int] = (3, 5, 7), num_scales: int = 3,
-                 pe_size: int = PE_SIZE) -> None:
-        super().__init__(channels, heads, local_kernels, None, num_scales, pe_size)
+                 pe_size: int = PE_SIZE, *, head_dim: int | None = None) -> None:
+        super().__init__(channels, heads, local_kernels, None, num_scales, pe_size,
+                         head_dim=head_dim)
 
 
 class GlobalAttention(LocalGlobalAttention):
@@ -213,6 +249,8 @@ class GlobalAttention(LocalGlobalAttention):
     branches (and their alpha); ``out = conv1x1(a_global * global)``."""
 
     def __init__(self, channels: int, heads: int | None = None, global_kernel: int = 11,
-                 num_scales: int = 3, pe_size: int = PE_SIZE) -> None:
-        super().__init__(channels, heads, (), global_kernel, num_scales, pe_size)
+                 num_scales: int = 3, pe_size: int = PE_SIZE, *,
+                 head_dim: int | None = None) -> None:
+        super().__init__(channels, heads, (), global_kernel, num_scales, pe_size,
+                         head_dim=head_dim)
 

@@ -35,9 +35,10 @@ BLOCK_ATTENTIONS: tuple[str, ...] = ("da", "se", "eca", "eca_adaptive", "sge", "
 # times (LGA at 2048 channels alone has 19.3M parameters).
 END_ATTENTIONS: tuple[str, ...] = ("lga", "la", "ga", "mhsa", "se", "eca", "cbam", "sa", "da",
                                    "sge")
-# How the attention modules start (Config.attention_init, build_attention's ``init``): "default",
-# each module's own initialisation; "identity", each wrapped in attention.IdentityStart so that the
-# network starts as the plain ResNet (docs/experiments.md, "Fair starts").
+# How the attention modules start (build_attention's ``init``; Config.attention_init also takes
+# "auto", resolved to one of these by config.resolve_attention_init): "default", each module's
+# own initialisation; "identity", each wrapped in attention.IdentityStart so that the network
+# starts as the plain ResNet (docs/experiments.md, "Fair starts").
 ATTENTION_INITS: tuple[str, ...] = ("default", "identity")
 # How the DA paper's tables print each attention before "ResNet<depth>". The DA orders of
 # Table I have no printed prefix; the arrows name the order of the two branches.

@@ -1,7 +1,9 @@
 """Parameter and FLOP counting with torchstat's rules (the DA paper's Table II).
 
 The DA paper (Table II, section III) prints Params and GFLOPs for ResNet18/34/50/101 with and
-without SE and DA attention. The GFLOPs were produced with torchstat's rules (Swall0w/torchstat,
+without SE and DA attention. Its eq. (1) counts a convolution as 2*H*W*(C_in*K^2 + 1)*C_out (2
+per multiply-accumulate), but Table II prints about half of that (ResNet18: 1.8214 G); we match
+the table, not the formula. The table's GFLOPs were produced with torchstat's rules (Swall0w/torchstat,
 ``torchstat/compute_flops.py``); this module reimplements those rules, which reproduce 22 of
 Table II's 24 values exactly and the other two (DA-ResNet18/34 GFLOPs) 0.0001 above the print
 (see ``docs/complexity.md``). The rules, per LEAF module (a module
@@ -207,7 +209,8 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224),
 
     Args:
         model: the network.
-        input_size: input shape, batch first, e.g. (1, 3, 224, 224); the paper uses batch 1.
+        input_size: input shape, batch first, e.g. (1, 3, 224, 224), with which Table II's
+            values are reproduced (the paper states no input size or batch).
         forward_fn: optional ``forward_fn(model, x)`` replacing ``model(x)``.
 
     Returns:
