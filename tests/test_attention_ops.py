@@ -96,3 +96,18 @@ def test_channels_last_input_keeps_its_layout() -> None:
     assert y.is_contiguous(memory_format=torch.channels_last)
     y.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_scaled_amax_of_bf16_finds_its_maxima_among_the_exact_products() -> None:
+    # bf16 keeps 7 stored mantissa bits. Products (1 + 2^-7)^2 = 1 + 2^-6 + 2^-14 and
+    # 1 + 2^-6: both round to 1 + 2^-6 in bf16, but exactly (in float32, where a product of two
+    # bf16 numbers is exact) the first is larger. The output is eager bf16's (the rounded max);
+    # the gradient goes to the exact maximum alone, whoever computes the products (issue 20:
+    # inductor keeps them in float32, and an equality test against the rounded max found none).
+    x = torch.tensor([1 + 2 ** -7, 1 + 2 ** -6], dtype=torch.bfloat16).view(1, 2, 1, 1).requires_grad_(True)
+    w = torch.tensor([1 + 2 ** -7, 1.0], dtype=torch.bfloat16).view(1, 2, 1, 1).requires_grad_(True)
+    out = scaled_amax(x, w, 1)
+    assert out.dtype == torch.bfloat16 and out.item() == (x * w).amax().item() == 1 + 2 ** -6
+    out.sum().backward()
+    assert x.grad.flatten().tolist() == [1 + 2 ** -7, 0.0]  # d(x0 w0)/dx0 = w0
+    assert w.grad.flatten().tolist() == [1 + 2 ** -7, 0.0]

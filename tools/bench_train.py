@@ -20,7 +20,7 @@ from torch import nn
 from torchvision.models.detection.ssd import SSD, SSDHead, ssd300_vgg16
 
 from ssd_da.models.ssd import SSD300, SSD300_ASPECT_RATIOS, SSD300_SCALES, SSD300_STEPS, build_ssd
-from ssd_da.utils.device import autocast_context
+from ssd_da.utils.device import autocast_context, runs_bf16
 
 SUBJECTS = ("ours", "tv-ssd-our-trunk", "tv-ssd300-vgg16")
 
@@ -97,12 +97,15 @@ def model_inputs(subject: str, images: torch.Tensor, targets: list[dict] | None,
     return list(scaled), device_targets
 
 
-def prepare(model: nn.Module, subject: str, device: torch.device, channels_last: bool, compile_: bool) -> nn.Module:
+def prepare(model: nn.Module, subject: str, device: torch.device, channels_last: bool, compile_: bool,
+            backend: str | None = None) -> nn.Module:
+    """On ``device``, channels_last if asked, our network compiled if asked (by ``backend``,
+    default inductor: the dry run of gpu-suite takes one that compiles in seconds on a CPU)."""
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile_ and subject == "ours":
-        model.compile_network()
+        model.compile_network(**({"backend": backend} if backend else {}))
     return model
 
 
@@ -202,36 +205,38 @@ class Row:
 
 
 def settings_label(args: Any, device: torch.device, subject: str) -> str:
-    parts = ["bf16" if args.amp and device.type == "cuda" else "fp32",
+    parts = ["bf16" if runs_bf16(device, args.amp) else "fp32",
              "channels_last" if args.channels_last else "NCHW"]
     if args.compile and subject == "ours":
         parts.append("compiled")
     return ", ".join(parts)
 
 
-def train_rows(args: Any, device: torch.device) -> list[Row]:
+def train_rows(args: Any, device: torch.device, loader: bool = True) -> list[Row]:
     """Network-only and/or end-to-end training rows for every (subject, backbone); end to end
-    adds one 'loader alone' row (the same loader with no model)."""
+    adds one 'loader alone' row (the same loader with no model) unless ``loader`` is False."""
     rows = []
     pairs = [("ours", b) for b in args.backbones.split(",") if b] + [
         (s, args.tv_backbone if s == "tv-ssd-our-trunk" else "vgg16") for s in args.tv.split(",") if s]
     modes = [m for m in args.modes.split(",") if m]
-    if "e2e" in modes:
+    repeats, backend = getattr(args, "repeats", 3), getattr(args, "compile_backend", None)
+    if "e2e" in modes and loader:
         rows.append(loader_row(args))
         print(rows[-1].markdown(), flush=True)
     for subject, backbone in pairs:
         for mode in modes:
             torch.manual_seed(0)
-            model = prepare(build_subject(subject, backbone), subject, device, args.channels_last, args.compile)
+            model = prepare(build_subject(subject, backbone), subject, device, args.channels_last, args.compile,
+                            backend)
             if mode == "network":
                 images, targets = synthetic_batch(args.batch_size, device)
                 step = network_train_step(model, subject, images, targets, device, args.amp, args.channels_last)
-                result = time_steps(step, device, args.batch_size, args.steps, args.warmup)
+                result = time_steps(step, device, args.batch_size, args.steps, args.warmup, repeats)
             else:
                 steps = e2e_block(args)
-                with real_loader(args, args.warmup + 3 * steps) as batches:
+                with real_loader(args, args.warmup + repeats * steps) as batches:
                     step = e2e_train_step(model, subject, batches, device, args.amp, args.channels_last)
-                    result = time_steps(step, device, args.batch_size, steps, args.warmup)
+                    result = time_steps(step, device, args.batch_size, steps, args.warmup, repeats)
             rows.append(Row(subject, backbone, "network only" if mode == "network" else "end to end",
                             settings_label(args, device, subject), result))
             print(rows[-1].markdown(), flush=True)
@@ -312,12 +317,14 @@ def eval_rows(args: Any, device: torch.device) -> list[str]:
     whole evaluation of ``args.eval_images`` images (loader, inference, post-processing and VOC07
     metric) for the first backbone."""
     rows = []
+    repeats, backend = getattr(args, "repeats", 3), getattr(args, "compile_backend", None)
     for backbone in args.backbones.split(","):
         torch.manual_seed(0)
-        model = prepare(build_subject("ours", backbone), "ours", device, args.channels_last, args.compile)
+        model = prepare(build_subject("ours", backbone), "ours", device, args.channels_last, args.compile,
+                        backend)
         images, _ = synthetic_batch(args.batch_size, device)
         result = time_steps(network_infer_step(model, "ours", images, device, args.amp, args.channels_last),
-                            device, args.batch_size, args.steps, args.warmup)
+                            device, args.batch_size, args.steps, args.warmup, repeats)
         rows.append(f"| {backbone} | network only (batch {args.batch_size}) | {figure(result.images_per_s)} | "
                     f"{figure(result.ms_per_batch)} ms/batch |")
         print(rows[-1], flush=True)
@@ -342,7 +349,7 @@ def whole_evaluation_row(args: Any, backbone: str, device: torch.device) -> str:
     classes = split_classes(args.data_root, args.eval_split)
     torch.manual_seed(0)
     model = prepare(build_subject("ours", backbone, len(classes) + 1), "ours", device, args.channels_last,
-                    args.compile)
+                    args.compile, getattr(args, "compile_backend", None))
     base = VOCDetection(args.data_root, args.eval_split, classes, transform=build_eval_transform(300, output="uint8"),
                         keep_difficult=True)
     workers = resolve_workers(args.workers)

@@ -24,23 +24,31 @@ import platform
 import pstats
 import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torchvision
+from bench_packages import check_suite_packages  # standard library only, beside this file
 
-from ssd_da.data.voc import VOC_CLASSES
-from ssd_da.evaluation.voc import evaluate_voc
-from ssd_da.models.attention import build_attention
-from ssd_da.models.ssd import build_ssd
-from ssd_da.utils.cli import fail
-from ssd_da.utils.device import autocast_context, resolve_device
-from ssd_da.utils.flops import count_flops, count_flops_complete
+if __name__ == "__main__" and "gpu-suite" in sys.argv[1:]:
+    # Before the imports below, which need some of them: a bare GPU machine is told every
+    # package it lacks, not shown the traceback of the first one (issue 20).
+    check_suite_packages("benchmark.py")
 
-from bench_env import cpu_model  # tools/bench_env.py, beside this file
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+from ssd_da.data.voc import VOC_CLASSES  # noqa: E402
+from ssd_da.evaluation.voc import evaluate_voc  # noqa: E402
+from ssd_da.models.attention import build_attention  # noqa: E402
+from ssd_da.models.ssd import build_ssd  # noqa: E402
+from ssd_da.utils.cli import fail  # noqa: E402
+from ssd_da.utils.device import autocast_context, resolve_device  # noqa: E402
+from ssd_da.utils.flops import count_flops, count_flops_complete  # noqa: E402
+
+from bench_env import cpu_model  # noqa: E402 (tools/bench_env.py, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -375,16 +383,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> int:
+    """Run the benchmark and write (or, with --no-write, print) its section. Returns the exit
+    status: 0, or what the benchmark set in ``args.exit_status`` (gpu-suite: 1 unless every part
+    ran and passed). A benchmark with parts may write its section as each ends, through
+    ``args.write_partial``."""
+    args.write_partial = None if args.no_write else (lambda body: write_section(args.doc, args.name, body))
     try:
         body = args.func(args)
     except ModuleNotFoundError as exc:  # a bare GPU machine: name the package, no traceback
         fail("benchmark.py", f"{args.name} needs the package {exc.name!r}, not installed here "
                              f"(`pip install -r requirements.txt`)")
-    if not args.no_write:
+    if args.no_write:
+        print(body)
+    else:
         write_section(args.doc, args.name, body)
         print(f"wrote section {args.name!r} of {args.doc}")
+    return getattr(args, "exit_status", 0)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    sys.exit(main(get_args_parser().parse_args()))

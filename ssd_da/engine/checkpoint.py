@@ -196,26 +196,31 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 def rng_states() -> dict[str, Any]:
-    """The Python, numpy, torch (and CUDA, when present) generator states, in types that
-    ``torch.load(weights_only=True)`` reads: numpy's legacy state tuple with its key array
-    as a list of ints."""
+    """The Python, numpy, torch (and CUDA, when this process uses it) generator states, in
+    types that ``torch.load(weights_only=True)`` reads: numpy's legacy state tuple with its key
+    array as a list of ints.
+
+    "Uses" is ``torch.cuda.is_initialized()``, not ``is_available()``: reading the CUDA state
+    initialises CUDA, which would start a context (and take GPU memory) in a ``--device cpu``
+    run on a GPU machine."""
     name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     states = {"python": random.getstate(),
               "numpy": (str(name), [int(k) for k in key], int(pos), int(has_gauss), float(gauss)),
               "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_states` (a CUDA state is skipped on a machine without CUDA); also
+    """Inverse of :func:`rng_states`; a CUDA state is restored only in a process that uses
+    CUDA (the resumed run's model is on its device by then), never by starting CUDA. Also
     takes the numpy array form that earlier versions saved."""
     random.setstate(states["python"])
     name, key, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
+    if "cuda" in states and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(states["cuda"])
 
 

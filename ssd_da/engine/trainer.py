@@ -261,8 +261,10 @@ def evaluate(state: TrainState, test_set, class_names: list[str], cfg: Config,
         # rank 0's, i.e. with the model that best.pth stores.
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, 0)
+    # The machine's cores are shared by every process of the run, as in training.
+    workers = resolve_workers(cfg.workers, dist_utils.get_world_size())
     result, detections, rate = evaluate_model(model, test_set, class_names, device,
-                                              cfg.eval_batch_size, resolve_workers(cfg.workers),
+                                              cfg.eval_batch_size, workers,
                                               cfg.amp, cfg.metric, progress=dist_utils.is_main_process(),
                                               channels_last=cfg.channels_last)
     model.train()
@@ -338,8 +340,10 @@ def make_train_state(cfg: Config, model: torch.nn.Module, backbone_init: str,
     optimizer = make_optimizer(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, cfg))
     if dist_utils.is_distributed():
-        ids = [device.index] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # One GPU per process: DDP's replicas, buckets and outputs live on this process's device.
+        cuda = device.type == "cuda"
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if cuda else None, output_device=device.index if cuda else None)
     return TrainState(model, optimizer, scheduler, make_scaler(device), backbone_init=backbone_init)
 
 
@@ -356,6 +360,10 @@ def prepare_process(cfg: Config) -> tuple[torch.device, int, int]:
         ensure_demo_dataset(Path(cfg.data_root).parent)
     dist_utils.barrier()
     if device.type == "cuda":
+        # reset_peak_memory_stats does not initialise CUDA, and before that the allocator
+        # raises "Invalid device argument : did you call init?". set_device initialises it and
+        # makes ``device`` this process's current one (tests/test_cuda_contract.py).
+        torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     return device, rank, world
 

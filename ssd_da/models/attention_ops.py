@@ -79,20 +79,30 @@ class _ScaledMean(torch.autograd.Function):
 
 
 class _ScaledAmax(torch.autograd.Function):
-    """``(x * w).amax(dim, keepdim=True)`` saving x, w and the (small) result; the gradient goes
-    to the maxima, split evenly between ties, as ``torch.amax``'s does."""
+    """``(x * w).amax(dim, keepdim=True)`` saving x, w and the (small) maxima; the gradient goes
+    to the maxima, split evenly between ties, as ``torch.amax``'s does.
+
+    The products are formed in at least float32, in forward and in backward: backward finds the
+    maxima by equality with the saved ones, which holds only if both computed the same numbers.
+    With bf16 inputs a compiler may keep ``x * w`` in float32 where eager rounds it to bf16
+    (inductor does), and the rounded maximum then equals no product: every gradient became
+    0/0 = NaN (issue 20). A product of two bf16 (or fp16) numbers is exact in float32, so the
+    maxima are the same whoever computes them; the output, rounded to the inputs' type, equals
+    the eager bf16 result (rounding is monotonic: the max of rounded products is the rounded
+    max). Ties are those of the exact products."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w: Tensor, dim: int) -> Tensor:
-        out = (x * w).amax(dim=dim, keepdim=True)
+        wide = torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)
+        out = (x.to(wide) * w.to(wide)).amax(dim=dim, keepdim=True)
         ctx.save_for_backward(x, w, out)
         ctx.dim = dim
-        return out
+        return out.to(torch.promote_types(x.dtype, w.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         x, w, out = ctx.saved_tensors
-        hit = (x * w == out).to(grad.dtype)
+        hit = (x.to(out.dtype) * w.to(out.dtype) == out).to(grad.dtype)
         share = hit * (grad / hit.sum(dim=ctx.dim, keepdim=True))
         dx = (share * w).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw = _sum_to(share * x, w.shape).to(w.dtype) if ctx.needs_input_grad[1] else None

@@ -214,9 +214,33 @@ class SSD300(nn.Module):
 
     def compile_network(self, **options) -> None:
         """``torch.compile`` the network (uint8 normalisation, backbone, extras, head) with
-        ``options``; the loss and post-processing stay eager (their shapes vary with the
-        targets). Parameter names and checkpoints are unchanged."""
-        self._network = torch.compile(self._run_network, **options)
+        ``options`` (default ``dynamic=False``); the loss and post-processing stay eager (their
+        shapes vary with the targets and the detections). Parameter names and checkpoints are
+        unchanged.
+
+        One graph for training and one for evaluation, each of one fixed batch size: the
+        training loader drops its last incomplete batch, and an evaluation batch smaller than
+        the largest one seen is padded with zero images up to it (:meth:`_run_compiled`)
+        instead of compiled again (issue 20: the last batch of a split cost a third compile).
+        Padding rather than a dynamic batch dimension keeps every shape static, which gives
+        the fastest kernels (and allows CUDA graphs); it costs one batch's compute at most per
+        evaluation."""
+        options.setdefault("dynamic", False)
+        self._compiled = torch.compile(self._run_network, **options)
+        self._eval_batch = 0
+        self._network = self._run_compiled
+
+    def _run_compiled(self, images: Tensor) -> dict[str, Tensor]:
+        """The compiled network on ``images`` (B, 3, S, S); in eval mode a batch smaller than
+        the largest seen runs padded to that size and its outputs are cut back to B. BatchNorm
+        in eval mode uses its running statistics, so the zero images change no other output."""
+        count = images.shape[0]
+        if self.training or count >= self._eval_batch:
+            if not self.training:
+                self._eval_batch = count
+            return self._compiled(images)
+        outputs = self._compiled(_pad_batch(images, self._eval_batch))
+        return {key: value[:count] for key, value in outputs.items()}
 
     def forward(self, images: Tensor, targets: Optional[list[dict[str, Tensor]]] = None,
                 original_sizes: Optional[list[tuple[int, int]]] = None
@@ -322,6 +346,16 @@ class SSD300(nn.Module):
         if not (images.is_floating_point() or images.dtype == torch.uint8):
             raise ValueError(f"images: expected float (ImageNet-normalised) or uint8 pixels, got "
                              f"{images.dtype}")
+
+
+def _pad_batch(images: Tensor, size: int) -> Tensor:
+    """(B, 3, S, S) -> (size, 3, S, S): the images, then zeros; same dtype, device and memory
+    format (a compiled graph is specialised to its input's strides too)."""
+    padded = images.new_zeros((size, *images.shape[1:]))
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        padded = padded.contiguous(memory_format=torch.channels_last)
+    padded[: images.shape[0]] = images
+    return padded
 
 
 def _check_args(num_classes: int, extra_channels: Sequence[Sequence[int]], image_size: int,

@@ -6,16 +6,28 @@ import contextlib
 
 import torch
 
-__all__ = ["autocast_context", "resolve_device"]
+__all__ = ["autocast_context", "runs_bf16", "resolve_device", "CPU_AMP"]
+
+# torch has bf16 autocast on the CPU as well, but on CPUs without bf16 instructions it is slower
+# than float32, so --amp is a CUDA option. Tests set this to True to run the bf16 paths through
+# the same switch on the CPU (tests/test_cuda_contract.py): the autocast regions and the float32
+# casts of the loss and the post-processing.
+CPU_AMP = False
 
 
 def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when ``amp``; a no-op elsewhere (CPU runs stay float32).
+    """bf16 autocast on CUDA when ``amp`` (on the CPU too when :data:`CPU_AMP`); a no-op
+    otherwise (CPU runs stay float32).
 
     bf16 has float32's exponent range, so no loss scaling (GradScaler) is needed."""
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if runs_bf16(device, amp):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def runs_bf16(device: torch.device, amp: bool) -> bool:
+    """Whether :func:`autocast_context` turns bf16 autocast on (for labels in reports)."""
+    return amp and (device.type == "cuda" or (device.type == "cpu" and CPU_AMP))
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
