@@ -100,6 +100,9 @@ class Config:
     eval_every: int = 5000  # 0: only at the end
     ckpt_every: int = 1000
     log_every: int = 20
+    # Also write log.jsonl's scalars (loss terms, lr, images/s, data-wait share, mAP) as
+    # TensorBoard events under <output_dir>/tensorboard/ (ssd_da.engine.tensorboard).
+    tensorboard: bool = False
     seed: int = 0
     amp: bool = False  # bf16 autocast, GPU only
     # Off by default until measured on a GPU (docs/benchmarks.md, tools/benchmark.py gpu-suite).
@@ -344,10 +347,11 @@ CLI_FIELDS: tuple[str, ...] = (
     "backbone", "data_format", "data_root", "train_split", "test_split", "classes", "iters",
     "batch_size", "lr", "workers", "eval_every", "output_dir", "pretrained", "device", "seed",
     "metric", "attention_init", "amp", "sync_bn", "skip_bad", "ignore_other_classes",
-    "channels_last", "compile",
+    "channels_last", "compile", "tensorboard",
 )
 # What the flags do (the other options' help is the field name and its default).
 _FLAG_HELP = {
+    "tensorboard": "also write the log's scalars as TensorBoard events in <output_dir>/tensorboard/",
     "amp": "bf16 autocast on GPU",
     "channels_last": "channels_last (NHWC) memory format for the network",
     "compile": "torch.compile the network (minutes of compilation first)",

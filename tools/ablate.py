@@ -13,14 +13,25 @@ interval).
     # any backbones, on the demo data, CPU
     python tools/ablate.py --config configs/demo.yaml --backbones resnet18,da_resnet18 \\
         --seed-list 0,5,9 --output-dir runs/demo_ablation iters=100 lr_steps=[67,83]
+    # on a SLURM cluster: one job per run (one GPU each), waits and writes the tables
+    python tools/ablate.py --suite attention --seeds 5 --output-dir runs/table2 \\
+        --launcher slurm --partition gpu --time-limit 240 --account myproj
+    # submit and return; then ask where the runs stand (the tables once all are done)
+    python tools/ablate.py --suite order --seeds 5 --output-dir runs/table1 --launcher slurm \\
+        --no-wait
+    python tools/ablate.py --status --output-dir runs/table1
 
 Every tools/train.py option (--config, --iters, --lr, key=value, ...) is passed to every run.
 The runner owns --backbone, --seed and --resume; --output-dir DIR gets one folder per run,
-DIR/<backbone>/seed<k>/, and results.csv, results.md, map_vs_params.png at its top. Rerunning
-the same command skips finished runs and resumes interrupted ones.
-Exit status: 0 every run finished, 1 some did not, 2 bad input, 74 a checkpoint could not be
-written (no space), 75 stopped by SIGTERM, SIGINT or SIGUSR1 (the current run saved its
-last.pth: rerun the same command), 130 a second Ctrl-C.
+DIR/<backbone>/seed<k>/, and results.csv, results.md (with the seeds each difference needs),
+map_vs_params.png and power_curves.png at its top. Rerunning
+the same command skips finished runs and resumes interrupted ones; with --launcher slurm it
+also leaves queued and running jobs alone and resubmits failed ones (job ids in DIR/slurm/).
+Exit status: 0 every run finished (--no-wait: submitted); 1 some did not; 2 bad input (or
+sbatch / squeue refused, message on stderr);
+4 (--status) some runs are still queued or running (the tables come once none is); 74 a
+checkpoint could not be written (no space); 75 stopped by SIGTERM, SIGINT or SIGUSR1 (the
+current run saved its last.pth: rerun the same command); 130 a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -36,8 +47,11 @@ from ssd_da.engine.data import class_names_from_config
 from ssd_da.engine.folder_lock import hold_folder_lock
 from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE, Interrupted,
                                      stop_on_signals)
-from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_suite,
+from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_state, run_suite,
                                        suite_backbones, write_reports)
+from ssd_da.experiments.slurm import (SlurmOptions, SlurmUnavailable, format_status,
+                                      outcomes_of, read_jobs, submit_runs, suite_status,
+                                      wait_for_runs)
 from ssd_da.utils.cli import fail, report_error
 
 logger = logging.getLogger("ablate")
@@ -45,6 +59,8 @@ logger = logging.getLogger("ablate")
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 # Config keys the runner sets per run; giving them as key=value would be silently replaced.
 OWNED_KEYS = ("backbone", "seed", "output_dir")
+# Exit status of --status while some runs are still queued or running.
+EXIT_PENDING = 4
 
 
 def _int_list(text: str) -> list[int]:
@@ -80,10 +96,55 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus", type=_str_list,
                    help="one tools/train.py subprocess per GPU id, e.g. 0,1,2,3 (default: "
                         "runs one after another in this process)")
-    g.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
+    g.add_argument("--level", type=float, default=0.95,
+                   help="confidence level of the intervals (the power test's alpha is 1 - level)")
+    g.add_argument("--min-effect", type=float, default=0.3, metavar="PP",
+                   help="the difference in points of mAP that results.md's seeds-needed column "
+                        "plans for, next to the observed one (default 0.3)")
     g.add_argument("--report-only", action="store_true",
                    help="write the tables from the runs on disk; train nothing")
+    _add_slurm_arguments(p)
     return p
+
+
+def _sbatch_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not key.strip() or key.startswith("-"):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE or NAME (an sbatch option without "
+                                         f"its dashes, e.g. mem=64G or exclusive), got {text!r}")
+    return key.strip(), value if sep else True
+
+
+def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("launcher (docs/cluster.md)")
+    g.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: runs on this machine (default; --gpus for one per GPU); slurm: "
+                        "one SLURM job per run, submitted through submitit")
+    g.add_argument("--no-wait", action="store_true",
+                   help="slurm: return after submitting (see --status)")
+    g.add_argument("--status", action="store_true",
+                   help="slurm: with --output-dir only: each run's state (done, queued, running, "
+                        "failed) and log; writes the tables once every run is done")
+    g.add_argument("--partition", help="slurm: partition (default: the cluster's)")
+    g.add_argument("--time-limit", type=int, default=240, metavar="MIN",
+                   help="slurm: time limit per job in minutes (default 240); a run that needs "
+                        "longer is requeued and resumes")
+    g.add_argument("--gpus-per-job", type=int, default=1, metavar="N",
+                   help="slurm: GPUs per run (default 1; more runs torchrun inside the job, "
+                        "--batch-size per GPU; 0 for CPU clusters)")
+    g.add_argument("--cpus-per-job", type=int, metavar="N",
+                   help="slurm: CPU cores per run (data loading; default: the cluster's)")
+    g.add_argument("--account", help="slurm: account to charge")
+    g.add_argument("--qos", help="slurm: quality of service")
+    g.add_argument("--sbatch", type=_sbatch_option, action="append", default=[],
+                   metavar="NAME=VALUE",
+                   help="slurm: any other sbatch option, without its dashes; repeatable, e.g. "
+                        "--sbatch mem=64G --sbatch constraint=a100 --sbatch exclusive")
+    g.add_argument("--signal-before", type=int, default=120, metavar="S",
+                   help="slurm: SIGUSR1 this many seconds before the time limit: the run "
+                        "writes last.pth and the job requeues itself (default 120)")
+    g.add_argument("--poll", type=float, default=30.0, metavar="S",
+                   help="slurm: seconds between looks at the queue while waiting (default 30)")
 
 
 def _fail(message: str) -> NoReturn:
@@ -119,6 +180,8 @@ def _backbones_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]
         _fail(f"--seeds must be >= 1, got {args.seeds}")
     if not 0.0 < args.level < 1.0:
         _fail(f"--level must lie strictly between 0 and 1, got {args.level}")
+    if not args.min_effect > 0.0:
+        _fail(f"--min-effect must be > 0 points of mAP, got {args.min_effect}")
     try:
         backbones = suite_backbones(args.suite, args.depths) if args.suite else args.backbones
     except ValueError as exc:
@@ -127,9 +190,67 @@ def _backbones_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]
     return backbones, seeds
 
 
+def _check_launcher(args: argparse.Namespace) -> None:
+    """Options of one launcher given to the other are refused, not ignored."""
+    if args.launcher == "slurm":
+        if args.gpus:
+            _fail("--gpus names GPUs of this machine (--launcher local); with --launcher slurm "
+                  "use --gpus-per-job N")
+        return
+    given = [f"--{k.replace('_', '-')}" for k in ("no_wait", "status", "partition", "account",
+                                                  "qos", "cpus_per_job", "sbatch")
+             if getattr(args, k)]
+    given += [f"--{k.replace('_', '-')}" for k, default in
+              (("time_limit", 240), ("gpus_per_job", 1), ("signal_before", 120), ("poll", 30.0))
+              if getattr(args, k) != default]
+    if given:
+        _fail(f"{', '.join(given)}: for --launcher slurm (the launcher is local)")
+
+
+def _slurm_options(args: argparse.Namespace) -> SlurmOptions:
+    return SlurmOptions(args.partition, args.time_limit, args.gpus_per_job, args.cpus_per_job,
+                        args.account, args.qos, dict(args.sbatch), args.signal_before)
+
+
+def _submitted_suite(args: argparse.Namespace) -> argparse.Namespace:
+    """--status: the options the suite in --output-dir was submitted with."""
+    parser = get_args_parser()
+    plain = parser.parse_args(["--status", "--output-dir", str(args.output_dir)]) \
+        if args.output_dir else None
+    if plain is None or vars(args) != vars(plain):
+        _fail("--status takes only --output-dir DIR (the suite's other options were saved "
+              "when it was submitted)")
+    saved = read_jobs(Path(args.output_dir))["options"]
+    if saved is None:
+        _fail(f"--status: no SLURM suite was submitted into {args.output_dir} (no "
+              f"{Path(args.output_dir) / 'slurm' / 'jobs.json'})")
+    saved["sbatch"] = [tuple(x) for x in saved.get("sbatch", [])]
+    return argparse.Namespace(**{**vars(plain), **saved, "status": True, "no_wait": False})
+
+
+def _run_on_slurm(args: argparse.Namespace, specs: list) -> list | None:
+    """Submit (unless --status), wait (unless --no-wait); the outcomes once no run is queued or
+    running, else None."""
+    root = Path(args.output_dir)
+    done_before = [s.name for s in specs if run_state(s)[0] == "done"]
+    if not args.status:
+        options = {k: v for k, v in vars(args).items() if k not in ("status", "no_wait")}
+        submit_runs(specs, root, _slurm_options(args), TRAIN_SCRIPT, options)
+    if args.status or args.no_wait:
+        statuses = suite_status(specs, root)
+    else:
+        statuses = wait_for_runs(specs, root, args.poll)
+    print(format_status(statuses))
+    if any(s.state in ("queued", "running") for s in statuses):
+        return None
+    return outcomes_of(statuses, done_before)
+
+
 def main(args: argparse.Namespace) -> int:
-    """Plan, train (unless --report-only) and report. 0: every run finished; 1: some did not;
-    2: bad input (message on stderr); 75: stopped by a signal, 130: by a second Ctrl-C."""
+    """Plan, train (unless --report-only) and report. 0: every run finished (--no-wait: all
+    submitted); 1: some did not; 2: bad input (message on stderr); 4 (--status): some runs are
+    still queued or running (no tables yet); 74: a checkpoint could not be written; 75: stopped
+    by a signal; 130: by a second Ctrl-C."""
     try:
         with stop_on_signals():
             return run(args)
@@ -148,8 +269,11 @@ def main(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """:func:`main` without the signal handling."""
+    if args.status:
+        args = _submitted_suite(args)
     _check_owned(args)
     backbones, seeds = _backbones_and_seeds(args)
+    _check_launcher(args)
     if args.gpus and not args.report_only:
         try:
             check_gpus(args.gpus)
@@ -160,28 +284,40 @@ def run(args: argparse.Namespace) -> int:
     try:
         base = resolve_config(run_args)
         specs = plan_runs(base, backbones, seeds, root)
-        # One suite per folder at a time (--report-only only reads the runs: no lock, so a
-        # running suite's partial results can be tabulated).
-        with hold_folder_lock(root, "--output-dir", enabled=not args.report_only):
-            outcomes = [] if args.report_only else run_suite(specs, args.gpus,
-                                                             train_script=TRAIN_SCRIPT)
+        if args.report_only:
+            outcomes = []
+        elif args.launcher == "slurm":
+            _slurm_options(args).check()
+            outcomes = _run_on_slurm(args, specs)
+            if outcomes is None:
+                return 0 if args.no_wait else EXIT_PENDING
+        # One local suite per folder at a time (--report-only only reads the runs, and SLURM
+        # jobs lock their own run folders: no lock, so partial results can be tabulated).
+        with hold_folder_lock(root, "--output-dir",
+                              enabled=not args.report_only and args.launcher != "slurm"):
+            if not args.report_only and args.launcher != "slurm":
+                outcomes = run_suite(specs, args.gpus, train_script=TRAIN_SCRIPT)
             paths = write_reports(specs, outcomes, root, class_names_from_config(base),
                                   args.suite if args.suite in ("order", "lga") else "attention",
-                                  args.level)
-    except (ValueError, FileNotFoundError) as exc:
+                                  args.level, min_effect=args.min_effect)
+    except (ValueError, FileNotFoundError, SlurmUnavailable) as exc:
         return report_error("ablate.py", exc)
     stopped = [o.spec.name for o in outcomes if o.status == "interrupted"]
     if stopped:
         raise Interrupted(f"stopped by a signal; {len(stopped)} run(s) not finished "
                           f"({', '.join(stopped[:4])}{' ...' if len(stopped) > 4 else ''})",
                           "signal")
+    return _closing(specs, outcomes, paths)
+
+
+def _closing(specs: list, outcomes: list, paths: dict) -> int:
     bad = [o for o in outcomes if o.status in ("diverged", "failed")]
     for o in bad:
         logger.error("%s %s: %s", o.spec.name, o.status, o.message)
     counts = ", ".join(f"{sum(o.status == k for o in outcomes)} {k}"
                        for k in ("skipped", "trained", "diverged", "failed"))
     print(f"\n{len(specs)} runs ({counts if outcomes else 'report only'}); tables in "
-          f"{paths['md']}, {paths['csv']}, {paths['png']}")
+          f"{paths['md']}, {paths['csv']}, {paths['png']}, {paths['power']}")
     return 1 if bad else 0
 
 

@@ -65,21 +65,27 @@ def all_gather_objects(obj: object) -> list[object]:
     return out
 
 
-def check_replicas_agree(model: torch.nn.Module) -> None:
-    """RuntimeError unless every process holds bit-identical parameters, as DDP guarantees
-    (same initial weights broadcast by DDP, all-reduced gradients, same optimizer). Buffers
-    are left out: BatchNorm running statistics are per process unless SyncBatchNorm is on.
-    A no-op outside torchrun."""
-    if not is_distributed():
-        return
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the parameters' names and exact bytes (buffers left out)."""
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         digest.update(name.encode())
         digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digests = all_gather_objects(digest.hexdigest())
+    return digest.hexdigest()
+
+
+def check_replicas_agree(model: torch.nn.Module) -> list[str]:
+    """RuntimeError unless every process holds bit-identical parameters, as DDP guarantees
+    (same initial weights broadcast by DDP, all-reduced gradients, same optimizer). Buffers
+    are left out: BatchNorm running statistics are per process unless SyncBatchNorm is on.
+    Returns every rank's :func:`parameter_digest`, in rank order (one outside torchrun)."""
+    if not is_distributed():
+        return [parameter_digest(model)]
+    digests = all_gather_objects(parameter_digest(model))
     if len(set(digests)) != 1:
         raise RuntimeError(f"DistributedDataParallel replicas diverged: parameter digests per "
                            f"rank {digests}")
+    return digests
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

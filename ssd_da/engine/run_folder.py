@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 # What a run writes besides config.yaml (which alone means nothing was trained: the ablation
 # runner writes it before starting tools/train.py on it).
 RUN_FILES = ("last.pth", "best.pth", "log.jsonl", "summary.json", "curves.png")
+# Folders a run may write (--tensorboard's events), deleted with the run by clear_run.
+RUN_FOLDERS = ("tensorboard",)
 # save_checkpoint's temporary files: .last.pth.<random>.tmp, .best.pth.<random>.tmp
 TEMPORARY_PATTERNS = (".last.pth.*.tmp", ".best.pth.*.tmp")
 
@@ -63,11 +65,15 @@ def check_run_folder(out_dir: Path, resume: Path | None, overwrite: bool) -> Non
 
 
 def clear_run(out_dir: Path) -> None:
-    """Delete the files of the run in ``out_dir`` (:data:`RUN_FILES`, config.yaml and checkpoint
-    temporaries); other files in the folder are left alone."""
+    """Delete the files of the run in ``out_dir`` (:data:`RUN_FILES`, :data:`RUN_FOLDERS`,
+    config.yaml and checkpoint temporaries); other files in the folder are left alone."""
     removed = [name for name in (*RUN_FILES, "config.yaml") if (out_dir / name).exists()]
     for name in removed:
         (out_dir / name).unlink()
+    for name in RUN_FOLDERS:
+        if (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name)
+            removed.append(name + "/")
     removed += [p.name for p in remove_stale_temporaries(out_dir)]
     if removed:
         logger.warning("--overwrite: deleted the earlier run's %s in %s", ", ".join(removed), out_dir)

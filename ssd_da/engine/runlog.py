@@ -1,6 +1,7 @@
 """The run log, ``<output_dir>/log.jsonl``: one JSON object per line, written by rank 0.
 
-Training records hold ``iter``, the loss terms, ``lr`` and ``images_per_s``; evaluation records
+Training records hold ``iter``, the loss terms, ``lr``, ``images_per_s`` and ``data_wait`` (the
+share of the time since the last record spent waiting for batches); evaluation records
 hold ``iter``, ``map``, ``ap`` (class -> AP) and ``eval_images_per_s``. An undefined AP (a class
 without ground truth) is written ``null``, as ``eval_voc.py --json`` does: JSON has no NaN, and
 other JSON readers reject Python's ``NaN``. Every reader of the log (the trainer on resume, the
@@ -64,10 +65,24 @@ def _from_json(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class RunLog:
-    """Appends records to ``path``; a no-op when not ``enabled`` (ranks other than 0)."""
+    """Appends records to ``path``; a no-op when not ``enabled`` (ranks other than 0). A
+    ``mirror`` (:meth:`mirror_to`, e.g. TensorBoard events) receives every record too."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = Path(path), enabled
+        self.mirror: Any = None
+
+    def mirror_to(self, mirror: Any) -> None:
+        """Copy every record to ``mirror`` from now on, after replacing what it holds with the
+        log as it stands (``mirror.reset(records)``; ``mirror.write(record)`` per record)."""
+        if self.enabled:
+            self.mirror = mirror
+            mirror.reset(read_run_log(self.path))
+
+    def close(self) -> None:
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
 
     def truncate_after(self, iteration: int, evaluation_pending: bool = False) -> None:
         """Drop records past ``iteration`` (written after the checkpoint a run resumes from),
@@ -77,11 +92,15 @@ class RunLog:
             keep = [r for r in read_run_log(self.path) if r["iter"] < iteration or (
                 r["iter"] == iteration and not (evaluation_pending and "map" in r))]
             self.path.write_text("".join(self._line(r) for r in keep))
+            if self.mirror is not None:
+                self.mirror.reset(keep)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(self._line(record))
+            if self.mirror is not None:
+                self.mirror.write(record)
 
     @staticmethod
     def _line(record: dict[str, Any]) -> str:

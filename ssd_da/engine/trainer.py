@@ -26,7 +26,8 @@ from ssd_da.engine.checkpoint import (check_resumable, restore_training_state, s
                                       training_checkpoint)
 from ssd_da.engine.folder_lock import hold_folder_lock
 from ssd_da.engine.data import (
-    build_datasets, build_train_loader, class_names_from_config, log_loader_rate, resolve_workers,
+    DataWait, build_datasets, build_train_loader, class_names_from_config, log_loader_rate,
+    resolve_workers,
 )
 from ssd_da.engine.inference import coco_metrics_of, evaluate_model, format_coco
 from ssd_da.engine.interrupt import Interrupted, agreed_stop, stop_on_signals
@@ -34,6 +35,7 @@ from ssd_da.engine.plots import plot_training_curves
 from ssd_da.engine.run_folder import (adopt_log, check_run_folder, clear_run,
                                       remove_stale_temporaries)
 from ssd_da.engine.runlog import RunLog
+from ssd_da.engine.tensorboard import TENSORBOARD_DIR, TensorBoardScalars
 from ssd_da.models.pretrained import is_weights_name
 from ssd_da.models.ssd import build_ssd
 from ssd_da.engine.step import (  # noqa: F401 (NonFiniteLossError: public here too)
@@ -154,6 +156,8 @@ def train_in_folder(cfg: Config, out_dir: Path, class_names: list[str],
         and state.evaluated_at < state.iteration
     if resumed is not None:
         log.truncate_after(state.iteration, evaluation_pending=pending)
+    if cfg.tensorboard:  # the events start as a copy of the (cut back) log: no step twice
+        log.mirror_to(TensorBoardScalars(out_dir / TENSORBOARD_DIR))
 
     def save_last() -> None:
         if rank == 0:
@@ -171,13 +175,14 @@ def train_in_folder(cfg: Config, out_dir: Path, class_names: list[str],
     if rank == 0:
         log_loader_rate(train_set, cfg)
     train_clock, wall_clock = Timer(state.timing["train_s"]), Timer(state.timing["wall_s"])
-    last_log = (train_clock.seconds(), state.timing["images"])
+    waits = DataWait()
+    last_log = (train_clock.seconds(), state.timing["images"], waits.seconds)
     finite = FiniteCheck(state.iteration)
     state.model.train()
     with stop_on_signals(), tqdm(total=cfg.iters, initial=state.iteration,
                                  desc=f"train {cfg.backbone}", disable=rank != 0,
                                  dynamic_ncols=True) as bar:
-        for images, targets in loader:
+        for images, targets in waits.timed(loader):
             losses, lr = train_step(state, images, targets, cfg, device, finite)
             state.timing["images"] += images.shape[0] * world
             it = state.iteration
@@ -193,9 +198,11 @@ def train_in_folder(cfg: Config, out_dir: Path, class_names: list[str],
                 if evaluating or saving or stopping:
                     check_model_finite(state.model, images, it, last_good_state(state, cfg))
             if logging_now:
-                now = (train_clock.seconds(), state.timing["images"])
-                rate = (now[1] - last_log[1]) / max(now[0] - last_log[0], 1e-9)
-                values = {**read_losses(losses), "lr": lr}
+                now = (train_clock.seconds(), state.timing["images"], waits.seconds)
+                span = max(now[0] - last_log[0], 1e-9)
+                rate = (now[1] - last_log[1]) / span
+                values = {**read_losses(losses), "lr": lr,
+                          "data_wait": (now[2] - last_log[2]) / span}
                 log.write({"iter": it, "images_per_s": rate, **values})
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 last_log = now
@@ -210,8 +217,10 @@ def train_in_folder(cfg: Config, out_dir: Path, class_names: list[str],
                 if stopping and it < cfg.iters:  # at the last step: finish as usual
                     if state.last_saved != (out_dir / "last.pth", it):
                         save_last()
+                    log.close()
                     raise Interrupted(stopped_message(stopping, state, cfg, out_dir / "last.pth"),
                                       stopping, out_dir / "last.pth")
+    log.close()
     return finish_run(state, cfg, out_dir, device, wall_clock.seconds(),
                       {"train": train_set.num_skipped, "test": test_set.num_skipped})
 
@@ -390,7 +399,7 @@ def finish_run(state: TrainState, cfg: Config, out_dir: Path, device: torch.devi
                wall_time_s: float, skipped: dict[str, int]) -> dict[str, Any]:
     """Checks that DDP replicas agree, then curves PNG and a summary (rank 0), then tears down
     the process group. Timings are for the whole run, all resumed sessions together."""
-    dist_utils.check_replicas_agree(dist_utils.unwrap(state.model))
+    digests = dist_utils.check_replicas_agree(dist_utils.unwrap(state.model))
     timing = state.timing
     summary = {
         "backbone": cfg.backbone, "iterations": state.iteration, "final_map": state.last_map,
@@ -401,6 +410,7 @@ def finish_run(state: TrainState, cfg: Config, out_dir: Path, device: torch.devi
         "peak_memory_mb": (torch.cuda.max_memory_allocated(device) / 2**20
                            if device.type == "cuda" else None),
         "output_dir": str(out_dir), "skipped_samples": skipped,  # --skip-bad
+        "parameter_digests": digests,  # per rank, all equal (checked): the final weights' hash
     }
     if dist_utils.is_main_process():
         plot_training_curves(out_dir / "log.jsonl", out_dir / "curves.png")

@@ -36,8 +36,9 @@ from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, Interrupted, stop_request
 from ssd_da.engine.run_folder import existing_run_files
 from ssd_da.engine.runlog import read_run_log
 from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError
+from ssd_da.experiments.power import power_report
 from ssd_da.experiments.report import (RunRecord, format_markdown, plot_map_vs_params, summarize,
-                                       write_results_csv)
+                                       table_label, write_results_csv)
 from ssd_da.models.complexity import measure_detector
 from ssd_da.models.names import DEPTHS, backbone_name, parse_backbone_name
 
@@ -60,7 +61,8 @@ DEFAULT_DEPTHS = {"order": (50,), "attention": (18, 34, 50, 101), "lga": (18,)}
 # Settings that do not change what a run learns: an existing run folder is reused when only
 # these differ from its saved config.yaml (``iters`` is checked against the summary instead).
 RESULT_NEUTRAL_FIELDS = frozenset({"workers", "device", "eval_batch_size", "log_every",
-                                   "ckpt_every", "eval_every", "iters", "output_dir"})
+                                   "ckpt_every", "eval_every", "iters", "output_dir",
+                                   "tensorboard"})
 TrainFn = Callable[..., dict[str, Any]]
 
 
@@ -208,29 +210,43 @@ def _train_in_process(spec: RunSpec, resume: Path | None, train_fn: TrainFn) -> 
     return _finished(spec)
 
 
-def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script: Path) -> RunOutcome:
-    """The training script on one GPU, fed the run's resolved config; output to train.log."""
+def train_command(spec: RunSpec, resume: Path | None, train_script: Path,
+                  launcher: Sequence[str] = ()) -> list[str]:
+    """The argv that trains ``spec`` with ``train_script`` from its saved config (written here:
+    the script writes the same file again); ``launcher`` goes first (e.g. torchrun's argv)."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     config_path = spec.out_dir / "config.yaml"
-    save_config(spec.cfg, config_path)  # train.py writes the same file again
-    cmd = [sys.executable, str(train_script), "--config", str(config_path)]
+    save_config(spec.cfg, config_path)
+    cmd = [*launcher, str(train_script), "--config", str(config_path)]
     if resume is not None:
         cmd += ["--resume", str(resume)]
     if _replaces_leftovers(spec, resume):
         cmd += ["--overwrite"]
+    return cmd
+
+
+def exit_outcome(spec: RunSpec, rc: int, log: Path) -> RunOutcome:
+    """The outcome of a training subprocess that exited with ``rc`` (its output in ``log``)."""
+    if rc == EXIT_INTERRUPTED:  # stopped by a signal after saving: rerunning resumes it
+        return RunOutcome(spec, "interrupted", f"stopped by a signal after saving "
+                                               f"{spec.out_dir / 'last.pth'}; see {log}")
+    if rc == EXIT_NON_FINITE:  # a seed that diverges is a result, not a crash
+        return RunOutcome(spec, "diverged", f"non-finite loss; see {log}")
+    if rc != 0:
+        return RunOutcome(spec, "failed", f"exit status {rc}; see {log}")
+    return _finished(spec)
+
+
+def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script: Path) -> RunOutcome:
+    """The training script on one GPU, fed the run's resolved config; output to train.log."""
+    cmd = train_command(spec, resume, Path(train_script), [sys.executable])
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
     logger.info("[gpu %s] %s: %s", gpu, spec.name, " ".join(cmd))
-    with open(spec.out_dir / "train.log", "a") as log:
-        rc = wait_forwarding_stop(subprocess.Popen(cmd, env=env, stdout=log,
+    log = spec.out_dir / "train.log"
+    with open(log, "a") as fh:
+        rc = wait_forwarding_stop(subprocess.Popen(cmd, env=env, stdout=fh,
                                                     stderr=subprocess.STDOUT))
-    if rc == EXIT_INTERRUPTED:
-        return RunOutcome(spec, "interrupted", f"stopped by a signal after saving "
-                                               f"{spec.out_dir / 'last.pth'}")
-    if rc == EXIT_NON_FINITE:  # a seed that diverges is a result, not a crash
-        return RunOutcome(spec, "diverged", f"non-finite loss; see {spec.out_dir / 'train.log'}")
-    if rc != 0:
-        return RunOutcome(spec, "failed", f"exit status {rc}; see {spec.out_dir / 'train.log'}")
-    return _finished(spec)
+    return exit_outcome(spec, rc, log)
 
 
 def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str],
@@ -384,8 +400,10 @@ def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int],
 def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root: Path,
                   class_names: Sequence[str], layout: str = "attention", level: float = 0.95,
                   measure: Callable[[str, int], tuple[int, int]] = measure_detector,
-                  ) -> dict[str, Path]:
-    """results.csv, results.md and map_vs_params.png under ``root``; returns their paths."""
+                  min_effect: float = 0.3) -> dict[str, Path]:
+    """results.csv, results.md, map_vs_params.png and power_curves.png under ``root``; returns
+    their paths. ``min_effect``: the difference (points of mAP) the seeds-needed column plans
+    for, next to the observed one; the test's alpha is ``1 - level``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     records, missing = collect_records(specs, len(class_names) + 1, measure)
@@ -393,7 +411,7 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
         if o.status in ("diverged", "failed"):
             missing[o.spec.name] = f"{o.status}: {o.message}"
     paths = {"csv": root / "results.csv", "md": root / "results.md",
-             "png": root / "map_vs_params.png"}
+             "png": root / "map_vs_params.png", "power": root / "power_curves.png"}
     write_results_csv(records, class_names, paths["csv"])
     groups = summarize(records, level)
     backbones = list(dict.fromkeys(s.backbone for s in specs))
@@ -406,7 +424,9 @@ def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root
     failures = [f"{name}: {why}" for name, why in missing.items()]
     # The DA paper's mAP ("on the VOC data set") only beside VOC runs; the LGA paper's always.
     paper = layout == "lga" or list(class_names) == list(VOC_CLASSES)
-    paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper))
+    power = power_report(groups, paths["power"], min_effect, 1.0 - level,
+                         lambda name: table_label(name, layout))
+    paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper, power))
     plot_map_vs_params(groups, paths["png"], layout)
     logger.info("%d of %d runs reported; %s", len(records), len(specs),
                 ", ".join(str(p) for p in paths.values()))

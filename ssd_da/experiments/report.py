@@ -219,11 +219,13 @@ def _ap_table(groups: Sequence[BackboneSummary], layout: str) -> list[str]:
 
 def format_markdown(groups: Sequence[BackboneSummary], layout: str = "attention",
                     level: float = 0.95, notes: Sequence[str] = (),
-                    failures: Sequence[str] = (), paper: bool = True) -> str:
+                    failures: Sequence[str] = (), paper: bool = True,
+                    power: Sequence[str] = ()) -> str:
     """results.md: the main table, per-class AP, the method notes and any runs left out.
     ``layout``: "attention" (DA paper Tables II/III), "order" (Table I) or "lga" (LGA paper
     Table 4). ``paper``: add the paper's column (the DA paper's mAP: only meaningful for runs
-    on the 20 VOC classes; the LGA paper's mAP50 / mAP50-95 as context)."""
+    on the 20 VOC classes; the LGA paper's mAP50 / mAP50-95 as context). ``power``: the
+    seeds-needed section (:func:`ssd_da.experiments.power.power_section`), after the notes."""
     title = {"order": "Table I style: orders of the DA branches",
              "lga": "LGA paper Table 4 style: attention modules at the end of the backbone",
              }.get(layout, "Tables II/III style: backbones and attention modules")
@@ -246,6 +248,7 @@ def format_markdown(groups: Sequence[BackboneSummary], layout: str = "attention"
               "mAP is the VOC metric of the run (`metric`), e.g. the 11-point voc07 AP."]
              if coco else []),
            *([_paper_note(layout)] if paper else []),
+           *(["", *power] if power else []),
            "", "## Per-class AP (%), mean over seeds", "",
            *_ap_table(groups, layout)]
     if failures:
