@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -136,11 +137,16 @@ def _coerce(name: str, value: Any) -> Any:
     """Check a value against the field's default type; ints are accepted where floats are."""
     default = _default(name)
     if name == "classes":
-        if value is None or (isinstance(value, str) and value.lower() in ("", "none", "voc")):
+        if isinstance(value, str) and not value.strip():
+            # An unset shell variable (--classes "$CLASSES") must not mean the 20 VOC classes.
+            raise ValueError("config field 'classes' is empty (an unset shell variable?); give "
+                             "the class names as a,b,c, or 'voc' for the 20 VOC classes, or "
+                             "leave it out")
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "voc")):
             return None
         if isinstance(value, str):
             value = [c.strip() for c in value.split(",") if c.strip()]
-        if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
             raise ValueError(f"config field 'classes' must be a list of names or 'a,b,c', got {value!r}")
         return value
     if isinstance(default, bool):
@@ -204,16 +210,36 @@ def parse_key_values(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML lets
+    the last one win silently, so ``lr: 0.01`` ten lines above ``lr: 0.001`` would be lost."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {seen[key]} and {line}); "
+                    f"keep one", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides."""
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a folder; give a YAML file, e.g. "
+                             f"configs/demo.yaml")
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
             with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
+                data = yaml.load(fh, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
@@ -258,10 +284,12 @@ def _check_range(name: str, value: float) -> None:
     low, high, low_in, high_in = _RANGES[name]
     too_low = low is not None and (value < low or (value == low and not low_in))
     too_high = high is not None and (value > high or (value == high and not high_in))
-    if too_low or too_high or value != value:  # value != value: NaN
+    finite = math.isfinite(value)  # NaN and inf: "--lr inf" would make every weight inf
+    if too_low or too_high or not finite:
         left = ("[" if low_in else "(") + ("-inf" if low is None else f"{low:g}")
-        right = ("inf" if high is None else f"{high:g}") + ("]" if high_in else ")")
-        raise ValueError(f"config field {name!r} must lie in {left}, {right}, got {value!r}")
+        right = ("inf)" if high is None else f"{high:g}" + ("]" if high_in else ")"))
+        what = "lie in" if finite else "be a finite number in"
+        raise ValueError(f"config field {name!r} must {what} {left}, {right}, got {value!r}")
 
 
 def validate_config(cfg: Config) -> None:

@@ -67,11 +67,14 @@ def _run_ablate_child(devkit: Path, out: Path, classes: list[str], ckpt: Path) -
     spec = ablate_module.plan_runs(resolve_config(args), ["resnet18"], [0], out)[0]
 
     def child(cmd: list[str], env: dict, **kwargs: Any) -> Any:
+        """subprocess.Popen's stand-in: the run happens here; wait() gives its exit status."""
         assert env["CUDA_VISIBLE_DEVICES"] == "0" and cmd[1] == str(ablate_tool.TRAIN_SCRIPT)
-        return types.SimpleNamespace(returncode=train_tool.main(train_tool.parse_args(cmd[2:])))
+        code = train_tool.main(train_tool.parse_args(cmd[2:]))
+        return types.SimpleNamespace(wait=lambda timeout=None: code,
+                                     send_signal=lambda signum: None)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ablate_module, "subprocess", types.SimpleNamespace(run=child, STDOUT=-2))
+        mp.setattr(ablate_module, "subprocess", types.SimpleNamespace(Popen=child, STDOUT=-2))
         ablate_module._train_subprocess(spec, None, "0", ablate_tool.TRAIN_SCRIPT)
 
 

@@ -23,6 +23,9 @@ from ssd_da.engine.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXIT_CANNOT_START = 3  # tools/slurm_local.sh: this machine cannot run the cluster
+# Long enough that a run is still training when the test, seeing its first checkpoint, pre-empts
+# it (4 iterations left about 2 s: a fast machine finished a run before its requeue arrived).
+ITERS = 12
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +39,28 @@ def cluster() -> None:
 
 def _argv(devkit: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-root", str(devkit), "--classes", ",".join(DEMO_CLASSES),
-            "--train-split", "voc07_trainval", "--test-split", "voc07_test", "--iters", "4",
+            "--train-split", "voc07_trainval", "--test-split", "voc07_test", "--iters", str(ITERS),
             "--batch-size", "2", "--workers", "0", "--backbones", "resnet18,da_resnet18",
             "--output-dir", str(out), "pretrained=none", "eval_every=0", "ckpt_every=1",
-            "log_every=1", "lr_steps=[3]", "warmup_iters=1", *extra]
+            "log_every=1", f"lr_steps=[{ITERS - 2}]", "warmup_iters=1", *extra]
 
 
 def _cli(argv: list[str]) -> int:
     return ablate_tool.main(ablate_tool.get_args_parser().parse_intermixed_args(argv))
 
 
-def _wait_for_checkpoint(run_dir: Path, timeout_s: float = 300.0) -> None:
-    """Until the run has written its first last.pth (renamed into place whole)."""
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if (run_dir / "last.pth").is_file():
-            return
-        time.sleep(0.2)
-    pytest.fail(f"{run_dir}: no last.pth after {timeout_s:.0f} s")
+def _preempt_at_first_checkpoint(actions: dict[Path, list[str]],
+                                 timeout_s: float = 300.0) -> None:
+    """Run each SLURM command as soon as its run has written its first last.pth (renamed into
+    place whole), all runs watched at once so none goes on training while another is waited for;
+    and check that each run was pre-empted mid-run, not after its end."""
+    todo, end = dict(actions), time.monotonic() + timeout_s
+    while todo and time.monotonic() < end:
+        for run_dir in [d for d in todo if (d / "last.pth").is_file()]:
+            _slurm(*todo.pop(run_dir))
+            assert not (run_dir / "summary.json").exists(), f"{run_dir} ended before pre-emption"
+        time.sleep(0.1)
+    assert not todo, f"no last.pth after {timeout_s:.0f} s in {sorted(map(str, todo))}"
 
 
 def _slurm(*cmd: str) -> None:
@@ -84,10 +91,9 @@ def test_suite_on_slurm_with_preempted_jobs_resumes_bit_identically(cluster, tin
     # (ckpt_every=1) and before it ends: one by the time-limit signal (the job requeues
     # itself), the other by a requeue from SLURM.
     requeued, signalled = out / "resnet18" / "seed0", out / "da_resnet18" / "seed0"
-    _wait_for_checkpoint(signalled)
-    _wait_for_checkpoint(requeued)
-    _slurm("scancel", "--signal=USR1", jobs["da_resnet18/seed0"]["job_id"])
-    _slurm("scontrol", "requeue", jobs["resnet18/seed0"]["job_id"])
+    _preempt_at_first_checkpoint({
+        signalled: ["scancel", "--signal=USR1", jobs["da_resnet18/seed0"]["job_id"]],
+        requeued: ["scontrol", "requeue", jobs["resnet18/seed0"]["job_id"]]})
 
     # The same command again, waiting: nothing is submitted twice, the requeued jobs go on.
     reference = subprocess.Popen(  # meanwhile, the two runs uninterrupted, on this machine
@@ -104,7 +110,7 @@ def test_suite_on_slurm_with_preempted_jobs_resumes_bit_identically(cluster, tin
         log = (run_dir / "train.log").read_text()
         assert "restart 1]" in log and f"--resume {run_dir / 'last.pth'}" in log, log[-3000:]
         assert [json.loads(x)["iter"] for x in (run_dir / "log.jsonl").read_text().splitlines()
-                if '"loss"' in x] == [1, 2, 3, 4]
+                if '"loss"' in x] == list(range(1, ITERS + 1))
 
     _, err = reference.communicate(timeout=600)
     assert reference.returncode == 0, err[-3000:]

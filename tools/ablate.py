@@ -29,7 +29,9 @@ the same command skips finished runs and resumes interrupted ones; with --launch
 also leaves queued and running jobs alone and resubmits failed ones (job ids in DIR/slurm/).
 Exit status: 0 every run finished (--no-wait: submitted); 1 some did not; 2 bad input (or
 sbatch / squeue refused, message on stderr);
-4 (--status) some runs are still queued or running (the tables come once none is).
+4 (--status) some runs are still queued or running (the tables come once none is); 74 a
+checkpoint could not be written (no space); 75 stopped by SIGTERM, SIGINT or SIGUSR1 (the
+current run saved its last.pth: rerun the same command); 130 a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -40,7 +42,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from ssd_da.config import add_config_arguments, parse_key_values, resolve_config
+from ssd_da.engine.checkpoint import EXIT_WRITE_FAILED, CheckpointWriteError
 from ssd_da.engine.data import class_names_from_config
+from ssd_da.engine.folder_lock import hold_folder_lock
+from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE, Interrupted,
+                                     stop_on_signals)
 from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_state, run_suite,
                                        suite_backbones, write_reports)
 from ssd_da.experiments.slurm import (SlurmOptions, SlurmUnavailable, format_status,
@@ -243,7 +249,26 @@ def _run_on_slurm(args: argparse.Namespace, specs: list) -> list | None:
 def main(args: argparse.Namespace) -> int:
     """Plan, train (unless --report-only) and report. 0: every run finished (--no-wait: all
     submitted); 1: some did not; 2: bad input (message on stderr); 4 (--status): some runs are
-    still queued or running (no tables yet)."""
+    still queued or running (no tables yet); 74: a checkpoint could not be written; 75: stopped
+    by a signal; 130: by a second Ctrl-C."""
+    try:
+        with stop_on_signals():
+            return run(args)
+    except Interrupted as exc:
+        print(f"ablate.py: {exc}; rerun the same command to continue the suite (finished runs "
+              f"are skipped, interrupted ones resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        print(f"ablate.py: {str(exc) or 'interrupted'}; the runs' last checkpoints on disk are "
+              f"intact", file=sys.stderr)
+        return EXIT_STOPPED_AT_ONCE
+    except CheckpointWriteError as exc:
+        report_error("ablate.py", exc)
+        return EXIT_WRITE_FAILED
+
+
+def run(args: argparse.Namespace) -> int:
+    """:func:`main` without the signal handling."""
     if args.status:
         args = _submitted_suite(args)
     _check_owned(args)
@@ -266,13 +291,22 @@ def main(args: argparse.Namespace) -> int:
             outcomes = _run_on_slurm(args, specs)
             if outcomes is None:
                 return 0 if args.no_wait else EXIT_PENDING
-        else:
-            outcomes = run_suite(specs, args.gpus, train_script=TRAIN_SCRIPT)
-        paths = write_reports(specs, outcomes, root, class_names_from_config(base),
-                              args.suite if args.suite in ("order", "lga") else "attention",
-                              args.level, min_effect=args.min_effect)
+        # One local suite per folder at a time (--report-only only reads the runs, and SLURM
+        # jobs lock their own run folders: no lock, so partial results can be tabulated).
+        with hold_folder_lock(root, "--output-dir",
+                              enabled=not args.report_only and args.launcher != "slurm"):
+            if not args.report_only and args.launcher != "slurm":
+                outcomes = run_suite(specs, args.gpus, train_script=TRAIN_SCRIPT)
+            paths = write_reports(specs, outcomes, root, class_names_from_config(base),
+                                  args.suite if args.suite in ("order", "lga") else "attention",
+                                  args.level, min_effect=args.min_effect)
     except (ValueError, FileNotFoundError, SlurmUnavailable) as exc:
         return report_error("ablate.py", exc)
+    stopped = [o.spec.name for o in outcomes if o.status == "interrupted"]
+    if stopped:
+        raise Interrupted(f"stopped by a signal; {len(stopped)} run(s) not finished "
+                          f"({', '.join(stopped[:4])}{' ...' if len(stopped) > 4 else ''})",
+                          "signal")
     return _closing(specs, outcomes, paths)
 
 

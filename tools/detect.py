@@ -8,7 +8,9 @@ for each image, and DIR/detections.json: a list, in image order and by descendin
 an image, of {"image": the path as given, "label": class name, "score": float,
 "bbox": [x1, y1, x2, y2]}. Boxes are in the image's pixels, 0-BASED, exactly as the model
 returns them (docs/design.md); add 1 to all four numbers for the VOC XML's 1-based convention.
-Only detections with score >= --score (default 0.5) are drawn and written.
+Only detections with score >= --score (default 0.5) are drawn and written. Every image header is
+read before the model loads (an unreadable one stops the run, nothing written); an image whose
+pixels then fail to decode is left out, named, and the others are still written (exit 2).
 """
 from __future__ import annotations
 
@@ -21,11 +23,12 @@ from typing import Any
 
 from PIL import Image
 
-from ssd_da.data.voc import load_rgb
+from ssd_da.data.voc import check_image, load_rgb
 from ssd_da.engine.checkpoint import load_detector
 from ssd_da.engine.inference import predict_image
 from ssd_da.utils.cli import report_error
 from ssd_da.utils.device import resolve_device
+from ssd_da.utils.paths import check_dir, check_input_file
 from ssd_da.visualize.draw import draw_detections
 
 logger = logging.getLogger("detect")
@@ -57,14 +60,23 @@ def output_names(images: list[str]) -> list[str]:
 
 
 def check_inputs(args: argparse.Namespace) -> list[str]:
-    """Fail before loading the model; returns the output picture names."""
+    """Fail before loading the model or writing anything: every image present and its header
+    readable, the checkpoint a file, --out a folder (or creatable as one). Returns the output
+    picture names."""
+    bad = []
     for path in args.images:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-    if not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+        check_input_file(path, "image")
+        try:
+            check_image(path)
+        except OSError as exc:
+            bad.append(str(exc))
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(args.images)} images cannot be read, nothing was "
+                         f"written: {'; '.join(bad[:5])}")
+    check_input_file(args.checkpoint, "checkpoint")
     if not 0.0 <= args.score <= 1.0:
         raise ValueError(f"--score: must lie in [0, 1], got {args.score}")
+    check_dir(args.out, "--out")
     return output_names(args.images)
 
 
@@ -89,13 +101,22 @@ def main(args: argparse.Namespace) -> int:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         records: list[dict] = []
+        failed: list[str] = []
         for path, name in zip(args.images, names):
-            picture, recs = detect_one(model, path, class_names, args.score)
+            try:
+                picture, recs = detect_one(model, path, class_names, args.score)
+            except OSError as exc:  # a header that reads, pixels that do not (truncated)
+                failed.append(str(exc))
+                logger.error("%s", exc)
+                continue
             Image.fromarray(picture).save(out_dir / name)
             records += recs
             logger.info("%s: %d detections >= %g -> %s", path, len(recs), args.score,
                         out_dir / name)
         (out_dir / "detections.json").write_text(json.dumps(records, indent=1))
+        if failed:  # the others are written; say which were not, and exit 2
+            raise ValueError(f"{len(failed)} of {len(args.images)} images could not be decoded "
+                             f"and are not in {out_dir / 'detections.json'}: {'; '.join(failed[:5])}")
     except (ValueError, OSError) as exc:
         # Bad input (CheckpointError is a ValueError, FileNotFoundError an OSError): exit code 2.
         return report_error("detect.py", exc)

@@ -36,7 +36,7 @@ from ssd_da.evaluation.coco import coco_results, load_coco_results
 from ssd_da.evaluation.detection_file import load_detection_file, write_detection_file
 from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
 from ssd_da.evaluation.voc import VOCResult, evaluate_voc
-from ssd_da.utils.cli import report_error
+from ssd_da.utils.cli import parse_names, report_error
 from ssd_da.utils.device import resolve_device
 from ssd_da.utils.paths import ensure_dir, ensure_file_parent
 
@@ -93,7 +93,7 @@ def default_workers() -> int:
 
 
 def parse_classes(text: str | None) -> list[str] | None:
-    return [c.strip() for c in text.split(",") if c.strip()] if text else None
+    return parse_names(text, "--classes")
 
 
 def run_model(args: argparse.Namespace, class_names: list[str] | None):

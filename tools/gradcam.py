@@ -112,7 +112,24 @@ def check_inputs(args: argparse.Namespace) -> None:
         if box is not None and not (box[0] < width and box[1] < height and box[2] > 0 and box[3] > 0):
             raise ValueError(f"--box {args.box} lies entirely outside image {path} "
                              f"({width}x{height}: x in [0, {width}), y in [0, {height}))")
+    args.out = str(figure_path(args.out))
     ensure_file_parent(args.out, "--out")
+
+
+def figure_path(out: str) -> Path:
+    """The file the figure is written to: ``--out name`` without an extension gets ".png" (as
+    matplotlib would add it; now the log names the real file), an extension matplotlib cannot
+    write is refused before any work."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(out)
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"--out {out}: matplotlib cannot write {path.suffix!r} files; use one "
+                         f"of {', '.join('.' + f for f in sorted(formats))}")
+    return path
 
 
 def load_models(args: argparse.Namespace, device: Any) -> list[tuple[Any, dict, str]]:

@@ -16,7 +16,10 @@ overrides may stand anywhere among the options.
 A folder that already holds a run is never silently reused: continue it with --resume
 <folder>/last.pth or replace it with --overwrite. --resume writes next to the checkpoint it is
 given, unless --output-dir (or output_dir=) says otherwise.
-Exit status: 0 done, 2 bad input (message on stderr), 3 non-finite loss.
+Exit status: 0 done, 2 bad input (message on stderr), 3 non-finite loss or weights, 74 a
+checkpoint could not be written (no space, quota, file-size limit; the previous one is intact),
+75 stopped by SIGTERM, SIGINT or SIGUSR1 after saving last.pth (the message gives the --resume
+command), 130 a second Ctrl-C (stopped at once, without saving).
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import sys
 from pathlib import Path
 
 from ssd_da.config import Config, add_config_arguments, parse_key_values, resolve_config
-from ssd_da.engine.checkpoint import load_checkpoint
+from ssd_da.engine.checkpoint import EXIT_WRITE_FAILED, CheckpointWriteError, load_checkpoint
+from ssd_da.engine.interrupt import EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE, Interrupted
 from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError, train
 from ssd_da.utils.cli import report_error
 
@@ -62,7 +66,9 @@ def resume_output_dir(args: argparse.Namespace, cfg: Config) -> Config:
 
 
 def main(args: argparse.Namespace) -> int:
-    """0 when training finished, 2 for bad input, 3 for a non-finite loss (message on stderr)."""
+    """0 when training finished, 2 for bad input, 3 for a non-finite loss or weights, 74 when a
+    checkpoint could not be written, 75 when a signal stopped it after saving, 130 for a second
+    Ctrl-C (message on stderr; module docstring)."""
     try:
         saved = load_checkpoint(args.resume).get("config", {}) if args.resume else None
         cfg = resume_output_dir(args, resolve_config(args, saved))
@@ -70,6 +76,16 @@ def main(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         report_error("train.py", exc)
         return EXIT_NON_FINITE
+    except Interrupted as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except CheckpointWriteError as exc:  # no space / file too large: not the input's fault
+        report_error("train.py", exc)
+        return EXIT_WRITE_FAILED
+    except KeyboardInterrupt as exc:
+        print(f"train.py: {str(exc) or 'interrupted'}; the last checkpoint on disk is intact",
+              file=sys.stderr)
+        return EXIT_STOPPED_AT_ONCE
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         return report_error("train.py", exc)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ssd_da.data.convert import coco_split_to_voc, voc_class_names, voc_split_to_coco
 from ssd_da.data.voc import AnnotationError
-from ssd_da.utils.cli import report_error
+from ssd_da.utils.cli import parse_names, report_error
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -50,14 +50,13 @@ def main(args: argparse.Namespace) -> int:
         if not splits:
             raise ValueError("--splits names no split")
         if args.reverse:
-            if args.classes:
+            if args.classes is not None:
                 raise ValueError("--classes is for VOC to COCO; --reverse keeps the JSON's categories")
             for split in splits:
                 counts = coco_split_to_voc(args.coco_root, split, args.voc_root, args.year, args.link)
                 print(f"{split}: {counts['images']} images, {counts['objects']} objects -> {args.voc_root}")
             return 0
-        classes = ([c.strip() for c in args.classes.split(",") if c.strip()] if args.classes
-                   else voc_class_names(args.voc_root, splits))
+        classes = parse_names(args.classes, "--classes") or voc_class_names(args.voc_root, splits)
         if len(set(classes)) != len(classes):
             raise ValueError(f"--classes must be unique, got {classes}")
         for split in splits:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 from pycocotools.coco import COCO
 
-from ssd_da.data.images import check_image
+from ssd_da.data.images import ImageAudit, inspect_image
 from ssd_da.data.voc import (Annotation, AnnotationError, Transform, UnknownClassError, VOCDetection,
                              describe_other_classes)
 
@@ -203,6 +203,7 @@ class CocoDetection(VOCDetection):
         self.image_paths: list[Path] = []
         self.coco_ids: list[int] = []
         self.skipped: list[str] = []
+        self.audit = ImageAudit()
         for record in self.coco.dataset["images"]:
             path = image_dir / str(record["file_name"])
             try:
@@ -228,13 +229,14 @@ class CocoDetection(VOCDetection):
             raise FileNotFoundError(f"image {path} (id {record['id']}, listed in {json_path}) "
                                     f"not found")
         try:
-            height, width = check_image(path, decode=self.skip_bad)
+            height, width, orientation = inspect_image(path, decode=self.skip_bad)
         except OSError as err:
             raise OSError(f"{err} (id {record['id']}, listed in {json_path})") from err
         w, h = record.get("width"), record.get("height")
-        if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0:
-            return h, w
-        return height, width
+        listed = (h, w) if isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0 \
+            else (height, width)
+        self.audit.note(path, (height, width), listed, orientation)
+        return listed
 
     def _check_other_categories(self, json_path: Path, used: set[int], ignore: bool) -> None:
         """Objects (of the kept images) whose category is not in the class list: an error naming
@@ -271,6 +273,7 @@ class CocoDetection(VOCDetection):
         if not self.annotations:
             raise ValueError(f"{json_path}: none of the {listed} listed images is usable "
                              f"({self.num_skipped} skipped as bad)")
+        self.audit.report(f"{self.split} ({json_path})", len(self.annotations))
         crowd = sum(int(a.ground_truth()["difficult"].sum()) for a in self.annotations)
         objects = sum(len(a.labels) for a in self.annotations)
         logger.info("%s (%s): %d images, %d objects for training, %d crowd", self.split,

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ssd_da.data.coco import coco_paths, load_coco_json
 from ssd_da.data.voc import SPLITS, VOC_CLASSES, AnnotationError, find_image, resolve_split
+from ssd_da.data.voc_xml import drop_namespaces
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def _read_voc_xml(xml_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
         root = ET.parse(xml_path).getroot()
     except (ET.ParseError, OSError) as err:
         raise AnnotationError(f"{xml_path}: cannot read ({err})") from None
+    drop_namespaces(root)
     size = root.find("size")
     try:
         meta = {"filename": (root.findtext("filename") or "").strip(),
@@ -81,6 +83,7 @@ def voc_split_to_coco(voc_root: str | Path, split: str, class_names: Sequence[st
     cat_of = {name: k + 1 for k, name in enumerate(class_names)}
     images, anns, placed = [], [], {}
     other = 0
+    samples = []  # every file read and checked before the first one is written
     for year_dir, image_id in resolve_split(voc_root, split):
         xml_path = Path(year_dir) / "Annotations" / f"{image_id}.xml"
         meta, objects = _read_voc_xml(xml_path)
@@ -90,22 +93,24 @@ def voc_split_to_coco(voc_root: str | Path, split: str, class_names: Sequence[st
                                     f"{Path(year_dir) / 'JPEGImages'}")
         if image_path.name in placed:
             raise ValueError(f"{image_path} and {placed[image_path.name]} would share the file "
-                             f"name {image_path.name} in {coco_root / split}")
+                             f"name {image_path.name} in {coco_root / split}; nothing was written")
         placed[image_path.name] = image_path
+        samples.append((xml_path, meta, objects, image_path))
+    for xml_path, meta, objects, image_path in samples:
         if meta["width"] <= 0 or meta["height"] <= 0:
             with Image.open(image_path) as img:
                 meta["width"], meta["height"] = img.size
         images.append({"id": len(images) + 1, "file_name": image_path.name,
                        "width": meta["width"], "height": meta["height"]})
         _place(image_path, coco_root / split / image_path.name, link)
-        for obj in objects:
+        for k, obj in enumerate(objects, start=1):
             if obj["name"] not in cat_of:
                 other += 1
                 continue
             x1, y1, x2, y2 = obj["box"]
             if x2 < x1 or y2 < y1:
-                logger.warning("%s: inverted box %s (%s) has no COCO form; left out",
-                               xml_path, obj["box"], obj["name"])
+                logger.warning("%s: object #%d (%s) has an inverted box %s, which has no COCO "
+                               "form; left out", xml_path, k, obj["name"], tuple(obj["box"]))
                 continue
             bbox = [_num(x1 - 1), _num(y1 - 1), _num(x2 - x1), _num(y2 - y1)]
             anns.append({"id": len(anns) + 1, "image_id": images[-1]["id"],
@@ -146,6 +151,22 @@ def _voc_xml(filename: str, width: int, height: int, objects: list[tuple[str, li
     return "\n".join(parts)
 
 
+def _check_coco_images(records: Sequence[dict], image_dir: Path, json_path: Path) -> None:
+    """Every image of a COCO split exists and has its own VOC image id (its file name without
+    extension: a.jpg and a.png would both be a); raised before anything is written."""
+    seen: dict[str, str] = {}
+    for record in records:
+        src = image_dir / record["file_name"]
+        if not src.is_file():
+            raise FileNotFoundError(f"image {src} (id {record['id']}, listed in {json_path}) "
+                                    f"not found; nothing was written")
+        stem = Path(record["file_name"]).stem
+        if stem in seen:
+            raise ValueError(f"{json_path}: images {seen[stem]} and {record['file_name']} would "
+                             f"share the VOC image id {stem}; rename one (nothing was written)")
+        seen[stem] = record["file_name"]
+
+
 def coco_split_to_voc(coco_root: str | Path, split: str, voc_root: str | Path,
                       year: str = "2007", link: bool = False) -> dict[str, int]:
     """Write a COCO split into ``voc_root``: ``VOC<year>/{Annotations,JPEGImages}`` and
@@ -156,19 +177,13 @@ def coco_split_to_voc(coco_root: str | Path, split: str, voc_root: str | Path,
     coco = load_coco_json(json_path)
     year_name, set_name = SPLITS.get(split, (f"VOC{year}", split))
     year_dir = Path(voc_root) / year_name
+    _check_coco_images(coco.dataset["images"], image_dir, json_path)  # before any write
     (year_dir / "Annotations").mkdir(parents=True, exist_ok=True)
-    ids, seen = [], {}
+    ids = []
     count = 0
     for record in coco.dataset["images"]:
         src = image_dir / record["file_name"]
-        if not src.is_file():
-            raise FileNotFoundError(f"image {src} (id {record['id']}, listed in {json_path}) "
-                                    f"not found")
         stem = Path(record["file_name"]).stem
-        if stem in seen:
-            raise ValueError(f"{json_path}: images {seen[stem]} and {record['file_name']} would "
-                             f"share the VOC image id {stem}")
-        seen[stem] = record["file_name"]
         objects = []
         for ann in coco.imgToAnns.get(record["id"], []):
             x, y, w, h = ann["bbox"]

@@ -3,7 +3,9 @@ before training, and shrunk at load time when they are far larger than SSD300 ca
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+from struct import error as struct_error
 
 import cv2
 import numpy as np
@@ -90,12 +92,66 @@ def check_image(path: str | Path, decode: bool = False) -> tuple[int, int]:
     Raises:
         OSError: the file cannot be read (the message names it).
     """
+    height, width, _ = inspect_image(path, decode)
+    return height, width
+
+
+def inspect_image(path: str | Path, decode: bool = False) -> tuple[int, int, int]:
+    """:func:`check_image` and the EXIF orientation tag (1, upright, when there is none):
+    ``(height, width, orientation)`` of the stored pixel grid."""
     try:
         with Image.open(path) as img:
             width, height = img.size
+            try:
+                orientation = int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+            except (ValueError, TypeError, SyntaxError, struct_error):  # a damaged EXIF block
+                orientation = 1
             if decode:
                 img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
                 img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise OSError(f"cannot read image {path}: {err}") from err
-    return height, width
+    return height, width, orientation
+
+
+EXIF_ORIENTATION = 0x0112
+# How a viewer turns the stored pixels for display, per EXIF orientation value.
+_ORIENTATIONS = {2: "mirrored", 3: "rotated 180 degrees", 4: "mirrored vertically",
+                 5: "mirrored and rotated", 6: "rotated 90 degrees clockwise",
+                 7: "mirrored and rotated", 8: "rotated 90 degrees counter-clockwise"}
+
+
+@dataclass
+class ImageAudit:
+    """What a dataset's image files say against their annotations, collected while the dataset
+    is built and reported once (a warning per problem, with the count and the first files),
+    not at every load of every image.
+
+    Boxes refer to the STORED pixels: nothing here, in training or in evaluation, turns an
+    image by its EXIF orientation, as the VOC devkit, PIL and torchvision's decoders read
+    them. Labelling tools differ (some draw on the upright view a photo viewer shows, some on
+    the stored pixels), so a file with an orientation tag is counted and named."""
+
+    size_mismatch: list[str] = field(default_factory=list)
+    rotated: list[str] = field(default_factory=list)
+
+    def note(self, path: Path, file_hw: tuple[int, int], annotated_hw: tuple[int, int],
+             orientation: int) -> None:
+        if tuple(file_hw) != tuple(annotated_hw):
+            self.size_mismatch.append(f"{Path(path).name}: file {file_hw[1]}x{file_hw[0]}, "
+                                      f"annotation {annotated_hw[1]}x{annotated_hw[0]}")
+        if orientation != 1:
+            how = _ORIENTATIONS.get(orientation, "an unknown orientation")
+            self.rotated.append(f"{Path(path).name}: tag {orientation}, shown {how}")
+
+    def report(self, where: str, total: int) -> None:
+        if self.size_mismatch:
+            logger.warning("%s: %d of %d images differ in size from their annotation (e.g. %s); "
+                           "the file is taken as the truth: boxes are clipped to it", where,
+                           len(self.size_mismatch), total, "; ".join(self.size_mismatch[:3]))
+        if self.rotated:
+            logger.warning("%s: %d of %d images carry an EXIF orientation (e.g. %s); boxes are "
+                           "read against the stored pixels, not the turned view a photo viewer "
+                           "shows (README, Data): if they were drawn on that view, turn those "
+                           "files and their boxes first", where, len(self.rotated), total,
+                           "; ".join(self.rotated[:3]))

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from ssd_da.data.decode import EncodedImage
-from ssd_da.data.images import check_image, load_rgb, read_image  # noqa: F401 (re-exported)
+from ssd_da.data.images import (ImageAudit, check_image, inspect_image,  # noqa: F401
+                                load_rgb, read_image)
 from ssd_da.data.voc_xml import (Annotation, AnnotationError, MissingSizeError,  # noqa: F401
                                  clip_boxes, parse_annotation)
 
@@ -78,15 +79,30 @@ def resolve_split(data_root: str | Path, split: str) -> list[tuple[Path, str]]:
         set_file = year_dir / "ImageSets" / "Main" / f"{image_set}.txt"
         if not set_file.is_file():
             raise FileNotFoundError(f"split {name} needs the image set file {set_file}, which does not exist")
-        # utf-8-sig: an editor's byte-order mark must not become part of the first image id.
-        ids = [line.split()[0] for line in set_file.read_text(encoding="utf-8-sig").splitlines()
-               if line.strip()]
+        ids = _read_set_file(set_file)
         if not ids:
             raise ValueError(f"split {name}: the image set file {set_file} lists no images")
         items.extend((year_dir, image_id) for image_id in ids)
         set_files.append(set_file)
     _check_unique(items, split, set_files)
     return items
+
+
+def _read_set_file(set_file: Path) -> list[str]:
+    """The image ids of an ImageSets/Main file, one per line. A class set file
+    (``dog_trainval.txt``) adds a -1/0/1 column, which is dropped; any other second word is an
+    id with a space, which would be cut at it: an error naming the line."""
+    ids = []
+    # utf-8-sig: an editor's byte-order mark must not become part of the first image id.
+    for number, line in enumerate(set_file.read_text(encoding="utf-8-sig").splitlines(), 1):
+        words = line.split()
+        if len(words) > 2 or (len(words) == 2 and words[1] not in ("-1", "0", "1")):
+            raise ValueError(f"{set_file}:{number}: {line.strip()!r} is not one image id: ids "
+                             f"cannot contain spaces (each names Annotations/<id>.xml and "
+                             f"JPEGImages/<id>.jpg); rename those files without spaces")
+        if words:
+            ids.append(words[0])
+    return ids
 
 
 def _check_unique(items: Sequence[tuple[Path, str]], split: str, set_files: Sequence[Path]) -> None:
@@ -194,6 +210,7 @@ class VOCDetection(torch.utils.data.Dataset):
         self.annotations: list[Annotation] = []
         self.image_paths: list[Path] = []
         self.skipped: list[str] = []  # one message per skipped sample, naming its file
+        self.audit = ImageAudit()  # sizes that disagree, EXIF orientations: reported once
         other: dict[str, list[str]] = {}
         items = resolve_split(self.data_root, split)
         for year_dir, image_id in items:
@@ -234,10 +251,22 @@ class VOCDetection(torch.utils.data.Dataset):
         if not self.annotations:
             raise ValueError(f"{where}: none of the {num_listed} listed images is usable "
                              f"({self.num_skipped} skipped as bad)")
+        self._warn_empty()
+        self.audit.report(where, len(self.annotations))
         num_objects = sum(len(a.labels) for a in self.annotations)
         num_difficult = sum(int(a.difficult.sum()) for a in self.annotations)
         logger.info("%s: %d images, %d objects (%d difficult)", where,
                     len(self.annotations), num_objects, num_difficult)
+
+    def _warn_empty(self) -> None:
+        """One warning for the images whose XML holds no object at all: legal (negative
+        images), but also what a file the parser cannot read looks like."""
+        empty = [f"{a.image_id}.xml" for a in self.annotations
+                 if len(a.ground_truth()["labels"]) == 0 and not a.other_names]
+        if empty:
+            logger.warning("%s (%s): %d of %d images have no <object> in their XML (e.g. %s); "
+                           "fine for negative images, otherwise check those files", self.split,
+                           self.data_root, len(empty), len(self.annotations), ", ".join(empty[:3]))
 
     def _load_one(self, year_dir: Path, image_id: str) -> tuple[Annotation, Path]:
         """Parse one XML, locate its image and read its header (under ``skip_bad`` decode it);
@@ -255,18 +284,20 @@ class VOCDetection(torch.utils.data.Dataset):
             size = None if image_path is None else self._check(
                 image_path, f"needed for the size that {xml_path} lacks")
             if size is not None:
-                ann = parse_annotation(xml_path, self.class_names, image_size=size)
+                ann = parse_annotation(xml_path, self.class_names, image_size=size[:2])
         if image_path is None:
             raise FileNotFoundError(f"image for {xml_path} not found: expected "
                                     f"{os.path.join(year_dir, 'JPEGImages', image_id + '.jpg')}")
         if size is None:
-            self._check(image_path, f"the image of {xml_path}")
+            size = self._check(image_path, f"the image of {xml_path}")
+        self.audit.note(image_path, size[:2], (ann.height, ann.width), size[2])
         return ann, image_path
 
-    def _check(self, image_path: Path, why: str) -> tuple[int, int]:
-        """(height, width) of the image from its header; OSError naming it and ``why`` otherwise."""
+    def _check(self, image_path: Path, why: str) -> tuple[int, int, int]:
+        """(height, width, EXIF orientation) of the image from its header; OSError naming it
+        and ``why`` otherwise."""
         try:
-            return check_image(image_path, decode=self.skip_bad)
+            return inspect_image(image_path, decode=self.skip_bad)
         except OSError as err:
             raise OSError(f"cannot read image {image_path} ({why}): {err.__cause__ or err}") from err
 
@@ -295,9 +326,8 @@ class VOCDetection(torch.utils.data.Dataset):
         if not self.keep_difficult:
             boxes, labels = boxes[~ann.difficult], labels[~ann.difficult]
         if (height, width) != (ann.height, ann.width):
-            # The XML's <size> disagrees with the file; keep the boxes inside the real image.
-            logger.warning("%s is %dx%d but its annotation says %dx%d; clipping boxes to the image",
-                           self.image_paths[index], width, height, ann.width, ann.height)
+            # The annotation's size disagrees with the file (said once, when the dataset was
+            # built: ImageAudit); keep the boxes inside the real image.
             boxes, keep = clip_boxes(boxes, width, height)
             boxes, labels = boxes[keep], labels[keep]
         if isinstance(image, np.ndarray) and image.shape[:2] != (height, width):

@@ -62,6 +62,17 @@ class Annotation:
         return {"boxes": boxes, "labels": labels, "difficult": difficult}
 
 
+def drop_namespaces(root: ET.Element) -> None:
+    """``<annotation xmlns="...">`` (some labelling tools and converters write one) puts every
+    tag in that namespace ("{uri}object"), and ``find("object")`` would then find nothing: read
+    the tags without it. Plain VOC files skip the walk."""
+    if not root.tag.startswith("{") and not any(c.tag.startswith("{") for c in root):
+        return
+    for elem in root.iter():
+        if isinstance(elem.tag, str) and elem.tag.startswith("{"):
+            elem.tag = elem.tag.split("}", 1)[1]
+
+
 def _number(elem: ET.Element | None, what: str, xml_path: Path) -> float:
     """Float value of ``elem``'s text; AnnotationError naming the file and field otherwise."""
     if elem is None or elem.text is None or not elem.text.strip():
@@ -101,15 +112,17 @@ def _image_size(root: ET.Element, xml_path: Path, image_size: tuple[int, int] | 
 
 def _parse_objects(
     root: ET.Element, xml_path: Path, class_to_label: dict[str, int]
-) -> tuple[list[list[float]], list[int], list[bool], list[bool], list[str]]:
+) -> tuple[list[list[float]], list[int], list[bool], list[bool], list[str], list[str]]:
     """Top-level objects of a known class in XML (1-based) coordinates: (boxes, labels,
-    difficult, proper, other), proper False for a zero-area or inverted box (left out of
-    training), other the names of the objects whose class is not in ``class_to_label``."""
+    difficult, proper, other, where), proper False for a zero-area or inverted box (left out of
+    training), other the names of the objects whose class is not in ``class_to_label``, where
+    "object #k (name)" for messages (k 1-based among all the file's objects)."""
     boxes: list[list[float]] = []
     labels: list[int] = []
     difficult: list[bool] = []
     proper: list[bool] = []
     other: list[str] = []
+    where: list[str] = []
     # findall("object") only returns direct children, so nested <part> boxes are never read
     # (VOC person objects carry head/hand/foot parts with bndboxes of their own).
     for k, obj in enumerate(root.findall("object"), start=1):
@@ -136,7 +149,8 @@ def _parse_objects(
         boxes.append(box)
         labels.append(class_to_label[name])
         difficult.append(is_difficult)
-    return boxes, labels, difficult, proper, other
+        where.append(f"object #{k} ({name})")
+    return boxes, labels, difficult, proper, other, where
 
 
 def clip_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,16 +188,18 @@ def parse_annotation(
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as err:
         raise AnnotationError(f"{xml_path}: malformed XML ({err})") from None
+    drop_namespaces(root)
     height, width = _image_size(root, xml_path, image_size)
     class_to_label = {name: i + 1 for i, name in enumerate(class_names)}
-    boxes_l, labels_l, difficult_l, proper_l, other = _parse_objects(root, xml_path, class_to_label)
+    boxes_l, labels_l, difficult_l, proper_l, other, where = _parse_objects(root, xml_path,
+                                                                           class_to_label)
     raw = np.asarray(boxes_l, dtype=np.float32).reshape(-1, 4) - 1.0
     labels = np.asarray(labels_l, dtype=np.int64)
     difficult = np.asarray(difficult_l, dtype=np.bool_)
     boxes, keep = clip_boxes(raw, width, height)
     for k in np.flatnonzero(~keep & np.asarray(proper_l, dtype=np.bool_)):
-        logger.warning("%s: box %d (label %d) lies outside the %dx%d image; left out of training",
-                       xml_path, int(k), int(labels[k]), width, height)
+        logger.warning("%s: %s lies outside the %dx%d image; left out of training",
+                       xml_path, where[k], width, height)
     devkit = None if keep.all() and np.array_equal(raw, boxes) else (raw, labels, difficult)
     filename_elem = root.find("filename")
     filename = filename_elem.text.strip() if filename_elem is not None and filename_elem.text else ""

@@ -10,12 +10,25 @@ resumed run does it first), ``backbone_init``, ``world_size``, ``timing``;
 check skips non-finite steps; its scale stays 1 in a healthy run) and ``rng`` (Python, numpy,
 torch and CUDA generator states). Older checkpoints may hold an empty ``scaler`` entry (a
 disabled scaler) or none; the scaler then starts afresh.
+
+Opening a checkpoint never runs code: every file is read with ``torch.load(weights_only=True)``,
+which rebuilds only tensors, numbers, strings, lists, tuples and dicts. Everything saved here is
+of those types (numpy's generator state is stored as a plain tuple of ints); checkpoints of
+earlier versions, whose numpy state is an array, load too, with numpy's array reconstruction
+allowed for that one read (it builds arrays of plain data, never calls anything else). A pickle
+that names anything else (``os.system``, a class of another program) is refused with
+:class:`CheckpointError` before any of it runs.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import pickle
 import random
+import re
+import resource
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,11 +53,24 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used for what was asked (names the file and why)."""
 
 
+# Exit status of the tools when a checkpoint could not be written for lack of space or a file-size
+# limit (sysexits.h's EX_IOERR); the previous checkpoint is intact.
+EXIT_WRITE_FAILED = 74
+_SPACE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large"}
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (no space, quota, file-size limit); the message names
+    the file, the free space and says that the previous checkpoint is intact."""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically: a crash mid-write never leaves a torn file.
 
     The temporary file lives in the same folder so that ``os.replace`` is a rename on one
-    filesystem, which POSIX guarantees to be atomic.
+    filesystem, which POSIX guarantees to be atomic. A full disk, a quota or a file-size limit
+    raises :class:`CheckpointWriteError` (the temporary removed, ``path`` untouched).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,20 +82,86 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are shared like any output
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        code = _space_errno(exc)
+        if code is not None:
+            raise CheckpointWriteError(code, _write_failure(path, code)) from exc
         raise
 
 
+def _space_errno(exc: BaseException) -> int | None:
+    """The errno of a lack of space in ``exc`` or its context: torch's writer reports the
+    OSError of the file's write as "unexpected pos" and keeps it only as the context."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _SPACE_ERRORS:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _write_failure(path: Path, code: int) -> str:
+    """What happened, the free space, the limit and the state of the previous checkpoint."""
+    usage = shutil.disk_usage(path.parent)
+    limit = ""
+    if code == errno.EFBIG:
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if soft != resource.RLIM_INFINITY:
+            limit = f"; the file-size limit (ulimit -f) is {soft / 2**20:.1f} MiB"
+    previous = (f"the previous {path} is intact" if path.exists()
+                else f"no earlier {path.name} existed there")
+    return (f"{_SPACE_ERRORS[code]} while writing {path}: {usage.free / 2**20:.0f} MiB free on "
+            f"the filesystem of {path.parent} ({usage.total / 2**30:.1f} GiB){limit}; {previous} "
+            f"(the partial file was removed). Free some space or raise the limit, then continue "
+            f"from the last checkpoint with --resume")
+
+
+def _numpy_array_globals() -> list[Any]:
+    """What unpickling a numpy array of plain data needs, under the names numpy 1 and numpy 2
+    write (``numpy.core`` became ``numpy._core``): for checkpoints of earlier versions, whose
+    RNG state holds numpy's generator state as an array."""
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    return [(reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]  # numpy >= 1.25 builds dtypes of their own class
+
+
+def _refusal(path: Path, exc: Exception) -> str:
+    """Why torch.load(weights_only=True) refused ``path``, in one line naming what it holds."""
+    names: list[str] = []
+    try:  # reads the pickle's names without running anything
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 (older torch, or not a zip checkpoint: use the message)
+        names = re.findall(r"GLOBAL ([\w.]+)", str(exc))[:1]
+    allowed = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+               "numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType"}
+    names = [n for n in names if n not in allowed] or names
+    what = ", ".join(names[:5]) if names else "objects other than tensors and plain data"
+    return (f"checkpoint {path} refused: it holds pickled {what}, which opening it would run "
+            f"or build (a checkpoint of ssd_da holds only tensors, numbers, strings, lists and "
+            f"dicts). It was not written by this project's tools, or was altered; do not open "
+            f"it with torch.load(weights_only=False) unless you trust its source. Use a "
+            f"last.pth / best.pth written by tools/train.py")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (clear errors for anything else)."""
+    """Read a checkpoint written by :func:`save_checkpoint` without running any code from it
+    (``weights_only=True``; module docstring); clear errors for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the .pth file in it, "
+                              f"e.g. {path / 'last.pth'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # pickle/zip errors: say which file, keep the cause
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: never retry unsafely
+        raise CheckpointError(_refusal(path, exc)) from None
+    except Exception as exc:  # zip/format errors: say which file, keep the cause
         raise CheckpointError(f"checkpoint {path} could not be read: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state or "backbone" not in state:
         raise CheckpointError(
@@ -104,12 +196,16 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
 
 
 def rng_states() -> dict[str, Any]:
-    """The Python, numpy, torch (and CUDA, when this process uses it) generator states.
+    """The Python, numpy, torch (and CUDA, when this process uses it) generator states, in
+    types that ``torch.load(weights_only=True)`` reads: numpy's legacy state tuple with its key
+    array as a list of ints.
 
     "Uses" is ``torch.cuda.is_initialized()``, not ``is_available()``: reading the CUDA state
     initialises CUDA, which would start a context (and take GPU memory) in a ``--device cpu``
     run on a GPU machine."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(),
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    states = {"python": random.getstate(),
+              "numpy": (str(name), [int(k) for k in key], int(pos), int(has_gauss), float(gauss)),
               "torch": torch.get_rng_state()}
     if torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
@@ -118,9 +214,11 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(states: dict[str, Any]) -> None:
     """Inverse of :func:`rng_states`; a CUDA state is restored only in a process that uses
-    CUDA (the resumed run's model is on its device by then), never by starting CUDA."""
+    CUDA (the resumed run's model is on its device by then), never by starting CUDA. Also
+    takes the numpy array form that earlier versions saved."""
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(states["cuda"])

@@ -23,6 +23,7 @@ from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.data.transforms import build_eval_transform, build_train_transform
 from ssd_da.data.voc import VOC_CLASSES, VOCDetection, detection_collate
 from ssd_da.engine import distributed as dist_utils
+from ssd_da.engine.interrupt import ignore_stop_signals
 from ssd_da.models.ssd import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,24 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
         # undefined, and a run would train to the end to report "nan".
         raise ValueError(f"test split {cfg.test_split} ({cfg.data_root}) has no non-difficult "
                          f"object of the classes {', '.join(names)}: its mAP would be undefined")
+    if train_set is not None:
+        warn_overlap(train_set, test_set, cfg)
     return train_set, test_set
+
+
+def warn_overlap(train_set: VOCDetection, test_set: VOCDetection, cfg: Config) -> None:
+    """A loud warning when test images are also training images (the same split for both, or
+    overlapping ones such as voc07_trainval and voc07_val): the test mAP then measures how well
+    the detector remembers its training images, not how it detects. Compared by file path
+    (both come from one data root, built the same way)."""
+    seen = {os.path.normpath(p) for p in train_set.image_paths}
+    shared = [p for p in test_set.image_paths if os.path.normpath(p) in seen]
+    if shared:
+        logger.warning("!!! %d of %d test images (%s) are also training images (%s), e.g. %s: "
+                       "its mAP measures memory, not detection, and says nothing about new "
+                       "images; use disjoint splits (e.g. --train-split voc07_train "
+                       "--test-split voc07_val) !!!", len(shared), len(test_set.image_paths),
+                       cfg.test_split, cfg.train_split, ", ".join(p.name for p in shared[:3]))
 
 
 def resolve_workers(requested: int, world_size: int = 1) -> int:
@@ -174,7 +192,7 @@ def make_train_loader(dataset: VOCDetection, batch_size: int, seed: int, start_i
                              if workers > 0 else {})
     return DataLoader(SeededDataset(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=detection_collate, drop_last=True, pin_memory=pin_memory,
-                      generator=generator, **extra)
+                      generator=generator, worker_init_fn=ignore_stop_signals, **extra)
 
 
 def build_train_loader(dataset: VOCDetection, cfg: Config, start_iter: int, rank: int,
@@ -217,7 +235,8 @@ def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int,
                       pin_memory: bool) -> DataLoader:
     subset = torch.utils.data.Subset(dataset, list(indices))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=detection_collate, pin_memory=pin_memory)
+                      collate_fn=detection_collate, pin_memory=pin_memory,
+                      worker_init_fn=ignore_stop_signals)
 
 
 class DataWait:

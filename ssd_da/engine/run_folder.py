@@ -30,14 +30,25 @@ def existing_run_files(out_dir: Path) -> list[str]:
     return [name for name in RUN_FILES if (out_dir / name).exists()]
 
 
-def check_run_folder(out_dir: Path, resume: Path | None, overwrite: bool) -> None:
-    """Raise :class:`RunFolderError` unless ``out_dir`` may receive this run: it is (or would
-    be) a folder, and it holds no run, or the run it holds is the one resumed, or ``overwrite``.
-    Reads nothing but names and writes nothing."""
+def check_folder_path(out_dir: Path, option: str = "--output-dir") -> None:
+    """RunFolderError unless ``out_dir`` is, or could be created as, a folder."""
     for part in (out_dir, *out_dir.parents):
         if part.exists() and not part.is_dir():
-            raise RunFolderError(f"--output-dir {out_dir}: {part} exists and is not a folder; "
+            raise RunFolderError(f"{option} {out_dir}: {part} exists and is not a folder; "
                                  f"give a folder path, or move that file away")
+
+
+def check_run_folder(out_dir: Path, resume: Path | None, overwrite: bool) -> None:
+    """Raise :class:`RunFolderError` unless ``out_dir`` may receive this run: it is (or would
+    be) a folder, and it holds no run, or the run it holds is the one resumed, or ``overwrite``
+    (which may not delete the checkpoint being resumed). Reads nothing but names and writes
+    nothing."""
+    check_folder_path(out_dir)
+    if overwrite and resume is not None and Path(resume).resolve().parent == out_dir.resolve():
+        raise RunFolderError(
+            f"--resume {resume} --overwrite: --overwrite would delete the run being resumed "
+            f"(its last.pth, best.pth and log.jsonl in {out_dir}); to continue it, drop "
+            f"--overwrite; to start again, drop --resume")
     found = existing_run_files(out_dir)
     if not found or overwrite:
         return

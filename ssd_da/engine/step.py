@@ -27,7 +27,8 @@ import torch
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.utils.device import autocast_context
 
-__all__ = ["NonFiniteLossError", "make_scaler", "make_optimizer", "sgd_step", "read_losses", "FiniteCheck"]
+__all__ = ["NonFiniteLossError", "make_scaler", "make_optimizer", "sgd_step", "read_losses",
+           "FiniteCheck", "check_model_finite"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,3 +119,39 @@ class FiniteCheck:
             f"non-finite {what} at {when}; its update was skipped (no update with a non-finite "
             f"value is ever applied) and training stops here. "
             + (last_good or "The last checkpoint on disk is a good state."))
+
+
+
+def check_model_finite(model: torch.nn.Module, images: torch.Tensor, iteration: int,
+                       last_good: str = "") -> None:
+    """Raise NonFiniteLossError unless every parameter and floating buffer of ``model`` is
+    finite and so are its raw outputs on the first image of ``images`` (a training batch, run in
+    eval mode and without gradients: the BatchNorm statistics stay as they are). Called before a checkpoint
+    or an evaluation; one host read (all processes decide together under torchrun).
+
+    A finite loss and gradient can still give weights that overflow: with a learning rate of
+    1e30 one step leaves weights near 1e31, finite, whose every output is inf or NaN, and
+    FiniteCheck, which sees only losses and gradients, would let the run end "done" on them."""
+    net = dist_utils.unwrap(model)
+    named = [(n, t) for n, t in (*net.named_parameters(), *net.named_buffers())
+             if t.is_floating_point()]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            # One image is enough to see an overflow, and keeps the probe cheap.
+            outputs = net.head_outputs(images[:1].to(named[0][1].device, non_blocking=True))
+    finally:
+        net.train(was_training)
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]
+                         + [torch.isfinite(v).all() for v in outputs.values()])
+    bad = dist_utils.all_reduce_mean((~finite).float())  # > 0 where any process saw a problem
+    if not bool((bad > 0).any()):
+        return
+    names = [n for n, _ in named] + [f"output {k}" for k in outputs]
+    found = [n for n, b in zip(names, (bad > 0).tolist()) if b]
+    raise NonFiniteLossError(
+        f"non-finite {'weights' if found[0] in dict(named) else 'outputs'} after iteration "
+        f"{iteration} (e.g. {', '.join(found[:3])}): a step too large for the network (is the "
+        f"learning rate far too high?); nothing is saved from this state and training stops "
+        f"here. " + (last_good or "The last checkpoint on disk is a good state."))

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import random
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,13 @@ from ssd_da.data.demo import ensure_demo_dataset
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.checkpoint import (check_resumable, restore_training_state, save_checkpoint,
                                       training_checkpoint)
+from ssd_da.engine.folder_lock import hold_folder_lock
 from ssd_da.engine.data import (
     DataWait, build_datasets, build_train_loader, class_names_from_config, log_loader_rate,
     resolve_workers,
 )
 from ssd_da.engine.inference import coco_metrics_of, evaluate_model, format_coco
+from ssd_da.engine.interrupt import Interrupted, agreed_stop, stop_on_signals
 from ssd_da.engine.plots import plot_training_curves
 from ssd_da.engine.run_folder import (adopt_log, check_run_folder, clear_run,
                                       remove_stale_temporaries)
@@ -36,7 +39,8 @@ from ssd_da.engine.tensorboard import TENSORBOARD_DIR, TensorBoardScalars
 from ssd_da.models.pretrained import is_weights_name
 from ssd_da.models.ssd import build_ssd
 from ssd_da.engine.step import (  # noqa: F401 (NonFiniteLossError: public here too)
-    FiniteCheck, NonFiniteLossError, make_optimizer, make_scaler, read_losses, sgd_step,
+    FiniteCheck, NonFiniteLossError, check_model_finite, make_optimizer, make_scaler,
+    read_losses, sgd_step,
 )
 from ssd_da.utils.device import resolve_device
 
@@ -118,14 +122,29 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
     ``log.jsonl``; every ``ckpt_every`` (and at the end) ``last.pth`` is written; every
     ``eval_every`` (and at the end) the test split is evaluated and ``best.pth`` kept. A due
     ``last.pth`` is written before the evaluation (a crash there keeps the newest state, and the
-    resumed run evaluates first) and again after it, with its best mAP."""
+    resumed run evaluates first) and again after it, with its best mAP.
+
+    The output folder is locked (:mod:`ssd_da.engine.folder_lock`) from its checks to the end:
+    a second run into it fails at once. SIGTERM, SIGINT and SIGUSR1 stop the run after the
+    current step with ``last.pth`` written (:class:`~ssd_da.engine.interrupt.Interrupted`)."""
     validate_config(cfg)
     cfg = resolve_attention_init(cfg)  # config.yaml and the checkpoints record the value used
     class_names = class_names_from_config(cfg)
     resumed = check_resumable(resume, cfg, class_names) if resume else None
     device, rank, world = prepare_process(cfg)
     out_dir = cfg.resolved_output_dir()
-    check_run_folder(out_dir, Path(resume) if resume else None, overwrite)
+    with hold_folder_lock(out_dir, "--output-dir", enabled=rank == 0):
+        check_run_folder(out_dir, Path(resume) if resume else None, overwrite)
+        return train_in_folder(cfg, out_dir, class_names, resume, resumed, overwrite,
+                               (device, rank, world))
+
+
+def train_in_folder(cfg: Config, out_dir: Path, class_names: list[str],
+                    resume: str | Path | None, resumed: dict[str, Any] | None, overwrite: bool,
+                    process: tuple[torch.device, int, int]) -> dict[str, Any]:
+    """:func:`train` once the folder is checked and locked: data, model, the loop, the summary.
+    ``resumed``: the checkpoint read from ``resume``; ``process``: (device, rank, world size)."""
+    device, rank, world = process
     train_set, test_set = build_datasets(cfg)
     model, backbone_init = build_model(cfg, len(class_names) + 1, device)
     state = make_train_state(cfg, model, backbone_init, device)
@@ -160,8 +179,9 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
     last_log = (train_clock.seconds(), state.timing["images"], waits.seconds)
     finite = FiniteCheck(state.iteration)
     state.model.train()
-    with tqdm(total=cfg.iters, initial=state.iteration, desc=f"train {cfg.backbone}",
-              disable=rank != 0, dynamic_ncols=True) as bar:
+    with stop_on_signals(), tqdm(total=cfg.iters, initial=state.iteration,
+                                 desc=f"train {cfg.backbone}", disable=rank != 0,
+                                 dynamic_ncols=True) as bar:
         for images, targets in waits.timed(loader):
             losses, lr = train_step(state, images, targets, cfg, device, finite)
             state.timing["images"] += images.shape[0] * world
@@ -170,10 +190,13 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
             logging_now = it % cfg.log_every == 0 or it == cfg.iters
             evaluating = evaluation_due(it, cfg)
             saving = it % cfg.ckpt_every == 0 or it == cfg.iters
-            if logging_now or evaluating or saving:
+            stopping = agreed_stop(logging_now or evaluating or saving, device)
+            if logging_now or evaluating or saving or stopping:
                 # The only host reads of the loop (a GPU step never waits otherwise): stop on
                 # a non-finite step before it is logged, evaluated or saved.
                 finite.check(state.scaler, it, last_good_state(state, cfg))
+                if evaluating or saving or stopping:
+                    check_model_finite(state.model, images, it, last_good_state(state, cfg))
             if logging_now:
                 now = (train_clock.seconds(), state.timing["images"], waits.seconds)
                 span = max(now[0] - last_log[0], 1e-9)
@@ -191,6 +214,12 @@ def train(cfg: Config, resume: str | Path | None = None, overwrite: bool = False
                     evaluate_now()
                     if saving:
                         save_last()  # again, with the evaluation's best mAP
+                if stopping and it < cfg.iters:  # at the last step: finish as usual
+                    if state.last_saved != (out_dir / "last.pth", it):
+                        save_last()
+                    log.close()
+                    raise Interrupted(stopped_message(stopping, state, cfg, out_dir / "last.pth"),
+                                      stopping, out_dir / "last.pth")
     log.close()
     return finish_run(state, cfg, out_dir, device, wall_clock.seconds(),
                       {"train": train_set.num_skipped, "test": test_set.num_skipped})
@@ -208,6 +237,15 @@ def train_step(state: TrainState, images: torch.Tensor, targets: list[dict], cfg
     state.scheduler.step()
     state.iteration += 1
     return losses, lr
+
+
+def stopped_message(signal_name: str, state: TrainState, cfg: Config, path: Path) -> str:
+    """What an interrupted run says: where it stopped, what it saved, how to continue."""
+    torchrun = dist_utils.get_world_size() > 1
+    return (f"{signal_name}: stopped at iteration {state.iteration} of {cfg.iters} and saved "
+            f"{path}; continue with: python tools/train.py --resume {shlex.quote(str(path))}"
+            + (" (under torchrun: the same torchrun command, with that --resume)"
+               if torchrun else ""))
 
 
 def last_good_state(state: TrainState, cfg: Config) -> str:

@@ -31,6 +31,8 @@ from ssd_da.config import (Config, apply_overrides, resolve_attention_init, save
                            saved_value)
 from ssd_da.data.voc import VOC_CLASSES
 from ssd_da.engine import trainer
+from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, Interrupted, stop_requested,
+                                     wait_forwarding_stop)
 from ssd_da.engine.run_folder import existing_run_files
 from ssd_da.engine.runlog import read_run_log
 from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError
@@ -83,7 +85,8 @@ class RunSpec:
 
 @dataclass
 class RunOutcome:
-    """What happened to a run: "skipped" (finished earlier), "trained", "diverged" or "failed"."""
+    """What happened to a run: "skipped" (finished earlier), "trained", "diverged", "failed",
+    or "interrupted" (stopped by a signal after saving its last.pth; rerunning resumes it)."""
 
     spec: RunSpec
     status: str
@@ -224,6 +227,9 @@ def train_command(spec: RunSpec, resume: Path | None, train_script: Path,
 
 def exit_outcome(spec: RunSpec, rc: int, log: Path) -> RunOutcome:
     """The outcome of a training subprocess that exited with ``rc`` (its output in ``log``)."""
+    if rc == EXIT_INTERRUPTED:  # stopped by a signal after saving: rerunning resumes it
+        return RunOutcome(spec, "interrupted", f"stopped by a signal after saving "
+                                               f"{spec.out_dir / 'last.pth'}; see {log}")
     if rc == EXIT_NON_FINITE:  # a seed that diverges is a result, not a crash
         return RunOutcome(spec, "diverged", f"non-finite loss; see {log}")
     if rc != 0:
@@ -238,7 +244,8 @@ def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script
     logger.info("[gpu %s] %s: %s", gpu, spec.name, " ".join(cmd))
     log = spec.out_dir / "train.log"
     with open(log, "a") as fh:
-        rc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        rc = wait_forwarding_stop(subprocess.Popen(cmd, env=env, stdout=fh,
+                                                    stderr=subprocess.STDOUT))
     return exit_outcome(spec, rc, log)
 
 
@@ -251,7 +258,7 @@ def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str
     outcomes: dict[str, RunOutcome] = {}
 
     def worker(gpu: str) -> None:
-        while True:
+        while not stop_requested():  # asked to stop: start no further run
             try:
                 spec, resume = queue.get_nowait()
             except Empty:
@@ -266,7 +273,8 @@ def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str
         t.start()
     for t in threads:
         t.join()
-    return [outcomes[spec.name] for spec, _ in jobs]
+    return [outcomes.get(spec.name) or RunOutcome(spec, "interrupted", "not started")
+            for spec, _ in jobs]
 
 
 def visible_gpus() -> list[str]:
@@ -324,6 +332,9 @@ def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
         train_fn = train_fn or trainer.train  # looked up now: tests replace it
         trained = []
         for spec, resume in jobs:
+            signal_name = stop_requested()
+            if signal_name:  # a signal between two runs: start no further one
+                raise Interrupted(f"{signal_name}: stopped before {spec.name}", signal_name)
             logger.info("%s: %s", spec.name, f"resuming from {resume}" if resume else "training")
             trained.append(_train_in_process(spec, resume, train_fn))
     by_name = {o.spec.name: o for o in trained}

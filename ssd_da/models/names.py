@@ -17,6 +17,7 @@ result tables) reads names through this module.
 """
 from __future__ import annotations
 
+import difflib
 from typing import NamedTuple
 
 __all__ = ["DEPTHS", "BLOCK_ATTENTIONS", "END_ATTENTIONS", "ATTENTION_INITS", "BackboneName",
@@ -77,7 +78,9 @@ def parse_backbone_name(name: str) -> BackboneName:
         ValueError: ``name`` is not in :data:`BACKBONE_NAMES` (the message lists them).
     """
     if name not in BACKBONE_NAMES:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {BACKBONE_NAMES}")
+        close = difflib.get_close_matches(str(name).lower(), BACKBONE_NAMES, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"unknown backbone {name!r}{hint}; valid names: {BACKBONE_NAMES}")
     head, _, tail = name.rpartition("resnet")
     depth, _, end = tail.partition("_")
     return BackboneName(head[:-1] if head else "none", int(depth), end or "none")

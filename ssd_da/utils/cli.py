@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-__all__ = ["EXIT_BAD_INPUT", "report_error", "fail"]
+__all__ = ["EXIT_BAD_INPUT", "report_error", "fail", "parse_names"]
 
 EXIT_BAD_INPUT = 2
 
@@ -19,3 +19,15 @@ def report_error(tool: str, message: object) -> int:
 def fail(tool: str, message: object) -> NoReturn:
     """:func:`report_error`, then exit with status 2 (for checks deep inside a tool)."""
     raise SystemExit(report_error(tool, message))
+
+
+def parse_names(text: str | None, option: str) -> list[str] | None:
+    """``"a, b,c"`` -> ``["a", "b", "c"]``; None (the option not given) -> None. A value naming
+    nothing (``--classes ""``: an unset shell variable) is a ValueError, never the default."""
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise ValueError(f"{option} {text!r} names nothing (an unset shell variable?); give "
+                         f"a,b,c, or leave the option out for its default")
+    return names
