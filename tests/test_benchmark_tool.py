@@ -47,6 +47,22 @@ def test_memory_table_shows_the_saving(tmp_path: Path) -> None:
     assert [float(v) for v in rows["se"]] == pytest.approx([1.0, 1.0], abs=0.01)
 
 
+def test_metric_section_runs_on_one_core(tmp_path: Path) -> None:
+    text = _run(["metric", "--images", "50", "--repeats", "1"], tmp_path / "b.md")
+    section = text.split("<!-- benchmark:metric -->")[1].split("<!-- /benchmark:metric -->")[0]
+    assert "50 images, 20 classes, 5000 detections" in section and "- one core: " in section
+    assert float(section.split("**median ")[1].split(" s**")[0]) > 0
+
+
+@pytest.mark.slow
+def test_model_table_has_train_and_inference_rows(tmp_path: Path) -> None:
+    text = _run(["model", "--backbones", "resnet18", "--batch-size", "2", "--eval-batch-size", "2",
+                 "--steps", "1", "--warmup", "0", "--device", "cpu"], tmp_path / "b.md")
+    rows = _rows(_section(text, "model"), "resnet18")
+    assert [r[1] for r in rows] == ["train", "inference"]
+    assert all(float(r[3]) > 0 and r[5] == "n/a" for r in rows)
+
+
 def _section(text: str, name: str) -> str:
     return text.split(f"<!-- benchmark:{name} -->")[1].split(f"<!-- /benchmark:{name} -->")[0]
 
