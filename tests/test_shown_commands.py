@@ -8,6 +8,7 @@ test; this catches renamed or removed options, choices and configs, which is how
 commands usually break."""
 from __future__ import annotations
 
+import ast
 import importlib
 import logging
 import re
@@ -58,17 +59,18 @@ python -m pytest -q
 
 
 def _tool(script: str):
-    return importlib.import_module(Path(script).stem)  # tools/ is on the path: conftest.py
+    """The module of ``tools/<name>.py``'s tool: ``ssd_da.cli.<name>``."""
+    return importlib.import_module(f"ssd_da.cli.{Path(script).stem}")
 
 
 def shown_commands() -> list[tuple[str, list[str]]]:
-    """(where, argv) of every tool command in README.md, docs/*.md and the tools' docstrings."""
+    """(where, argv) of every tool command in README.md, docs/*.md, the scripts' docstrings and
+    their tools' (the --help text)."""
     texts = {str(p.relative_to(ROOT)): p.read_text() for p in
              [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
     for path in sorted((ROOT / "tools").glob("*.py")):
-        source = path.read_text()
-        if "def get_args_parser" in source:  # the --help text is the module docstring
-            texts[f"tools/{path.name}"] = _tool(path.name).__doc__ or ""
+        texts[f"tools/{path.name}"] = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+        texts[f"ssd_da/cli/{path.name}"] = _tool(path.name).__doc__ or ""
     return [(where, argv) for where, text in texts.items() for argv in commands_in(text)]
 
 
