@@ -15,7 +15,7 @@ import torch
 from ssd_da.data.demo import DEMO_CLASSES, ensure_demo_dataset
 from ssd_da.engine.checkpoint import save_checkpoint
 from ssd_da.models.ssd import build_ssd
-from test_coco_data import write_coco
+from test_data_coco import write_coco
 
 ROOT = Path(__file__).resolve().parents[1]
 from ssd_da.cli import ablate as ablate_tool
