@@ -295,22 +295,3 @@ def test_non_finite_loss_before_any_checkpoint_says_so(demo, tmp_path, capsys, c
     code, text = cli(base(demo, tmp_path / "run"), capsys, caplog)
     assert code == 3 and "non-finite loss at iteration 1" in text
     assert "no checkpoint has been written yet" in text.lower() and "last good state" not in text
-
-
-def test_unreachable_weights_warn_on_rank_0_only(monkeypatch, caplog):
-    from ssd_da.engine import distributed as dist_utils
-    from ssd_da.engine.trainer import build_model
-    from ssd_da.models import pretrained
-
-    def offline(weights):
-        raise RuntimeError("could not fetch (offline)")
-
-    monkeypatch.setattr(pretrained, "_download", offline)
-    cfg = load_config(None, ["backbone=resnet18", "pretrained=IMAGENET1K_V1"])
-    for main, expected in ((True, 1), (False, 0)):
-        monkeypatch.setattr(dist_utils, "is_main_process", lambda: main)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING):
-            _, init = build_model(cfg, 3, torch.device("cpu"))
-        assert init == "none (IMAGENET1K_V1 unreachable)"
-        assert sum("unreachable" in r.getMessage() for r in caplog.records) == expected

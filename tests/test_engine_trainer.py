@@ -162,6 +162,9 @@ def test_pretrained_that_is_neither_file_nor_weights_name_is_an_error(source, tm
 
 
 def test_unreachable_weights_name_falls_back_to_scratch(tmp_path, monkeypatch, caplog):
+    """Offline, a weights name trains from scratch, says so once (on rank 0 only) and records
+    why in the run's backbone_init."""
+    from ssd_da.engine import distributed as dist_utils
     from ssd_da.engine.trainer import build_model
     from ssd_da.models import pretrained
 
@@ -170,12 +173,16 @@ def test_unreachable_weights_name_falls_back_to_scratch(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(pretrained, "_download", offline)
     cfg = tiny_cfg(tmp_path, tmp_path / "o", backbone="resnet18", pretrained="IMAGENET1K_V1")
-    with caplog.at_level("WARNING"):
-        model, init = build_model(cfg, 4, torch.device("cpu"))
-    assert init == "none (IMAGENET1K_V1 unreachable)"
-    assert model.backbone.layer1[0].conv1.weight.shape == (64, 64, 3, 3)
-    assert any("unreachable" in r.getMessage() and "from scratch" in r.getMessage()
-               for r in caplog.records)
+    for main, expected in ((True, 1), (False, 0)):
+        monkeypatch.setattr(dist_utils, "is_main_process", lambda: main)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            model, init = build_model(cfg, 4, torch.device("cpu"))
+        assert init == "none (IMAGENET1K_V1 unreachable)"
+        assert model.backbone.layer1[0].conv1.weight.shape == (64, 64, 3, 3)
+        assert sum("unreachable" in r.getMessage() and "from scratch" in r.getMessage()
+                   for r in caplog.records) == expected
+        assert sum("unreachable" in r.getMessage() for r in caplog.records) == expected
 
 
 @pytest.mark.slow

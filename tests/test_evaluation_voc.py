@@ -1,4 +1,4 @@
-"""VOC evaluator: AP worked out by hand, devkit quirks, and agreement with a literal devkit loop."""
+"""VOC evaluator (ssd_da/evaluation/voc.py): AP worked out by hand, devkit quirks, and agreement with a literal devkit loop."""
 import logging
 import math
 
@@ -389,41 +389,3 @@ def test_agrees_with_literal_devkit_loop(metric, rule):
         np.testing.assert_array_equal(res.recall[name], recall)  # the same curve, bit for bit
         np.testing.assert_array_equal(res.precision[name], precision)
     assert res.map == pytest.approx(np.mean([res.ap[n] for n in names]), abs=1e-15)
-
-
-def test_pr_plots_write_pngs(tmp_path):
-    from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
-
-    ann = [_img([BOX, [20, 20, 29, 29]], [1, 2])]
-    det = [_img([BOX, [50, 50, 59, 59]], [1, 3], scores=[0.9, 0.5])]
-    res = evaluate_voc(det, ann, ["a", "potted plant", "c"])
-    paths = plot_pr_curves(res, tmp_path / "pr")
-    assert [p.name for p in paths] == ["pr_a.png", "pr_potted_plant.png"]  # "c" has no gt
-    bars = plot_ap_bars(res, tmp_path / "ap.png")
-    for p in paths + [bars]:
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# ---------------------------------------------------------------------------------------------
-# COCO metrics through pycocotools.
-
-def test_coco_metrics_perfect_empty_and_partial():
-    from ssd_da.evaluation.coco import coco_metrics
-
-    gt_boxes = [[0, 0, 100, 100], [200, 200, 300, 260], [10, 150, 60, 200]]
-    ann = [_img(gt_boxes, [1, 2, 1], difficult=[0, 0, 1])]
-    perfect = [_img(gt_boxes[:2] + [[400, 400, 450, 450]], [1, 2, 1], scores=[0.9, 0.8, 0.1])]
-    m = coco_metrics(perfect, ann, ["a", "b"])
-    # Both regular gts hit exactly before the FP: precision 1 at every recall -> AP 1.
-    assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0)
-    # A detection on the difficult (iscrowd) gt is ignored, not a FP.
-    on_difficult = [_img(gt_boxes, [1, 2, 1], scores=[0.9, 0.8, 0.95])]
-    assert coco_metrics(on_difficult, ann, ["a", "b"])["AP"] == pytest.approx(1.0)
-    empty = coco_metrics([_img([], [], scores=[])], ann, ["a", "b"])
-    assert empty["AP"] == 0.0 and empty["AP50"] == 0.0
-    # One gt [0,0,100,100], det [0,0,100,72]: IoU 7200/10000 = 0.72 (continuous convention).
-    # A TP at thresholds .50,.55,.60,.65,.70 (5 of 10), missed at .75..95 -> AP 0.5, AP50 1.
-    m = coco_metrics([_img([[0, 0, 100, 72]], [1], scores=[0.9])], [_img([[0, 0, 100, 100]], [1])],
-                     ["a"])
-    assert m["AP"] == pytest.approx(0.5) and m["AP50"] == pytest.approx(1.0)
-    assert m["AP75"] == pytest.approx(0.0) and math.isnan(m["AP_small"])  # no small objects
