@@ -1,4 +1,4 @@
-"""A pretend one-GPU machine for tests/test_cuda_contract.py: ``torch.cuda`` as a machine with
+"""A pretend one-GPU machine for tests/test_engine_cuda_contract.py: ``torch.cuda`` as a machine with
 GPUs shows it before CUDA is initialised, on a machine without any."""
 from __future__ import annotations
 

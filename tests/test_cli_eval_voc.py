@@ -294,7 +294,7 @@ def demo_both(tmp_path_factory) -> tuple[Path, Path]:
 def test_coco_results_file_with_a_crowd_region(tmp_path: Path, capsys) -> None:
     # One dog and one crowd region of dogs; a false positive (0.95), a detection on the crowd
     # (0.92) and one on the dog (0.90): FP, ignored, TP -> AP 0.5 in both metrics (the cases
-    # are worked out in test_coco_data.test_crowd_regions_in_evaluation).
+    # are worked out in test_data_coco.test_crowd_regions_in_evaluation).
     write_coco(tmp_path, "val", [{"id": 4, "file_name": "a.jpg", "width": 60, "height": 40}],
                [{"image_id": 4, "category_id": 7, "bbox": [5, 6, 10, 8]},
                 {"image_id": 4, "category_id": 7, "bbox": [20, 10, 15, 15], "iscrowd": 1}])

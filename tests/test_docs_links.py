@@ -1,6 +1,6 @@
 """Every relative link in README.md and docs/*.md points to a file of the repository and, with a
 #anchor, to a heading of that file (GitHub's heading ids). Moving a section between pages is how
-such links usually break; the commands on those pages are checked by test_shown_commands.py."""
+such links usually break; the commands on those pages are checked by test_docs_shown_commands.py."""
 from __future__ import annotations
 
 import re

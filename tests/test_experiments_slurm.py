@@ -1,7 +1,7 @@
 """tools/ablate.py --launcher slurm without a cluster: the sbatch options each job asks for, the
 refusals of options that do not fit, the run states read from squeue and submitit's results,
 and the job wrapper's answer to SLURM's signals (with a stand-in training module).
-The real cluster is exercised in test_slurm_cluster.py."""
+The real cluster is exercised in test_experiments_slurm_cluster.py."""
 from __future__ import annotations
 
 import json

@@ -9,7 +9,7 @@ from ssd_da.models.resnet import STAGES, ResNet
 from ssd_da.models.ssd import SSD300
 
 PLAIN18 = 11_689_512  # torchvision resnet18 (classifier)
-LGA512 = 1_674_246    # LGA at 512 channels, 8 heads (tests/test_lga.py derives it)
+LGA512 = 1_674_246    # LGA at 512 channels, 8 heads (tests/test_models_lga.py derives it)
 
 
 def _resnet(depth: int, end: str, num_classes: int | None = 1000, **kw) -> ResNet:

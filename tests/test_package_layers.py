@@ -61,7 +61,7 @@ _OUTSIDE = ("../" + "shared", "/work" + "/", "PAPER" + "_NOTES", "seeds" + "/0")
 def test_project_stands_alone():
     """No code, comment, doc, config or test sends the reader to a file outside the repository
     (the notes the project was built from are not shipped; docs/method.md says what they did).
-    tests/test_configs.py feeds such paths to its own detector on purpose: those lines are
+    tests/test_config.py feeds such paths to its own detector on purpose: those lines are
     skipped."""
     files = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *(ROOT / "configs").glob("*"),
              *(ROOT / "ssd_da").rglob("*.py"), *(ROOT / "tools").glob("*.py"),

@@ -177,7 +177,7 @@ def test_cli_table_format(capsys):
     lines = out.strip().splitlines()
     assert [c.strip() for c in lines[-3].split("|")[1:5]] == [
         "Backbone", "Params (M)", "GFLOPs (torchstat)", "GFLOPs (complete)"]
-    # complete: twice torchstat's conv + FC terms (tests/test_flops_complete.py)
+    # complete: twice torchstat's conv + FC terms (the complete count, below)
     assert [c.strip() for c in lines[-1].split("|")[1:5]] == ["resnet18", "11.6895", "1.8214",
                                                               "3.6281"]
     assert "torchstat's rules" in out and "FlopCounterMode" in out  # says which is which
@@ -190,7 +190,7 @@ def test_cli_end_of_backbone_lga_adds_the_module_alone(capsys):
     counts = _run_csv(complexity_tool, ["--classifier", "--csv", "resnet18", "resnet18_lga"],
                       capsys, complete=True)
     (p0, f0, c0), (p1, f1, c1) = counts["resnet18"], counts["resnet18_lga"]
-    assert p1 - p0 == 1_674_246  # LGA at 512 channels, 8 heads (tests/test_lga.py derives it)
+    assert p1 - p0 == 1_674_246  # LGA at 512 channels, 8 heads (tests/test_models_lga.py derives it)
     # the module sees layer4's 7x7 map at 224x224; the complete count includes its matmuls
     with torch.device("meta"):
         lga = LocalGlobalAttention(512)

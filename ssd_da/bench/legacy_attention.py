@@ -1,5 +1,5 @@
 """The attention modules as they were before issue 24, kept as the reference that the float64
-equality tests (tests/test_attention_exact.py) and the "before" column of
+equality tests (tests/test_models_attention_exact.py) and the "before" column of
 ``tools/benchmark.py modules --before`` compare the rewritten modules with.
 
 A verbatim copy of ``ssd_da/models/attention.py`` (DA, SE, ECA, SGE, CBAM) and

@@ -259,7 +259,7 @@ def _check_size(size: int) -> None:
 
 # "fast": ssd_da.data.augment (the default: same draws, rendered straight into the output, see
 # docs/benchmarks.md); "albumentations": the reference pipeline below, kept to check the fast
-# one against (tests/test_augment.py) and to measure it.
+# one against (tests/test_data_augment.py) and to measure it.
 BACKENDS: tuple[str, ...] = ("fast", "albumentations")
 OUTPUTS: tuple[str, ...] = ("float", "uint8")
 

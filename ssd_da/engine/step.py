@@ -16,7 +16,7 @@ then idles while the host prepares the next step. So:
   raises :class:`NonFiniteLossError` naming the iterations. Weights never see a bad update, so
   no checkpoint holds one.
 
-``tests/test_sync.py`` counts the host reads of a step with ``ssd_da.utils.sync``.
+``tests/test_utils_sync.py`` counts the host reads of a step with ``ssd_da.utils.sync``.
 """
 from __future__ import annotations
 

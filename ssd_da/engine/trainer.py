@@ -371,7 +371,7 @@ def prepare_process(cfg: Config) -> tuple[torch.device, int, int]:
     if device.type == "cuda":
         # reset_peak_memory_stats does not initialise CUDA, and before that the allocator
         # raises "Invalid device argument : did you call init?". set_device initialises it and
-        # makes ``device`` this process's current one (tests/test_cuda_contract.py).
+        # makes ``device`` this process's current one (tests/test_engine_cuda_contract.py).
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
     return device, rank, world

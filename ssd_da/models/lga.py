@@ -23,7 +23,7 @@ like the rest of the attention zoo (:mod:`ssd_da.models.attention`). The forward
 Which axis the attention runs over is not in the text. Like the public code, Q, K and V of a head
 are ``(head_dim, H*W)`` matrices and the energy ``Q K^T`` is ``head_dim x head_dim``: attention
 across the head's channels, with a cost linear in H*W. Two differences from that code, both
-documented in ``docs/lga.md`` and shown by ``tests/test_lga.py``:
+documented in ``docs/lga.md`` and shown by ``tests/test_models_lga.py``:
 
 * **The attention is applied.** The public code's second product,
   ``einsum('bhqk,bhvd->bhqd', attention, value)``, sums the attention over ``k`` and the values

@@ -29,7 +29,7 @@ map's ratio-2 box is 300 x 186.7 px centred at (150, 150)). ssd.pytorch's and lu
 clamp all four of (cx, cy, w, h) instead. The two differ where a centre lies outside the image:
 only on the 10x10 map, whose step 32 puts its last row and column of centres at 9.5 * 32 = 304
 px (ssd.pytorch moves them to 300). That is 19 locations x 6 = 114 of the 8732 boxes, shifted
-by 4 px in x and/or y (``tests/test_ssd.py`` checks the count against a re-derivation).
+by 4 px in x and/or y (``tests/test_models_ssd.py`` checks the count against a re-derivation).
 """
 
 from __future__ import annotations

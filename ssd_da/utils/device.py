@@ -10,7 +10,7 @@ __all__ = ["autocast_context", "runs_bf16", "resolve_device", "CPU_AMP"]
 
 # torch has bf16 autocast on the CPU as well, but on CPUs without bf16 instructions it is slower
 # than float32, so --amp is a CUDA option. Tests set this to True to run the bf16 paths through
-# the same switch on the CPU (tests/test_cuda_contract.py): the autocast regions and the float32
+# the same switch on the CPU (tests/test_engine_cuda_contract.py): the autocast regions and the float32
 # casts of the loss and the post-processing.
 CPU_AMP = False
 

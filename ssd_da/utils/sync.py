@@ -5,7 +5,7 @@ On a GPU, reading a tensor's value on the host (``.item()``, ``bool(t)``, ``.tol
 boolean-mask indexing, ``masked_select``, ``unique``) blocks until the device has finished
 all queued work. ``torch.cuda.set_sync_debug_mode`` reports these on CUDA only; this counter
 sees the same calls on the CPU as well, so a test can assert that a training step makes none
-(see tests/test_sync.py).
+(see tests/test_utils_sync.py).
 """
 from __future__ import annotations
 
