@@ -1,4 +1,5 @@
-"""VOC evaluator (ssd_da/evaluation/voc.py): AP worked out by hand, devkit quirks, and agreement with a literal devkit loop."""
+"""VOC evaluator (ssd_da/evaluation/voc.py): AP worked out by hand, devkit quirks, and agreement
+with a literal devkit loop."""
 import logging
 import math
 

@@ -190,7 +190,7 @@ def test_cli_end_of_backbone_lga_adds_the_module_alone(capsys):
     counts = _run_csv(complexity_tool, ["--classifier", "--csv", "resnet18", "resnet18_lga"],
                       capsys, complete=True)
     (p0, f0, c0), (p1, f1, c1) = counts["resnet18"], counts["resnet18_lga"]
-    assert p1 - p0 == 1_674_246  # LGA at 512 channels, 8 heads (tests/test_models_lga.py derives it)
+    assert p1 - p0 == 1_674_246  # LGA, 512 channels, 8 heads (test_models_lga.py derives it)
     # the module sees layer4's 7x7 map at 224x224; the complete count includes its matmuls
     with torch.device("meta"):
         lga = LocalGlobalAttention(512)
