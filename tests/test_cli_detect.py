@@ -24,8 +24,9 @@ from ssd_da.utils.device import resolve_device
 from ssd_da.models.names import display_name
 from ssd_da.utils.figures import save_figure
 from ssd_da.visualize.draw import cam_figure, draw_detections, figure_size_px, overlay_heatmap
-
 from ssd_da.cli import detect as detect_tool
+from ssd_da.config import load_config
+from voc_tree import jpeg_bytes
 
 CLASSES = ["cat", "dog"]
 
@@ -155,3 +156,69 @@ def test_resolve_device():
         resolve_device("gpu0")
     with pytest.raises(ValueError, match=r"--device: 'cuda:99' is not available"):
         resolve_device("cuda:99")
+
+
+# -------------------------------------------------------------- inputs it refuses or leaves out
+def detect_err(capsys, *argv: str) -> tuple[int, str]:
+    code = detect_tool.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture()
+def images(tmp_path) -> list[Path]:
+    """a.jpg, a broken.jpg (its header reads, its pixels are cut short), c.jpg."""
+    paths = [tmp_path / n for n in ("a.jpg", "broken.jpg", "c.jpg")]
+    for path in paths:
+        path.write_bytes(jpeg_bytes(64, 48, noise=True))
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 3])
+    return paths
+
+
+def test_detect_unreadable_image_stops_before_writing(images, tmp_path, capsys,
+                                                      untrained_checkpoint, tiny_classes):
+    images[1].write_bytes(b"not an image")
+    ckpt = untrained_checkpoint("resnet18", tiny_classes)
+    code, err = detect_err(capsys, *map(str, images), "--checkpoint", str(ckpt), "--out",
+                       str(tmp_path / "out"), "--device", "cpu")
+    assert code == 2 and "1 of 3 images cannot be read, nothing was written" in err
+    assert str(images[1]) in err and not (tmp_path / "out").exists()
+
+
+def test_detect_undecodable_image_is_left_out_and_the_rest_written(images, tmp_path, capsys,
+                                                                   untrained_checkpoint,
+                                                                   tiny_classes):
+    """Before: a.png written, then exit 2 with no detections.json."""
+    ckpt = untrained_checkpoint("resnet18", tiny_classes)
+    out = tmp_path / "out"
+    code, err = detect_err(capsys, *map(str, images), "--checkpoint", str(ckpt), "--out", str(out),
+                       "--device", "cpu", "--score", "0")
+    assert code == 2 and "1 of 3 images could not be decoded" in err and "broken.jpg" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png", "detections.json"]
+    written = {r["image"] for r in json.loads((out / "detections.json").read_text())}
+    assert written == {str(images[0]), str(images[2])}
+
+
+def test_detect_out_naming_a_file_fails_before_the_model_loads(images, tmp_path, capsys,
+                                                               monkeypatch, untrained_checkpoint,
+                                                               tiny_classes):
+    """Before: a raw "[Errno 17] File exists" after the model had loaded."""
+    out = tmp_path / "taken"
+    out.write_text("x")
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(detect_tool, "load_detector", never)
+    code, err = detect_err(capsys, str(images[0]), "--checkpoint",
+                       str(untrained_checkpoint("resnet18", tiny_classes)), "--out", str(out))
+    assert code == 2 and f"--out {out}: {out} exists and is not a folder" in err
+
+
+def test_a_folder_given_as_a_file_is_called_a_folder(tmp_path, capsys, untrained_checkpoint,
+                                                     tiny_classes):
+    ckpt = untrained_checkpoint("resnet18", tiny_classes)
+    code, err = detect_err(capsys, str(tmp_path), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"))
+    assert code == 2 and f"image {tmp_path} is a folder" in err
+    with pytest.raises(ValueError, match=f"config file {tmp_path} is a folder"):
+        load_config(tmp_path)

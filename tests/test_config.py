@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ssd_da.cli import eval_voc as eval_tool
+from ssd_da.cli import train as train_tool
 from ssd_da.config import Config, load_config
 from ssd_da.data.voc import VOCDetection, resolve_split
 from ssd_da.engine.data import class_names_from_config
@@ -133,3 +135,22 @@ def test_relative_data_root_error_names_the_current_directory(tmp_path: Path,
     with pytest.raises(FileNotFoundError, match=r"datasets/bccd/VOCdevkit not found under the current "
                                                 r"directory .*run it from the repository root"):
         resolve_split("datasets/bccd/VOCdevkit", "voc07_test")
+
+
+def test_empty_classes_is_an_error_not_the_voc_classes(tmp_path, capsys):
+    """Before: --classes "" (an unset shell variable) meant the 20 VOC classes."""
+    with pytest.raises(ValueError, match="'classes' is empty"):
+        load_config(None, ["classes="])
+    code = train_tool.main(["--classes", "", "--output-dir", str(tmp_path / "r")])
+    assert code == 2 and "'classes' is empty (an unset shell variable?)" in capsys.readouterr().err
+    args = eval_tool.get_args_parser().parse_args(["--detections", "d.json", "--classes", " , "])
+    assert eval_tool.run(args) == 2
+    assert "--classes ' , ' names nothing" in capsys.readouterr().err
+    assert load_config(None, ["classes=voc"]).classes is None  # the explicit word still works
+
+
+def test_a_key_given_twice_in_a_config_names_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 0.01\niters: 100\nlr: 0.001\n")
+    with pytest.raises(ValueError, match=r"key 'lr' is given twice \(lines 1 and 3\)"):
+        load_config(path)

@@ -134,3 +134,21 @@ def test_training_on_either_format_gives_identical_losses(tmp_path: Path) -> Non
     assert runs["voc"][1] == runs["coco"][1]
     # pycocotools' metrics at the final evaluation for both (VOC data: its training view)
     assert "coco" in runs["coco"][2] and "coco" in runs["voc"][2]
+
+
+def test_reverse_with_two_images_of_one_base_name_writes_nothing(tmp_path, capsys):
+    """Before: the first image was copied into the VOC tree, then the error came."""
+    root = tmp_path / "coco"
+    (root / "val").mkdir(parents=True)
+    for name in ("a.jpg", "a.png"):
+        Image.new("RGB", (40, 30)).save(root / "val" / name)
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+                   {"id": 2, "file_name": "a.png", "width": 40, "height": 30}],
+        "annotations": [], "categories": [{"id": 1, "name": "dog"}]}))
+    voc = tmp_path / "voc"
+    code = voc_to_coco.main(
+        ["--reverse", "--coco-root", str(root), "--voc-root", str(voc), "--splits", "val"])
+    assert code == 2 and "would share the VOC image id a" in capsys.readouterr().err
+    assert not voc.exists()

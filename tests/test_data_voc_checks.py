@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from voc_tree import add_sample, write_set, xml_text
 
-from ssd_da.data.voc import VOCDetection, parse_annotation
+from ssd_da.data.voc import VOCDetection, parse_annotation, resolve_split
 
 CLASSES = ["dog", "cat"]
 
@@ -125,3 +125,28 @@ def test_exif_rotated_images_are_counted_once_and_read_as_stored(tmp_path, caplo
     assert "against the stored pixels" in line
     assert tuple(image.shape) == (3, 48, 64)  # the stored 64x48 grid, not the upright 48x64
     assert target["boxes"].tolist() == [[4.0, 5.0, 29.0, 39.0]]
+
+
+def test_an_image_id_with_a_space_names_the_split_file_line(tmp_path):
+    devkit = tmp_path / "VOCdevkit"
+    add_sample(devkit, "a", [("dog", (1, 1, 9, 9))])
+    write_set(devkit, "trainval", ["a", "img 2"])
+    with pytest.raises(ValueError) as info:
+        resolve_split(devkit, "voc07_trainval")
+    assert "trainval.txt:2: 'img 2' is not one image id: ids cannot contain spaces" in str(info.value)
+    write_set(devkit, "dog_trainval", ["a  1"])  # a class set file's -1/0/1 column is fine
+    (devkit / "VOC2007/ImageSets/Main/dog_trainval.txt").rename(
+        devkit / "VOC2007/ImageSets/Main/val.txt")
+    assert resolve_split(devkit, "voc07_val") == [(devkit / "VOC2007", "a")]
+
+
+def test_box_warnings_name_file_object_number_and_class(tmp_path, caplog):
+    """Before: "box 1 (label 2)" (0-based, a label number) beside "object #1 (dog)"."""
+    path = tmp_path / "a.xml"
+    path.write_text(xml_text([("dog", (5, 5, 5, 9)), ("bird", (1, 1, 9, 9)),
+                              ("cat", (70, 50, 90, 60))], 64, 48))
+    with caplog.at_level(logging.WARNING):
+        parse_annotation(path, ["dog", "cat"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0].startswith(f"{path}: object #1 (dog) has a zero-area or inverted box")
+    assert messages[1] == f"{path}: object #3 (cat) lies outside the 64x48 image; left out of training"

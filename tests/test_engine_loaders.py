@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_da.config import load_config
+from ssd_da.config import Config, load_config
 from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.data.transforms import build_train_transform
 from ssd_da.data.voc import VOCDetection
@@ -58,3 +58,17 @@ def test_loader_rate_is_logged_without_touching_the_training_stream(
     assert torch.equal(torch.random.get_rng_state(), state)
     [line] = [r.getMessage() for r in caplog.records if "data loader alone" in r.getMessage()]
     assert "(0 workers, batch 2)" in line and float(line.split(": ")[1].split(" images/s")[0]) > 0
+
+
+def test_the_same_split_for_training_and_testing_warns(tiny_devkit, tiny_classes, caplog):
+    cfg = Config(data_root=str(tiny_devkit), classes=list(tiny_classes),
+                 train_split="voc07_test", test_split="voc07_test")
+    with caplog.at_level(logging.WARNING):
+        engine_data.build_datasets(cfg)
+    (line,) = [r.getMessage() for r in caplog.records if "also training images" in r.getMessage()]
+    assert line.startswith("!!! 4 of 4 test images (voc07_test) are also training images")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        engine_data.build_datasets(Config(data_root=str(tiny_devkit), classes=list(tiny_classes),
+                              train_split="voc07_trainval", test_split="voc07_test"))
+    assert "also training images" not in caplog.text

@@ -207,3 +207,9 @@ def test_names_and_errors():
         build_resnet("resnet18", channel_affine=True)
     affine = _meta("da_resnet18", num_classes=None, channel_affine=True)
     assert sum(p.numel() for p in affine.layer1[0].attn.parameters()) == 22
+
+
+def test_a_misspelled_backbone_gets_a_suggestion():
+    with pytest.raises(ValueError, match=r"unknown backbone 'da_resnt50' \(did you mean "
+                                         r"'da_resnet50'"):
+        parse_backbone_name("da_resnt50")
