@@ -18,7 +18,7 @@ from voc_tree import add_sample, jpeg_bytes, write_set, xml_text
 
 from ssd_da.config import Config, load_config
 from ssd_da.data.voc import parse_annotation, resolve_split
-from ssd_da.engine.data import build_datasets
+from ssd_da.engine.loaders import build_datasets
 from ssd_da.models.names import parse_backbone_name
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ssd_da.config import load_config, resolve_attention_init, resolve_config
 from ssd_da.data.demo import DEMO_CLASSES
-from ssd_da.engine.trainer import build_model
+from ssd_da.engine.setup import build_model
 from ssd_da.models.attention import IdentityStart
 from ssd_da.models.names import BACKBONE_NAMES, parse_backbone_name
 from ssd_da.models.resnet import backbone_features

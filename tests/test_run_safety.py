@@ -303,7 +303,7 @@ def test_non_finite_loss_before_any_checkpoint_says_so(demo, tmp_path, capsys, c
 
 def test_unreachable_weights_warn_on_rank_0_only(monkeypatch, caplog):
     from ssd_da.engine import distributed as dist_utils
-    from ssd_da.engine.trainer import build_model
+    from ssd_da.engine.setup import build_model
     from ssd_da.models import pretrained
 
     def offline(weights):

@@ -392,7 +392,7 @@ def test_agrees_with_literal_devkit_loop(metric, rule):
 
 
 def test_pr_plots_write_pngs(tmp_path):
-    from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
+    from ssd_da.utils.plots import plot_ap_bars, plot_pr_curves
 
     ann = [_img([BOX, [20, 20, 29, 29]], [1, 2])]
     det = [_img([BOX, [50, 50, 59, 59]], [1, 3], scores=[0.9, 0.5])]

@@ -34,7 +34,7 @@ from ssd_da.engine.checkpoint import load_detector
 from ssd_da.engine.inference import coco_metrics_of, format_coco, predict
 from ssd_da.evaluation.coco import coco_results, load_coco_results
 from ssd_da.evaluation.detection_file import load_detection_file, write_detection_file
-from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
+from ssd_da.utils.plots import plot_ap_bars, plot_pr_curves
 from ssd_da.evaluation.voc import VOCResult, evaluate_voc
 from ssd_da.utils.cli import parse_names, report_error
 from ssd_da.utils.device import resolve_device

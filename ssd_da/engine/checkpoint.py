@@ -40,9 +40,10 @@ from ssd_da.config import saved_value
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.models.ssd import build_ssd
 
-if TYPE_CHECKING:  # type hints only: the trainer imports this module
+from ssd_da.engine.state import TrainState
+
+if TYPE_CHECKING:
     from ssd_da.config import Config
-    from ssd_da.engine.trainer import TrainState
 
 logger = logging.getLogger(__name__)
 # Entries of last.pth that only resuming needs; best.pth leaves them out.
@@ -53,9 +54,6 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used for what was asked (names the file and why)."""
 
 
-# Exit status of the tools when a checkpoint could not be written for lack of space or a file-size
-# limit (sysexits.h's EX_IOERR); the previous checkpoint is intact.
-EXIT_WRITE_FAILED = 74
 _SPACE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                  errno.EFBIG: "file too large"}
 

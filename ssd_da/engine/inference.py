@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ssd_da.data.transforms import preprocess
 from ssd_da.engine import distributed as dist_utils
-from ssd_da.engine.data import build_eval_loader
+from ssd_da.engine.loaders import build_eval_loader
 from ssd_da.evaluation.coco import coco_metrics, coco_metrics_on_gt, coco_results
 from ssd_da.evaluation.voc import VOCResult, evaluate_voc
 from ssd_da.utils.device import autocast_context

@@ -31,16 +31,16 @@ from ssd_da.config import (Config, apply_overrides, resolve_attention_init, save
                            saved_value)
 from ssd_da.data.voc import VOC_CLASSES
 from ssd_da.engine import trainer
-from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, Interrupted, stop_requested,
-                                     wait_forwarding_stop)
+from ssd_da.engine.interrupt import Interrupted, stop_requested, wait_forwarding_stop
 from ssd_da.engine.run_folder import existing_run_files
 from ssd_da.engine.runlog import read_run_log
-from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError
+from ssd_da.engine.step import NonFiniteLossError
 from ssd_da.experiments.power import power_report
 from ssd_da.experiments.report import (RunRecord, format_markdown, plot_map_vs_params, summarize,
                                        table_label, write_results_csv)
 from ssd_da.models.complexity import measure_detector
 from ssd_da.models.names import DEPTHS, backbone_name, parse_backbone_name
+from ssd_da.utils.cli import EXIT_INTERRUPTED, EXIT_NON_FINITE
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
         gpus: CUDA device ids; one ``train_script`` subprocess per id at a time. None: in-process.
         train_fn: in-process training function (default ``ssd_da.engine.trainer.train``).
         train_script: for ``gpus``: a script taking ``--config`` and ``--resume`` and exiting
-            with :data:`~ssd_da.engine.trainer.EXIT_NON_FINITE` on a non-finite loss.
+            with :data:`~ssd_da.utils.cli.EXIT_NON_FINITE` on a non-finite loss.
     """
     if gpus:
         check_gpus(gpus)

@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -237,23 +237,3 @@ def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int,
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=detection_collate, pin_memory=pin_memory,
                       worker_init_fn=ignore_stop_signals)
-
-
-class DataWait:
-    """Seconds the training loop has spent waiting for its next batch, summed: the loader's
-    share of the loop's time (logged as ``data_wait``; near 0 when the network is the limit)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def timed(self, loader: Iterable) -> Iterator:
-        """The loader's batches, timing each wait for one."""
-        batches = iter(loader)
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            self.seconds += time.perf_counter() - start
-            yield batch
