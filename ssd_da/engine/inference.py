@@ -64,8 +64,10 @@ def _to_host(dets: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]
 def evaluate_model(model: torch.nn.Module, dataset: Any, class_names: Sequence[str],
                    device: torch.device, batch_size: int = 32, workers: int = 2,
                    amp: bool = False, metric: str = "voc07", progress: bool = True,
-                   channels_last: bool = False) -> tuple[VOCResult, list[dict[str, np.ndarray]], float]:
-    """Predict on ``dataset`` (sharded over ranks under torchrun) and compute VOC AP.
+                   channels_last: bool = False, iou_rule: str = "python"
+                   ) -> tuple[VOCResult, list[dict[str, np.ndarray]], float]:
+    """Predict on ``dataset`` (sharded over ranks under torchrun) and compute VOC AP: the one
+    evaluation of a model, for training and ``tools/eval_voc.py`` alike.
 
     Returns ``(VOCResult, detections list aligned with the dataset, images/s)`` on every rank.
     """
@@ -81,7 +83,7 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, class_names: Sequence[s
     detections = [merged[i] for i in range(len(dataset))]
     annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
     gts = [a.ground_truth() if not isinstance(a, dict) else a for a in annotations]
-    result = evaluate_voc(detections, gts, class_names, metric=metric)
+    result = evaluate_voc(detections, gts, class_names, metric=metric, iou_rule=iou_rule)
     return result, detections, total_rate
 
 
