@@ -243,7 +243,7 @@ def test_nccl_branch_sets_the_device_first_and_gives_it_to_ddp(
     assert (device, rank, world) == (torch.device("cuda", 1), 1, 2)
     assert gpu.calls[:2] == ["set_device(1)", "init_process_group(nccl)"]
     assert gpu.calls[-1] == "_cuda_resetPeakMemoryStats"
-    state = setup.make_train_state(cfg, build_ssd("resnet18", 3), "none", device)
+    state = setup.build_train_state(cfg, build_ssd("resnet18", 3), "none", device)
     assert isinstance(state.model, _FakeDDP)
     assert state.model.kwargs == {"device_ids": [1], "output_device": 1}
 

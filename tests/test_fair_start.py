@@ -144,7 +144,7 @@ def test_resume_keeps_the_recorded_value(tmp_path):
 
 
 def test_validate_lists_auto():
-    from ssd_da.config import validate_config
+    from ssd_da.config_checks import validate_config
 
     with pytest.raises(ValueError, match="attention_init 'zero' is not one of: default, "
                                          "identity, auto"):

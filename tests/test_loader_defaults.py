@@ -27,7 +27,7 @@ def test_default_workers_are_the_cores_less_one_per_process(monkeypatch: pytest.
 
 
 def test_negative_workers_other_than_minus_one_are_refused() -> None:
-    from ssd_da.config import validate_config
+    from ssd_da.config_checks import validate_config
 
     with pytest.raises(ValueError, match=r"config field .workers. must lie in \[-1, inf\), got -2"):
         validate_config(load_config(None, ["workers=-2"]))

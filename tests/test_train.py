@@ -270,7 +270,7 @@ def test_check_replicas_agree_two_processes(diverge, tmp_path):
 
 
 def test_warmup_longer_than_the_schedule_is_reported(tmp_path, caplog):
-    from ssd_da.config import validate_config
+    from ssd_da.config_checks import validate_config
 
     with caplog.at_level("WARNING", logger="ssd_da.config"):
         validate_config(tiny_cfg(tmp_path, tmp_path, iters=4, warmup_iters=2, lr_steps=[3]))

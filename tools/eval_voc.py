@@ -108,10 +108,10 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
                          f"{args.checkpoint} was trained on these classes: evaluate it on data "
                          f"of them, or pass --ignore-other-classes to leave the others out")
     with torch.inference_mode():
-        result, dets, rate = evaluate_model(model, dataset, trained, device, args.batch_size,
+        result, dets, images_per_s = evaluate_model(model, dataset, trained, device, args.batch_size,
                                             resolve_workers(args.workers), args.amp, args.metric,
                                             iou_rule=args.iou_rule)
-    return dataset, trained, dets, result, rate
+    return dataset, trained, dets, result, images_per_s
 
 
 def load_split(args: argparse.Namespace, class_names: Sequence[str] | None, with_images: bool,
@@ -131,7 +131,7 @@ def load_split(args: argparse.Namespace, class_names: Sequence[str] | None, with
 
 
 def report(result: VOCResult, coco: dict[str, float] | None,
-           dataset: VOCDetection | CocoDetection, rate: float | None) -> None:
+           dataset: VOCDetection | CocoDetection, images_per_s: float | None) -> None:
     print(result.table())
     if coco is not None and hasattr(dataset, "coco"):
         print(f"COCO (pycocotools on {dataset.split}'s JSON): {format_coco(coco)}")
@@ -145,8 +145,8 @@ def report(result: VOCResult, coco: dict[str, float] | None,
     if left_out:
         line += (f"; {sum(left_out.values())} objects of other classes left out ("
                  + ", ".join(f"{n} {k}" for k, n in sorted(left_out.items())) + ")")
-    if rate is not None:
-        line += f"; inference {rate:.1f} images/s (model and transfer, batch included)"
+    if images_per_s is not None:
+        line += f"; inference {images_per_s:.1f} images/s (model and transfer, batch included)"
     print(line)
 
 
@@ -180,16 +180,16 @@ def main(args: argparse.Namespace) -> int:
     try:
         check_outputs(args)
         class_names = parse_classes(args.classes)
-        rate = None
+        images_per_s = None
         if args.checkpoint:
-            dataset, class_names, detections, result, rate = run_model(args, class_names)
+            dataset, class_names, detections, result, images_per_s = run_model(args, class_names)
         else:
             dataset, class_names, detections = read_detections(args, class_names)
             gts = [dataset.get_annotation(i).ground_truth() for i in range(len(dataset))]
             result = evaluate_voc(detections, gts, class_names, metric=args.metric,
                                   iou_rule=args.iou_rule)
         coco = coco_figures(args, dataset, detections)
-        report(result, coco, dataset, rate)
+        report(result, coco, dataset, images_per_s)
         image_ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
         write_outputs(args, result, detections, image_ids, class_names, dataset, coco)
     except (ValueError, OSError) as exc:  # EvalInputError, CheckpointError, DetectionFileError

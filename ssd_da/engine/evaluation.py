@@ -52,13 +52,13 @@ def compute_metrics(model: torch.nn.Module, test_set: Any, class_names: list[str
             torch.distributed.broadcast(buffer, 0)
     # The machine's cores are shared by every process of the run, as in training.
     workers = resolve_workers(cfg.workers, dist_utils.get_world_size())
-    result, detections, rate = evaluate_model(model, test_set, class_names, device,
+    result, detections, images_per_s = evaluate_model(model, test_set, class_names, device,
                                               cfg.eval_batch_size, workers,
                                               cfg.amp, cfg.metric, progress=dist_utils.is_main_process(),
                                               channels_last=cfg.channels_last)
     model.train()
     coco = coco_metrics_of(test_set, detections) if final and dist_utils.is_main_process() else None
-    return Metrics(result, detections, rate, coco)
+    return Metrics(result, detections, images_per_s, coco)
 
 
 def keep_best(state: TrainState, metrics: Metrics, class_names: list[str], cfg: Config,
@@ -67,7 +67,7 @@ def keep_best(state: TrainState, metrics: Metrics, class_names: list[str], cfg: 
     (main process): best.pth is therefore selected on the test split, and last.pth is the one
     to report."""
     result, coco = metrics.result, metrics.coco
-    state.evaluated_at, state.last_map = state.iteration, float(result.map)
+    state.evaluated_at, state.final_map = state.iteration, float(result.map)
     log.write({"iter": state.iteration, "map": result.map, "ap": result.ap,
                "eval_images_per_s": metrics.images_per_s, **({"coco": coco} if coco else {})})
     if not dist_utils.is_main_process():

@@ -243,21 +243,21 @@ def measure_loader_rate(dataset: VOCDetection, batch_size: int, workers: int, se
         images += images_batch.shape[0]
         if time.perf_counter() - start > seconds:
             break
-    rate = images / max(time.perf_counter() - start, 1e-9)
+    images_per_s = images / max(time.perf_counter() - start, 1e-9)
     del iterator
-    return rate
+    return images_per_s
 
 
 def log_loader_rate(dataset: VOCDetection, cfg: Config) -> None:
     """One line at the start of training: what the loader alone delivers, to compare with the
     training rate (is the CPU or the GPU the bottleneck?)."""
     workers = resolve_workers(cfg.workers, dist_utils.get_world_size())
-    rate = measure_loader_rate(dataset, cfg.batch_size, workers)
+    images_per_s = measure_loader_rate(dataset, cfg.batch_size, workers)
     logger.info("data loader alone: %.0f images/s (%d workers, batch %d); training slower than that "
-                "is limited by the network, near it by the loader", rate, workers, cfg.batch_size)
+                "is limited by the network, near it by the loader", images_per_s, workers, cfg.batch_size)
 
 
-def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, workers: int,
+def make_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, workers: int,
                       pin_memory: bool) -> DataLoader:
     subset = torch.utils.data.Subset(dataset, list(indices))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,

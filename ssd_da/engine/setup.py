@@ -60,7 +60,7 @@ def setup_run(cfg: Config, out_dir: Path, class_names: list[str], resume: str | 
     device, rank, world = process
     train_set, test_set = build_datasets(cfg)
     model, backbone_init = build_model(cfg, len(class_names) + 1, device)
-    state = make_train_state(cfg, model, backbone_init, device)
+    state = build_train_state(cfg, model, backbone_init, device)
     if resumed is not None:
         restore_training_state(state, resumed, resume)
     open_output(out_dir, cfg, resume, overwrite)  # every check passed: now write
@@ -131,7 +131,7 @@ def build_model(cfg: Config, num_classes: int, device: torch.device
     return model, init
 
 
-def make_train_state(cfg: Config, model: torch.nn.Module, backbone_init: str,
+def build_train_state(cfg: Config, model: torch.nn.Module, backbone_init: str,
                      device: torch.device) -> TrainState:
     """Fused SGD, the warmup/step schedule of :func:`lr_factor` and a GradScaler used only for
     its on-device non-finite check (see :mod:`ssd_da.engine.step`); the model DDP-wrapped under

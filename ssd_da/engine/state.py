@@ -31,8 +31,8 @@ class TrainState:
     # counted).
     timing: dict[str, float] = field(default_factory=lambda: {"train_s": 0.0, "images": 0,
                                                               "wall_s": 0.0})
-    evaluated_at: int = -1  # iteration of the latest evaluation, and its mAP
-    last_map: float = math.nan
+    evaluated_at: int = -1  # iteration of the latest evaluation, and its mAP (the final one at
+    final_map: float = math.nan  # the end: summary.json's final_map)
     last_saved: tuple[Path, int] | None = None  # the newest last.pth on disk, its iteration
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ssd_da.config import Config, resolve_attention_init, validate_config
+from ssd_da.config import Config, resolve_attention_init
+from ssd_da.config_checks import validate_config
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.engine.checkpoint import check_resumable, save_checkpoint, training_checkpoint
 from ssd_da.engine.evaluation import evaluate, evaluation_due
@@ -26,8 +27,8 @@ from ssd_da.engine.interrupt import Interrupted, agreed_stop, stop_on_signals
 from ssd_da.engine.loaders import build_train_loader, class_names_from_config, log_loader_rate
 from ssd_da.engine.run_folder import check_run_folder
 from ssd_da.engine.runlog import read_run_log
-from ssd_da.engine.setup import (  # noqa: F401 (build_model, make_train_state: public here too)
-    Run, build_model, make_train_state, prepare_process, setup_run,
+from ssd_da.engine.setup import (  # noqa: F401 (build_model, build_train_state: public here too)
+    Run, build_model, build_train_state, prepare_process, setup_run,
 )
 from ssd_da.engine.state import RunClock, TrainState
 from ssd_da.engine.step import (  # noqa: F401 (NonFiniteLossError: public here too)
@@ -125,7 +126,7 @@ def log_progress(run: Run, clock: RunClock, losses: dict[str, torch.Tensor], lr:
     images_per_s, data_wait = clock.since_last_log()
     values = {**read_losses(losses), "lr": lr, "data_wait": data_wait}
     run.log.write({"iter": run.state.iteration, "images_per_s": images_per_s, **values})
-    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
+    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", images_per_s=f"{images_per_s:.1f}")
 
 
 def save_last(run: Run) -> None:
@@ -190,7 +191,7 @@ def finish_run(state: TrainState, cfg: Config, out_dir: Path, device: torch.devi
     digests = dist_utils.check_replicas_agree(dist_utils.unwrap(state.model))
     timing = state.timing
     summary = {
-        "backbone": cfg.backbone, "iterations": state.iteration, "final_map": state.last_map,
+        "backbone": cfg.backbone, "iterations": state.iteration, "final_map": state.final_map,
         "best_map": state.best_map, "metric": cfg.metric, "wall_time_s": wall_time_s,
         "train_images_per_s": timing["images"] / max(timing["train_s"], 1e-9),
         "backbone_init": state.backbone_init, "world_size": dist_utils.get_world_size(),
