@@ -46,7 +46,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ssd_da.evaluation.voc_inputs import as_labels, check_boxes, concat
+from ssd_da.evaluation.voc_inputs import as_boxes, as_labels, check_boxes, concat
 
 logger = logging.getLogger(__name__)
 
@@ -253,8 +253,8 @@ def evaluate_class(det_image_ids: np.ndarray, det_boxes: np.ndarray, det_scores:
         ClassResult; ties in score keep input order (stable sort, see the module docstring).
     """
     _check_metric_threshold(metric, iou_threshold, iou_rule)
-    det_boxes = _as_boxes(det_boxes, "det_boxes")
-    gt_boxes = _as_boxes(gt_boxes, "gt_boxes")
+    det_boxes = as_boxes(det_boxes, "det_boxes")
+    gt_boxes = as_boxes(gt_boxes, "gt_boxes")
     det_img = np.asarray(det_image_ids, dtype=np.int64).reshape(-1)
     gt_img = np.asarray(gt_image_ids, dtype=np.int64).reshape(-1)
     scores = np.asarray(det_scores, dtype=np.float64).reshape(-1)

@@ -7,10 +7,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["as_labels", "check_boxes", "concat"]
+__all__ = ["as_boxes", "as_labels", "check_boxes", "concat"]
 
 
-def _as_boxes(value: object, what: str) -> np.ndarray:
+def as_boxes(value: object, what: str) -> np.ndarray:
     boxes = np.asarray(value, dtype=np.float64)
     if boxes.size == 0:
         return boxes.reshape(0, 4)
@@ -67,7 +67,7 @@ def concat(items: Sequence[Mapping], keys: Sequence[str], what: str
             raise ValueError(f"{what}[{i}] must be a dict, got {type(item).__name__}")
         if "boxes" not in item:
             raise _missing(item, "boxes", i, what)
-        boxes = _as_boxes(item["boxes"], f"{what}[{i}]['boxes']")
+        boxes = as_boxes(item["boxes"], f"{what}[{i}]['boxes']")
         sizes[i] = n = len(boxes)
         parts["boxes"].append(boxes)
         for key in keys:
