@@ -1,12 +1,10 @@
-"""What several test modules share: the repository root, the tools on the import path, a small
-synthetic VOC tree and untrained detector checkpoints.
+"""What several test modules share: the repository root, a small synthetic VOC tree and untrained detector checkpoints.
 
 Tests that train a detector (more than a step or two of a full SSD300) are marked
 ``@pytest.mark.slow``; ``python -m pytest -q -m "not slow"`` is the inner loop, CI runs all.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -18,8 +16,6 @@ from ssd_da.engine.checkpoint import save_checkpoint
 from ssd_da.models.ssd import build_ssd
 
 ROOT = Path(__file__).resolve().parents[1]
-# The tools are scripts, not a package: the tests import them by name (import train as ...).
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +53,25 @@ def untrained_checkpoint(tmp_path_factory: pytest.TempPathFactory
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def fake_trainer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], str]:
+    """``install(source)`` -> module name: a stand-in for the training tool that the ablation
+    runner's children run (``python -m <TRAIN_MODULE>``, ssd_da/experiments/ablate.py), written
+    to a module on the children's PYTHONPATH, for this test only."""
+    import os
+
+    import ssd_da.experiments.ablate as ablate_module
+
+    folder = tmp_path / "fake_trainer"
+    folder.mkdir()
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+    monkeypatch.setenv("PYTHONPATH", path)
+
+    def install(source: str, name: str = "fake_train") -> str:
+        (folder / f"{name}.py").write_text(source)
+        monkeypatch.setattr(ablate_module, "TRAIN_MODULE", name)
+        return name
+
+    return install

@@ -16,12 +16,12 @@ import pytest
 
 from ssd_da.config import load_config
 from ssd_da.experiments import stats
-from ssd_da.experiments.ablate import (collect_records, plan_runs, run_state, run_suite, suite_backbones,
-                                       write_reports)
+from ssd_da.experiments.ablate import plan_runs, run_state, run_suite, suite_backbones
+from ssd_da.experiments.results import collect_records, write_reports
 from ssd_da.experiments.report import (RunRecord, format_markdown, read_results_csv, summarize,
                                        table_label, write_results_csv)
 
-import ablate as ablate_tool
+from ssd_da.cli import ablate as ablate_tool
 
 
 # ---------------------------------------------------------------- statistics, by hand
@@ -133,7 +133,7 @@ def _cli(devkit: Path, out: Path, *extra: str) -> int:
             "--train-split", "voc07_trainval", "--test-split", "voc07_test", "--iters", "2",
             "--batch-size", "2", "--workers", "0", "--backbones", "resnet18,da_resnet18",
             "--seeds", "2", "--output-dir", str(out), *extra, "pretrained=none", "eval_every=0"]
-    return ablate_tool.main(ablate_tool.get_args_parser().parse_args(argv))
+    return ablate_tool.main(argv)
 
 
 @pytest.mark.slow
@@ -259,7 +259,7 @@ def test_cli_rejects_options_the_runner_owns(tmp_path, capsys):
              ([*base, "backbone=resnet50"], "set by the runner")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:
-            ablate_tool.main(ablate_tool.get_args_parser().parse_args(argv))
+            ablate_tool.main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -320,17 +320,16 @@ FAKE_TRAIN = textwrap.dedent("""
 """)
 
 
-def test_gpu_queue_runs_train_script_per_run(tmp_path, monkeypatch):
+def test_gpu_queue_runs_the_training_module_per_run(tmp_path, monkeypatch, fake_trainer):
     import ssd_da.experiments.ablate as ablate_module
 
     monkeypatch.setattr(ablate_module, "visible_gpus", lambda: ["0", "1"])  # two GPUs pretended
-    script = tmp_path / "fake_train.py"
-    script.write_text(FAKE_TRAIN)
+    fake_trainer(FAKE_TRAIN)
     cfg = load_config(None, ["iters=7", "classes=[x]", "lr=0.004", "amp=true"])
     specs = plan_runs(cfg, ["resnet18", "da_resnet18"], [0, 1, 2], tmp_path / "runs")
     (specs[5].out_dir).mkdir(parents=True)
     (specs[5].out_dir / "last.pth").write_bytes(b"")  # da_resnet18/seed2 was interrupted
-    outcomes = run_suite(specs, gpus=["0", "1"], train_script=script)
+    outcomes = run_suite(specs, gpus=["0", "1"])
     assert [o.status for o in outcomes] == ["trained"] * 3 + ["diverged", "trained", "trained"]
     logs = {s.name: (s.out_dir / "train.log").read_text() for s in specs}
     assert {re.search(r"gpu (\d)", t).group(1) for t in logs.values()} <= {"0", "1"}
@@ -346,17 +345,18 @@ def test_gpu_queue_runs_train_script_per_run(tmp_path, monkeypatch):
     assert md["ResNet18"][2:4] == ["60.00 ± 10.00", "3"]
     assert md["DA-ResNet18"][2:5] == ["65.00 ± 14.14", "2", "+5.00 [+5.00, +5.00]"]
     assert "da_resnet18/seed1: diverged" in paths["md"].read_text()
-    assert run_suite(specs[:1], gpus=["0"], train_script=script)[0].status == "skipped"
+    assert run_suite(specs[:1], gpus=["0"])[0].status == "skipped"
     other = plan_runs(cfg, ["resnet18"], [0], tmp_path / "other")
-    failed = run_suite(other, gpus=["0"], train_script=tmp_path / "missing.py")[0]
-    assert failed.status == "failed" and "exit status 2" in failed.message
+    monkeypatch.setattr(ablate_module, "TRAIN_MODULE", "no_such_training_module")
+    failed = run_suite(other, gpus=["0"])[0]  # python: "No module named ...", status 1
+    assert failed.status == "failed" and "exit status 1" in failed.message
     with pytest.raises(ValueError, match="cannot be combined with --gpus"):
         run_suite(plan_runs(load_config(None, ["device=cuda:1"]), ["resnet18"], [0], tmp_path), ["0"])
 
 
 def test_describe_reports_the_weights_actually_used():
     from ssd_da.config import load_config
-    from ssd_da.experiments.ablate import describe
+    from ssd_da.experiments.results import describe
 
     cfg = load_config(None, ["pretrained=IMAGENET1K_V1", "iters=10"])
     assert "pretrained 'IMAGENET1K_V1'." in describe(cfg, ["resnet18"], [0], ["IMAGENET1K_V1"])[0]

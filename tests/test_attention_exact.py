@@ -1,13 +1,13 @@
 """The attention modules rewritten for speed (issue 24) compute what they computed before: the
-pre-issue code is kept in tools/attention_legacy.py, and every module here equals it in float64
-(output, input gradient, parameter gradients), in both memory formats, eager and on the path
-used under torch.compile."""
+pre-issue code is kept in ssd_da/bench/legacy_attention.py, and every module here equals it in
+float64 (output, input gradient, parameter gradients), in both memory formats, eager and on the
+path used under torch.compile."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attention_legacy import build_legacy  # tools/, on the path (conftest.py)
+from ssd_da.bench.legacy_attention import build_legacy
 from ssd_da.models.attention import build_attention
 from ssd_da.models.fused_gates import gate, native_convs
 

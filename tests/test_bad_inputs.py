@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import eval_voc
+from ssd_da.cli import eval_voc
 from voc_tree import add_sample, jpeg_bytes, png_bytes, write_set
 
 from ssd_da.config import load_config
@@ -25,7 +25,7 @@ CLASSES = ["dog", "cat"]
 
 
 def eval_cli(*argv: str) -> int:
-    return eval_voc.main(eval_voc.get_args_parser().parse_args(list(argv)))
+    return eval_voc.main(list(argv))
 
 
 def cfg_for(devkit: Path, **kw):

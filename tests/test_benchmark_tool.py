@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssd_da.cli import benchmark
 from ssd_da.data.demo import ensure_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-
-import benchmark  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +23,7 @@ def devkit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _run(argv: list[str], doc: Path) -> str:
     args = benchmark.get_args_parser().parse_args(["--doc", str(doc), *argv])
-    benchmark.main(args)
+    benchmark.run(args)
     return doc.read_text()
 
 
@@ -47,6 +45,22 @@ def test_memory_table_shows_the_saving(tmp_path: Path) -> None:
     before, after = (float(v) for v in rows["da"])
     assert before > 1.9 and after < 1.1  # DA: x and x * s before, x alone now
     assert [float(v) for v in rows["se"]] == pytest.approx([1.0, 1.0], abs=0.01)
+
+
+def test_metric_section_runs_on_one_core(tmp_path: Path) -> None:
+    text = _run(["metric", "--images", "50", "--repeats", "1"], tmp_path / "b.md")
+    section = text.split("<!-- benchmark:metric -->")[1].split("<!-- /benchmark:metric -->")[0]
+    assert "50 images, 20 classes, 5000 detections" in section and "- one core: " in section
+    assert float(section.split("**median ")[1].split(" s**")[0]) > 0
+
+
+@pytest.mark.slow
+def test_model_table_has_train_and_inference_rows(tmp_path: Path) -> None:
+    text = _run(["model", "--backbones", "resnet18", "--batch-size", "2", "--eval-batch-size", "2",
+                 "--steps", "1", "--warmup", "0", "--device", "cpu"], tmp_path / "b.md")
+    rows = _rows(_section(text, "model"), "resnet18")
+    assert [r[1] for r in rows] == ["train", "inference"]
+    assert all(float(r[3]) > 0 and r[5] == "n/a" for r in rows)
 
 
 def _section(text: str, name: str) -> str:
@@ -88,13 +102,13 @@ def test_eval_table_times_a_whole_evaluation(devkit: Path, tmp_path: Path) -> No
 
 
 def test_overheads_are_worked_out_from_the_rows() -> None:
-    import bench_suite
-    import bench_train as bt
+    from ssd_da.bench import throughput as bt
+    from ssd_da.bench.train_eval import overheads
 
     def row(subject: str, backbone: str, rate: float) -> bt.Row:
         return bt.Row(subject, backbone, "network only", "bf16, channels_last", bt.Result(rate, 1.0, None))
 
-    lines = bench_suite.overheads([row("ours", "resnet50", 1000.0), row("ours", "da_resnet50", 800.0),
+    lines = overheads([row("ours", "resnet50", 1000.0), row("ours", "da_resnet50", 800.0),
                                    row("tv-ssd-our-trunk", "da_resnet50", 200.0), row("ours", "se_resnet18", 5.0)])
     assert lines[0].startswith("- da_resnet50 over resnet50 (network only, bf16, channels_last): +25.0%")
     assert "ours / torchvision's SSD class on the da_resnet50 trunk" in lines[1] and ": 4.00x" in lines[1]
@@ -103,18 +117,18 @@ def test_overheads_are_worked_out_from_the_rows() -> None:
 
 def test_gpu_suite_fails_fast_naming_what_is_missing(monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture) -> None:
-    import bench_suite
+    from ssd_da.bench import suite as bench_suite
 
     monkeypatch.setattr(bench_suite, "SUITE_PACKAGES", (("numpy", "numpy"), ("no_such_module_x", "no-such-pkg")))
     with pytest.raises(SystemExit) as exc:
-        benchmark.main(benchmark.get_args_parser().parse_args(["--no-write", "gpu-suite"]))
+        benchmark.main(["--no-write", "gpu-suite"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "benchmark.py: error: gpu-suite needs no-such-pkg" in err and "numpy" not in err.split("needs")[1]
     monkeypatch.setattr(bench_suite, "SUITE_PACKAGES", (("numpy", "numpy"),))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exc:
-        benchmark.main(benchmark.get_args_parser().parse_args(["--no-write", "gpu-suite"]))
+        benchmark.main(["--no-write", "gpu-suite"])
     assert exc.value.code == 2
     assert "gpu-suite measures a CUDA GPU and none is visible here" in capsys.readouterr().err
 
@@ -131,7 +145,7 @@ def test_gpu_suite_records_a_failing_part_and_writes_each_part_as_it_ends(
     raises is a FAILED row with its error and the parts after it still run; the section is
     written after every part, so a later crash keeps the earlier rows; a part whose share no
     longer fits is skipped by name; the exit status says the suite is incomplete."""
-    import bench_suite
+    from ssd_da.bench import suite as bench_suite
 
     tiny = dict(backbones="resnet18", tv="tv-ssd-our-trunk", tv_backbone="resnet18", modes="network")
     monkeypatch.setattr(bench_suite, "SUITE_PARTS", (
@@ -146,7 +160,7 @@ def test_gpu_suite_records_a_failing_part_and_writes_each_part_as_it_ends(
     monkeypatch.setattr(benchmark, "write_section", lambda doc, name, body: written.append(body) or
                         real_write(doc, name, body))
     args = benchmark.get_args_parser().parse_args(_tiny_suite_args(devkit, tmp_path / "b.md"))
-    assert benchmark.main(args) == 1
+    assert benchmark.run(args) == 1
     section = _section((tmp_path / "b.md").read_text(), "gpu-suite")
     units = [r[:3] for r in _rows(section, "network") + _rows(section, "evaluation") + _rows(section, "other")]
     assert units == [["network", "ours, resnet18", "PASS"], ["network", "tv-ssd-our-trunk", "PASS"],
@@ -162,7 +176,7 @@ def test_gpu_suite_records_a_failing_part_and_writes_each_part_as_it_ends(
 def test_a_part_stops_between_units_when_its_time_is_up(capsys: pytest.CaptureFixture) -> None:
     import time
 
-    import bench_smoke
+    from ssd_da.bench import smoke as bench_smoke
 
     def slow() -> tuple[str, str]:
         time.sleep(0.2)
@@ -182,7 +196,7 @@ def test_a_part_stops_between_units_when_its_time_is_up(capsys: pytest.CaptureFi
 
 
 def test_suite_parts_take_the_command_line_options_they_are_not_about(devkit: Path) -> None:
-    import bench_suite
+    from ssd_da.bench import suite as bench_suite
 
     def part_values(*flags: str) -> dict[str, tuple]:
         args = benchmark.get_args_parser().parse_args(["gpu-suite", *flags])
@@ -198,7 +212,7 @@ def test_suite_parts_take_the_command_line_options_they_are_not_about(devkit: Pa
 
 
 def test_host_syncs_are_counted_on_the_cpu_as_on_cuda() -> None:
-    import bench_smoke
+    from ssd_da.bench import smoke as bench_smoke
 
     host = torch.ones(3)  # a loader's CPU target: reading it is no sync
     with bench_smoke.counting_syncs(torch.device("cpu"), [host]) as syncs:
@@ -230,7 +244,7 @@ def test_gpu_suite_dry_run_runs_every_part_on_the_cpu_and_writes_nothing() -> No
     exit status 0, and docs/ untouched."""
     import subprocess
 
-    import bench_suite
+    from ssd_da.bench import suite as bench_suite
 
     docs = {p: p.read_bytes() for p in sorted((ROOT / "docs").iterdir()) if p.is_file()}
     proc = subprocess.run([sys.executable, "tools/benchmark.py", "gpu-suite", "--dry-run"], cwd=ROOT,
@@ -249,7 +263,7 @@ TINY_STAGES = {"layer1": (64, 9), "layer4": (128, 3)}  # the table's plumbing, n
 
 
 def test_modules_stages_table_has_before_after_and_floors(tmp_path: Path, monkeypatch) -> None:
-    import bench_floors
+    from ssd_da.bench import floors as bench_floors
 
     monkeypatch.setattr(bench_floors, "STAGES", TINY_STAGES)
     text = _run(["modules", "--stages", "--stage-names", "layer1,layer4", "--before", "--repeats", "2",
@@ -267,7 +281,7 @@ def test_modules_stages_table_has_before_after_and_floors(tmp_path: Path, monkey
 
 @pytest.mark.slow
 def test_modules_stages_steps_compare_before_and_after_networks(tmp_path: Path, monkeypatch) -> None:
-    import bench_floors
+    from ssd_da.bench import floors as bench_floors
 
     monkeypatch.setattr(bench_floors, "STAGES", TINY_STAGES)
     text = _run(["modules", "--stages", "--stage-names", "layer4", "--modules", "none,da", "--repeats", "1",
@@ -284,8 +298,8 @@ def test_gpu_suite_part_of_the_module_table_runs(monkeypatch) -> None:
     # On the CPU here, float32, tiny stages, aot_eager for torch.compile: the part's plumbing.
     import argparse
 
-    import bench_floors
-    import bench_suite
+    from ssd_da.bench import floors as bench_floors
+    from ssd_da.bench import suite as bench_suite
 
     monkeypatch.setattr(bench_floors, "STAGES", TINY_STAGES)
     args = argparse.Namespace(batch_size=2, amp=False, dry_run=False, compile_backend="aot_eager")

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-import detect as detect_tool
-import eval_voc as eval_tool
-import gradcam as gradcam_tool
-import train as train_tool
+from ssd_da.cli import detect as detect_tool
+from ssd_da.cli import eval_voc as eval_tool
+from ssd_da.cli import gradcam as gradcam_tool
+from ssd_da.cli import train as train_tool
 from ssd_da.engine.checkpoint import (CheckpointError, load_checkpoint, rng_states,
                                       save_checkpoint, set_rng_states)
 
@@ -64,7 +64,7 @@ def test_eval_voc_refuses_a_payload(hostile, tiny_devkit, capsys):
     args = eval_tool.get_args_parser().parse_args(
         ["--checkpoint", str(path), "--data-root", str(tiny_devkit), "--device", "cpu",
          "--workers", "0", "--no-coco"])
-    assert eval_tool.main(args) == 2
+    assert eval_tool.run(args) == 2
     assert refused(capsys.readouterr().err, path) and not marker.exists()
 
 
@@ -73,7 +73,7 @@ def test_detect_refuses_a_payload(hostile, tiny_devkit, tmp_path, capsys):
     image = next((tiny_devkit / "VOC2007" / "JPEGImages").iterdir())
     args = detect_tool.get_args_parser().parse_args(
         [str(image), "--checkpoint", str(path), "--out", str(tmp_path / "dets"), "--device", "cpu"])
-    assert detect_tool.main(args) == 2
+    assert detect_tool.run(args) == 2
     assert refused(capsys.readouterr().err, path) and not marker.exists()
     assert not (tmp_path / "dets").exists()
 
@@ -83,14 +83,14 @@ def test_gradcam_refuses_a_payload(hostile, tiny_devkit, tmp_path, capsys):
     image = next((tiny_devkit / "VOC2007" / "JPEGImages").iterdir())
     args = gradcam_tool.get_args_parser().parse_args(
         [str(image), "--checkpoint", str(path), "--out", str(tmp_path / "g.png"), "--device", "cpu"])
-    assert gradcam_tool.main(args) == 2
+    assert gradcam_tool.run(args) == 2
     assert refused(capsys.readouterr().err, path) and not marker.exists()
 
 
 def test_train_resume_refuses_a_payload(hostile, capsys):
     path, marker = hostile
     before = sorted(p.name for p in path.parent.iterdir())
-    assert train_tool.main(train_tool.parse_args(["--resume", str(path), "--device", "cpu"])) == 2
+    assert train_tool.main(["--resume", str(path), "--device", "cpu"]) == 2
     assert refused(capsys.readouterr().err, path) and not marker.exists()
     assert sorted(p.name for p in path.parent.iterdir()) == before  # nothing written
 

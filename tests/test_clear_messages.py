@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import detect as detect_tool
-import eval_voc as eval_tool
-import gradcam as gradcam_tool
-import train as train_tool
-import voc_to_coco
+from ssd_da.cli import detect as detect_tool
+from ssd_da.cli import eval_voc as eval_tool
+from ssd_da.cli import gradcam as gradcam_tool
+from ssd_da.cli import train as train_tool
+from ssd_da.cli import voc_to_coco
 from voc_tree import add_sample, jpeg_bytes, write_set, xml_text
 
 from ssd_da.config import Config, load_config
@@ -23,7 +23,7 @@ from ssd_da.models.names import parse_backbone_name
 
 
 def detect(capsys, *argv: str) -> tuple[int, str]:
-    code = detect_tool.main(detect_tool.get_args_parser().parse_args(list(argv)))
+    code = detect_tool.main(list(argv))
     return code, capsys.readouterr().err
 
 
@@ -83,11 +83,11 @@ def test_empty_classes_is_an_error_not_the_voc_classes(tmp_path, capsys):
     """Before: --classes "" (an unset shell variable) meant the 20 VOC classes."""
     with pytest.raises(ValueError, match="'classes' is empty"):
         load_config(None, ["classes="])
-    code = train_tool.main(train_tool.parse_args(["--classes", "", "--output-dir",
-                                                  str(tmp_path / "r")]))
+    code = train_tool.main(["--classes", "", "--output-dir",
+                                                  str(tmp_path / "r")])
     assert code == 2 and "'classes' is empty (an unset shell variable?)" in capsys.readouterr().err
     args = eval_tool.get_args_parser().parse_args(["--detections", "d.json", "--classes", " , "])
-    assert eval_tool.main(args) == 2
+    assert eval_tool.run(args) == 2
     assert "--classes ' , ' names nothing" in capsys.readouterr().err
     assert load_config(None, ["classes=voc"]).classes is None  # the explicit word still works
 
@@ -166,11 +166,11 @@ def test_gradcam_out_without_extension_names_the_file_written(images, tmp_path, 
     ckpt = untrained_checkpoint("resnet18", tiny_classes)
     parse = gradcam_tool.get_args_parser().parse_args
     with caplog.at_level(logging.INFO):
-        code = gradcam_tool.main(parse([str(images[0]), "--checkpoint", str(ckpt), "--out",
+        code = gradcam_tool.run(parse([str(images[0]), "--checkpoint", str(ckpt), "--out",
                                         str(tmp_path / "name"), "--device", "cpu"]))
     assert code == 0 and (tmp_path / "name.png").is_file()
     assert f"wrote {tmp_path / 'name.png'} " in caplog.text
-    assert gradcam_tool.main(parse([str(images[0]), "--checkpoint", str(ckpt), "--out",
+    assert gradcam_tool.run(parse([str(images[0]), "--checkpoint", str(ckpt), "--out",
                                     str(tmp_path / "g.xyz")])) == 2
 
 
@@ -187,7 +187,7 @@ def test_reverse_with_two_images_of_one_base_name_writes_nothing(tmp_path, capsy
                    {"id": 2, "file_name": "a.png", "width": 40, "height": 30}],
         "annotations": [], "categories": [{"id": 1, "name": "dog"}]}))
     voc = tmp_path / "voc"
-    code = voc_to_coco.main(voc_to_coco.get_args_parser().parse_args(
-        ["--reverse", "--coco-root", str(root), "--voc-root", str(voc), "--splits", "val"]))
+    code = voc_to_coco.main(
+        ["--reverse", "--coco-root", str(root), "--voc-root", str(voc), "--splits", "val"])
     assert code == 2 and "would share the VOC image id a" in capsys.readouterr().err
     assert not voc.exists()

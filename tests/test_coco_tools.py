@@ -18,13 +18,13 @@ from ssd_da.models.ssd import build_ssd
 from test_coco_data import write_coco
 
 ROOT = Path(__file__).resolve().parents[1]
-import ablate as ablate_tool  # noqa: E402  (tools/ is on the path: tests/conftest.py)
-import eval_voc  # noqa: E402
-import voc_to_coco  # noqa: E402
+from ssd_da.cli import ablate as ablate_tool
+from ssd_da.cli import eval_voc
+from ssd_da.cli import voc_to_coco
 
 
 def run(args: list[str]) -> int:
-    return eval_voc.main(eval_voc.get_args_parser().parse_args(args))
+    return eval_voc.main(args)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def demo_both(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cocodemo")
     ensure_demo_dataset(root, num_train=6, num_test=8, seed=4)
     voc, coco = root / "VOCdevkit", root / "coco"
-    assert voc_to_coco.main(voc_to_coco.get_args_parser().parse_args(
+    assert voc_to_coco.main(
         ["--voc-root", str(voc), "--coco-root", str(coco), "--splits", "voc07_trainval,voc07_test",
-         "--classes", ",".join(DEMO_CLASSES)])) == 0
+         "--classes", ",".join(DEMO_CLASSES)]) == 0
     return voc, coco
 
 
@@ -122,7 +122,7 @@ def test_ablate_on_coco_format(demo_both, tmp_path: Path) -> None:
             "--test-split", "voc07_test", "--iters", "2", "--batch-size", "2", "--workers", "0",
             "--backbones", "resnet18", "--seeds", "1", "--output-dir", str(out), "pretrained=none",
             "eval_every=0"]
-    assert ablate_tool.main(ablate_tool.get_args_parser().parse_args(argv)) == 0
+    assert ablate_tool.main(argv) == 0
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and {f"ap_{c}" for c in DEMO_CLASSES} <= set(rows[0])  # from the categories

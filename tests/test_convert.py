@@ -4,19 +4,17 @@ the same boxes; the COCO form gives the same samples, and (slow) the same traini
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from ssd_da.cli import voc_to_coco
 from ssd_da.data.coco import CocoDetection
 from ssd_da.data.voc import VOCDetection, parse_annotation
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import voc_to_coco  # noqa: E402
 
 CLASSES = ["dog", "cat", "person"]  # not alphabetical: the label order must survive
 
@@ -50,7 +48,7 @@ def make_voc(root: Path) -> Path:
 
 
 def _run(*argv: str) -> int:
-    return voc_to_coco.main(voc_to_coco.get_args_parser().parse_args(list(argv)))
+    return voc_to_coco.main(list(argv))
 
 
 def test_voc_to_coco_and_back_gives_the_same_boxes(tmp_path: Path) -> None:

@@ -50,16 +50,16 @@ def _train_argv(devkit: Path, out: Path, classes: list[str], device: str) -> lis
 
 
 def _run_train(devkit: Path, out: Path, classes: list[str], ckpt: Path, device: str = "cuda") -> None:
-    import train as train_tool
+    from ssd_da.cli import train as train_tool
 
-    train_tool.main(train_tool.parse_args(_train_argv(devkit, out, classes, device)))
+    train_tool.main(_train_argv(devkit, out, classes, device))
 
 
 def _run_ablate_child(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
     """The command ``tools/ablate.py --gpus 0`` starts for one run, run here in-process."""
-    import ablate as ablate_tool
+    from ssd_da.cli import ablate as ablate_tool
     import ssd_da.experiments.ablate as ablate_module
-    import train as train_tool
+    from ssd_da.cli import train as train_tool
     from ssd_da.config import resolve_config
 
     args = ablate_tool.get_args_parser().parse_intermixed_args(_train_argv(devkit, out, classes, "auto"))
@@ -68,22 +68,22 @@ def _run_ablate_child(devkit: Path, out: Path, classes: list[str], ckpt: Path) -
 
     def child(cmd: list[str], env: dict, **kwargs: Any) -> Any:
         """subprocess.Popen's stand-in: the run happens here; wait() gives its exit status."""
-        assert env["CUDA_VISIBLE_DEVICES"] == "0" and cmd[1] == str(ablate_tool.TRAIN_SCRIPT)
-        code = train_tool.main(train_tool.parse_args(cmd[2:]))
+        assert env["CUDA_VISIBLE_DEVICES"] == "0" and cmd[1:3] == ["-m", "ssd_da.cli.train"]
+        code = train_tool.main(cmd[3:])
         return types.SimpleNamespace(wait=lambda timeout=None: code,
                                      send_signal=lambda signum: None)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ablate_module, "subprocess", types.SimpleNamespace(Popen=child, STDOUT=-2))
-        ablate_module._train_subprocess(spec, None, "0", ablate_tool.TRAIN_SCRIPT)
+        ablate_module._train_subprocess(spec, None, "0")
 
 
 def _run_eval(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
-    import eval_voc
+    from ssd_da.cli import eval_voc
 
-    eval_voc.main(eval_voc.get_args_parser().parse_args([
+    eval_voc.main([
         "--checkpoint", str(ckpt), "--data-root", str(devkit), "--device", "cuda", "--workers", "0",
-        "--no-coco"]))
+        "--no-coco"])
 
 
 def _image(devkit: Path) -> str:
@@ -91,26 +91,26 @@ def _image(devkit: Path) -> str:
 
 
 def _run_detect(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
-    import detect
+    from ssd_da.cli import detect
 
-    detect.main(detect.get_args_parser().parse_args([_image(devkit), "--checkpoint", str(ckpt), "--out",
-                                                      str(out), "--device", "cuda"]))
+    detect.main([_image(devkit), "--checkpoint", str(ckpt), "--out",
+                                                      str(out), "--device", "cuda"])
 
 
 def _run_gradcam(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
-    import gradcam
+    from ssd_da.cli import gradcam
 
-    gradcam.main(gradcam.get_args_parser().parse_args([_image(devkit), "--checkpoint", str(ckpt), "--out",
-                                                       str(out / "cam.png"), "--device", "cuda"]))
+    gradcam.main([_image(devkit), "--checkpoint", str(ckpt), "--out",
+                                                       str(out / "cam.png"), "--device", "cuda"])
 
 
 def _benchmark(*argv: str) -> Callable[..., None]:
     def run(devkit: Path, out: Path, classes: list[str], ckpt: Path) -> None:
-        import benchmark
+        from ssd_da.cli import benchmark
 
-        benchmark.main(benchmark.get_args_parser().parse_args([
+        benchmark.main([
             "--no-write", argv[0], "--device", "cuda", "--data-root", str(devkit), "--workers", "0",
-            *argv[1:]]))
+            *argv[1:]])
     return run
 
 

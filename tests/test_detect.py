@@ -25,7 +25,7 @@ from ssd_da.models.names import display_name
 from ssd_da.utils.plots import save_figure
 from ssd_da.visualize.draw import cam_figure, draw_detections, figure_size_px, overlay_heatmap
 
-import detect as detect_tool
+from ssd_da.cli import detect as detect_tool
 
 CLASSES = ["cat", "dog"]
 
@@ -53,7 +53,7 @@ def test_detect_writes_pictures_and_json(setup, tmp_path):
     args = detect_tool.get_args_parser().parse_args(
         [*map(str, paths), "--checkpoint", str(ckpt), "--out", str(out), "--score", str(score),
          "--device", "cpu"])
-    assert detect_tool.main(args) == 0
+    assert detect_tool.run(args) == 0
     records = json.loads((out / "detections.json").read_text())
     assert 0 < len(records) < len(all_scores)
     for path in map(str, paths):
@@ -81,10 +81,10 @@ def test_detect_errors(setup, tmp_path, capsys):
     other.mkdir()
     clash = other / paths[0].name
     clash.write_bytes(paths[0].read_bytes())
-    assert detect_tool.main(parse([str(paths[0]), str(clash), "--checkpoint", str(ckpt),
+    assert detect_tool.run(parse([str(paths[0]), str(clash), "--checkpoint", str(ckpt),
                                    "--out", str(tmp_path / "o")])) == 2
     assert "a.png" in capsys.readouterr().err
-    assert detect_tool.main(parse([str(paths[0]), "--checkpoint", str(ckpt), "--out", "o",
+    assert detect_tool.run(parse([str(paths[0]), "--checkpoint", str(ckpt), "--out", "o",
                                    "--score", "1.5"])) == 2
     assert "--score" in capsys.readouterr().err
     missing = tmp_path / "missing.jpg"

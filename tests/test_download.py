@@ -8,7 +8,6 @@ import hashlib
 import http.server
 import io
 import re
-import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -18,12 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssd_da.cli import download_voc
 from ssd_da.data import download as dl
 from ssd_da.data.voc import VOCDetection
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import download_voc  # noqa: E402
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -119,7 +117,7 @@ def _serve_archives(server, monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]
 
 
 def _run(*argv: str) -> int:
-    return download_voc.main(download_voc.get_args_parser().parse_args(list(argv)))
+    return download_voc.main(list(argv))
 
 
 def test_download_extract_then_skip(server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

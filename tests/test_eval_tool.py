@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import eval_voc
+from ssd_da.cli import eval_voc
 
 from ssd_da.data.demo import DEMO_CLASSES, ensure_demo_dataset
 from ssd_da.evaluation.detection_file import detections_to_records, load_detection_file
@@ -37,7 +37,7 @@ def gt_records(devkit: Path) -> list[dict]:
 
 
 def run(args: list[str]) -> int:
-    return eval_voc.main(eval_voc.get_args_parser().parse_args(args))
+    return eval_voc.main(args)
 
 
 def common(devkit: Path) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-import train as train_tool
+from ssd_da.cli import train as train_tool
 import yaml
 from torch import nn
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 
-import complexity as complexity_tool
+from ssd_da.cli import complexity as complexity_tool
 import pytest
 import torch
 from torch import nn
@@ -141,7 +141,7 @@ def test_bad_input_size_names_the_argument():
 
 def _run_csv(tool, argv, capsys, complete: bool = False) -> dict[str, tuple[int, ...]]:
     """{backbone: (params, torchstat flops)}; with ``complete``, the FlopCounterMode count too."""
-    tool.main(tool.get_args_parser().parse_args(argv))
+    tool.main(argv)
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert rows[0] == ["backbone", "params", "flops", "flops_complete"]
     return {name: (int(p), int(f), int(c))[:3 if complete else 2] for name, p, f, c in rows[1:]}
@@ -168,7 +168,7 @@ def test_cli_csv_resnet18_and_da_difference_by_hand(capsys):
 
 def test_cli_table_format(capsys):
     tool = complexity_tool
-    tool.main(tool.get_args_parser().parse_args(["--classifier", "resnet18"]))
+    tool.main(["--classifier", "resnet18"])
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
     assert [c.strip() for c in lines[-3].split("|")[1:5]] == [
@@ -196,7 +196,7 @@ def test_cli_end_of_backbone_lga_adds_the_module_alone(capsys):
 def test_cli_unknown_backbone_exits_2_listing_names(capsys):
     tool = complexity_tool
     with pytest.raises(SystemExit) as exc:
-        tool.main(tool.get_args_parser().parse_args(["--classifier", "resnet18", "resnet99"]))
+        tool.main(["--classifier", "resnet18", "resnet99"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "resnet99" in err and "da_resnet50" in err

@@ -28,7 +28,7 @@ from ssd_da.engine.inference import predict_image
 from ssd_da.visualize.cam import (METHODS, AnchorScoreTarget, CamTarget, anchor_map_sizes,
                                   block_paths, default_layer, explain, get_method, resolve_layer)
 
-import gradcam as gradcam_tool
+from ssd_da.cli import gradcam as gradcam_tool
 
 CLASSES = ["square", "disc"]
 # (label, x1, y1, x2, y2) per image, in the 300x300 image's pixels.
@@ -248,7 +248,7 @@ def test_cli_figure_for_two_checkpoints(untrained, other_ckpt, tmp_path, monkeyp
     args = gradcam_tool.get_args_parser().parse_args(
         [*map(str, paths), "--checkpoint", str(ckpt), "--checkpoint", str(other_ckpt),
          "--out", str(out), "--draw-boxes", "--device", "cpu"])
-    assert gradcam_tool.main(args) == 0
+    assert gradcam_tool.run(args) == 0
     # 2 images x (original + 2 checkpoints); a panel is 3.0 x 3.25 in at 100 dpi = 300 x 325 px.
     with Image.open(out) as fig:
         assert fig.size == (3 * 300, 2 * 325)
@@ -270,7 +270,7 @@ def test_cli_figure_for_two_checkpoints(untrained, other_ckpt, tmp_path, monkeyp
 
 def run_cli(capsys, *argv: str) -> str:
     """Run tools/gradcam.py in-process; assert exit code 2 and return stderr."""
-    code = gradcam_tool.main(gradcam_tool.get_args_parser().parse_args(list(argv)))
+    code = gradcam_tool.main(list(argv))
     assert code == 2
     return capsys.readouterr().err
 

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from ssd_da.config import load_config, save_config
-from ssd_da.experiments.ablate import collect_records, plan_runs, suite_backbones
+from ssd_da.experiments.ablate import plan_runs, suite_backbones
+from ssd_da.experiments.results import collect_records
 from ssd_da.experiments.report import (RunRecord, format_markdown, read_results_csv, summarize,
                                        table_label, write_results_csv)
 
-import ablate as ablate_tool
+from ssd_da.cli import ablate as ablate_tool
 
 TABLE4 = ["resnet18", "resnet18_mhsa", "resnet18_se", "resnet18_eca", "resnet18_cbam",
           "resnet18_sa", "resnet18_la", "resnet18_ga", "resnet18_lga"]
@@ -109,12 +110,12 @@ def test_cli_lists_the_lga_suite(capsys):
 
 
 def test_benchmark_modules_section(tmp_path):
-    import benchmark
+    from ssd_da.cli import benchmark
 
     args = benchmark.get_args_parser().parse_args(
         ["--doc", str(tmp_path / "b.md"), "modules", "--modules", "se,mhsa", "--batch-size", "2",
          "--channels", "16", "--size", "4", "--repeats", "2", "--warmup", "1"])
-    benchmark.main(args)
+    benchmark.run(args)
     text = (tmp_path / "b.md").read_text()
     assert "<!-- benchmark:modules -->" in text and "2x16x4x4 input" in text
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]]

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import ablate as ablate_tool
-import train as train_tool
+from ssd_da.cli import ablate as ablate_tool
+from ssd_da.cli import train as train_tool
 from ssd_da.engine.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from ssd_da.engine.folder_lock import FolderLockedError, hold_folder_lock
 
@@ -41,7 +41,7 @@ def argv(devkit: Path, out: Path | None, classes: list[str], *extra: str) -> lis
 def cli(args: list[str], capsys, caplog) -> tuple[int, str]:
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        code = train_tool.main(train_tool.parse_args(args))
+        code = train_tool.main(args)
     out = capsys.readouterr()
     return code, out.out + out.err + caplog.text
 
@@ -53,7 +53,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def finished(tiny_devkit, tiny_classes, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("guard") / "run"
-    assert train_tool.main(train_tool.parse_args(argv(tiny_devkit, out, tiny_classes))) == 0
+    assert train_tool.main(argv(tiny_devkit, out, tiny_classes)) == 0
     return out
 
 
@@ -148,7 +148,7 @@ def test_a_held_suite_folder_refuses_a_second_suite(tmp_path, capsys):
         ["--backbones", "resnet18", "--seed-list", "0", "--output-dir", str(root), "--device",
          "cpu", "pretrained=none"])
     with hold_folder_lock(root):
-        assert ablate_tool.main(args) == 2
+        assert ablate_tool.run(args) == 2
     err = capsys.readouterr().err
     assert f"--output-dir {root} is in use by another run (pid {os.getpid()} on host" in err
 

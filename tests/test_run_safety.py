@@ -2,7 +2,6 @@
 (issue 10, points 1-3, 6, 7, 9-12, 14, 15). Each test failed before the fix it covers."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
@@ -11,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssd_da.cli import train as train_tool
 from ssd_da.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_tool_safety", ROOT / "tools" / "train.py")
-train_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_tool)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +41,9 @@ def base(devkit: Path, out: Path | None, *extra: str) -> list[str]:
 
 def cli(argv: list[str], capsys, caplog) -> tuple[int, str]:
     """Run tools/train.py in-process: (exit status, everything it printed or logged)."""
-    parse = getattr(train_tool, "parse_args", None) or train_tool.get_args_parser().parse_args
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        code = train_tool.main(parse(argv))
+        code = train_tool.main(argv)
     out = capsys.readouterr()
     return code, out.out + out.err + caplog.text
 
@@ -68,7 +64,7 @@ def strict_records(run: Path) -> list[dict]:
 def finished(demo, tmp_path_factory) -> Path:
     """A finished 2-iteration run (shared: tests copy it before changing anything)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    code = train_tool.main(train_tool.get_args_parser().parse_args(base(demo, out)))
+    code = train_tool.main(base(demo, out))
     assert code == 0
     return out
 

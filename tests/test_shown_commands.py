@@ -8,6 +8,7 @@ test; this catches renamed or removed options, choices and configs, which is how
 commands usually break."""
 from __future__ import annotations
 
+import ast
 import importlib
 import logging
 import re
@@ -59,17 +60,18 @@ python -m pytest -q
 
 
 def _tool(script: str):
-    return importlib.import_module(Path(script).stem)  # tools/ is on the path: conftest.py
+    """The module of ``tools/<name>.py``'s tool: ``ssd_da.cli.<name>``."""
+    return importlib.import_module(f"ssd_da.cli.{Path(script).stem}")
 
 
 def shown_commands() -> list[tuple[str, list[str]]]:
-    """(where, argv) of every tool command in README.md, docs/*.md and the tools' docstrings."""
+    """(where, argv) of every tool command in README.md, docs/*.md, the scripts' docstrings and
+    their tools' (the --help text)."""
     texts = {str(p.relative_to(ROOT)): p.read_text() for p in
              [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]}
     for path in sorted((ROOT / "tools").glob("*.py")):
-        source = path.read_text()
-        if "def get_args_parser" in source:  # the --help text is the module docstring
-            texts[f"tools/{path.name}"] = _tool(path.name).__doc__ or ""
+        texts[f"tools/{path.name}"] = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+        texts[f"ssd_da/cli/{path.name}"] = _tool(path.name).__doc__ or ""
     return [(where, argv) for where, text in texts.items() for argv in commands_in(text)]
 
 
@@ -79,10 +81,14 @@ COMMANDS = shown_commands()
 def test_every_tool_and_place_shows_commands() -> None:
     tools = {argv[0] for _, argv in COMMANDS}
     places = {where for where, _ in COMMANDS}
-    assert {"tools/train.py", "tools/eval_voc.py", "tools/gradcam.py", "tools/detect.py",
-            "tools/ablate.py", "tools/complexity.py", "tools/benchmark.py", "tools/download_voc.py",
-            "tools/voc_to_coco.py"} <= tools
-    assert {"README.md", "docs/experiments.md", "tools/train.py", "tools/ablate.py"} <= places
+    every_tool = {"tools/train.py", "tools/eval_voc.py", "tools/gradcam.py", "tools/detect.py",
+                  "tools/ablate.py", "tools/complexity.py", "tools/benchmark.py",
+                  "tools/download_voc.py", "tools/voc_to_coco.py"}
+    assert every_tool <= tools
+    assert {"README.md", "docs/usage.md", "docs/experiments.md", "tools/train.py",
+            "tools/ablate.py"} <= places
+    # The tool reference (docs/usage.md) shows every tool at work, so each is parsed from there.
+    assert every_tool <= {argv[0] for where, argv in COMMANDS if where == "docs/usage.md"}
 
 
 @pytest.mark.parametrize("where, argv", COMMANDS,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import ablate as ablate_tool
-import train as train_tool
+from ssd_da.cli import ablate as ablate_tool
+from ssd_da.cli import train as train_tool
 from ssd_da.engine import trainer
 from ssd_da.engine.checkpoint import load_checkpoint
 from ssd_da.engine.interrupt import ignore_stop_signals, stop_on_signals, stop_requested
@@ -49,14 +49,14 @@ def signal_at(monkeypatch, iteration: int, signum: int) -> None:
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:
-    code = train_tool.main(train_tool.parse_args(argv))
+    code = train_tool.main(argv)
     return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_devkit, tiny_classes, tmp_path_factory) -> dict[str, torch.Tensor]:
     out = tmp_path_factory.mktemp("straight") / "run"
-    assert train_tool.main(train_tool.parse_args(args(tiny_devkit, out, tiny_classes))) == 0
+    assert train_tool.main(args(tiny_devkit, out, tiny_classes)) == 0
     return load_checkpoint(out / "last.pth")["model"]
 
 
@@ -168,14 +168,14 @@ def test_ablate_saves_the_current_run_and_a_rerun_finishes(tiny_devkit, tiny_cla
             "log_every=1", "lr_steps=[]", "warmup_iters=0", "eval_batch_size=4"]
     parse = ablate_tool.get_args_parser().parse_intermixed_args
     signal_at(monkeypatch, 2, signal.SIGTERM)
-    monkeypatch.setattr("ssd_da.experiments.ablate.measure_detector", lambda b, n: (1, 1))
-    assert ablate_tool.main(parse(argv)) == 75
+    monkeypatch.setattr("ssd_da.experiments.results.measure_detector", lambda b, n: (1, 1))
+    assert ablate_tool.run(parse(argv)) == 75
     err = capsys.readouterr().err
     assert "SIGTERM: stopped at iteration 2 of 3" in err and "rerun the same command" in err
     assert load_checkpoint(root / "resnet18" / "seed0" / "last.pth")["iteration"] == 2
     monkeypatch.undo()
-    monkeypatch.setattr("ssd_da.experiments.ablate.measure_detector", lambda b, n: (1, 1))
-    assert ablate_tool.main(parse(argv)) == 0
+    monkeypatch.setattr("ssd_da.experiments.results.measure_detector", lambda b, n: (1, 1))
+    assert ablate_tool.run(parse(argv)) == 0
     assert json.loads((root / "resnet18" / "seed0" / "summary.json").read_text())["iterations"] == 3
 
 

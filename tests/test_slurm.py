@@ -1,6 +1,6 @@
 """tools/ablate.py --launcher slurm without a cluster: the sbatch options each job asks for, the
 refusals of options that do not fit, the run states read from squeue and submitit's results,
-and the job wrapper's answer to SLURM's signals (with a stand-in training script).
+and the job wrapper's answer to SLURM's signals (with a stand-in training module).
 The real cluster is exercised in test_slurm_cluster.py."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from submitit.core.utils import JobPaths, cloudpickle_dump
 from submitit.slurm.slurm import _make_sbatch_string
 
-import ablate as ablate_tool
+from ssd_da.cli import ablate as ablate_tool
 from ssd_da.config import load_config, save_config
 from ssd_da.experiments import slurm, slurm_job
 from ssd_da.experiments.ablate import RunOutcome, plan_runs
@@ -71,7 +71,7 @@ def test_cli_refuses_options_of_the_other_launcher(tmp_path, capsys):
              (["--status", "--output-dir", str(tmp_path)], "no SLURM suite was submitted")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:
-            ablate_tool.main(ablate_tool.get_args_parser().parse_args(argv))
+            ablate_tool.main(argv)
         assert exc.value.code == 2 and message in capsys.readouterr().err, argv
 
 
@@ -152,18 +152,17 @@ FAKE_TRAIN = textwrap.dedent("""
 
 
 @pytest.fixture
-def wrapper(tmp_path, monkeypatch):
-    """(spec, SlurmRun, requeue calls): a run whose training script is FAKE_TRAIN; the signal
+def wrapper(tmp_path, monkeypatch, fake_trainer):
+    """(spec, SlurmRun, requeue calls): a run whose training module is FAKE_TRAIN; the signal
     handlers the wrapper installs are put back afterwards."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    script = tmp_path / "fake_train.py"
-    script.write_text(FAKE_TRAIN)
+    fake_trainer(FAKE_TRAIN)
     spec = plan_runs(load_config(None, ["iters=3", "classes=[x]"]), ["resnet18"], [0],
                      tmp_path / "suite")[0]
     calls: list[str] = []
     monkeypatch.setattr(slurm_job, "requeue_this_job", lambda: calls.append("requeue"))
     monkeypatch.setenv("SLURM_JOB_ID", "41")
-    yield spec, SlurmRun(spec, script, gpus=1, grace_s=1.0), calls
+    yield spec, SlurmRun(spec, gpus=1, grace_s=1.0), calls
     for sig, handler in saved.items():
         signal.signal(sig, handler)
 
@@ -227,7 +226,7 @@ def test_wrapper_returns_the_outcome_and_resumes(wrapper, monkeypatch):
     assert run().status == "trained"
     assert f"--resume {spec.out_dir / 'last.pth'}" in (spec.out_dir / "train.log").read_text()
     assert run().status == "skipped" and calls == []  # a requeued job of a finished run
-    torchrun = SlurmRun(spec, run.train_script, gpus=4).launcher()
+    torchrun = SlurmRun(spec, gpus=4).launcher()
     assert torchrun == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "4"]
 
@@ -269,7 +268,7 @@ def test_resubmitting_skips_finished_and_queued_runs_and_resubmits_the_rest(tmp_
                       [0, 1], root)
     _finished_run(specs[0])
     monkeypatch.setattr(slurm, "active_jobs", lambda: {})
-    todo = slurm.submit_runs(specs, root, SlurmOptions(), tmp_path / "train.py", {"seeds": 2})
+    todo = slurm.submit_runs(specs, root, SlurmOptions(), {"seeds": 2})
     assert [s.name for s in todo] == _FakeExecutor.submitted == [s.name for s in specs[1:]]
     jobs = slurm.read_jobs(root)
     assert jobs["options"] == {"seeds": 2}
@@ -277,7 +276,7 @@ def test_resubmitting_skips_finished_and_queued_runs_and_resubmits_the_rest(tmp_
         "da_resnet18/seed0": "100", "resnet18/seed1": "101", "da_resnet18/seed1": "102"}
     # 100 still queued, 101 running, 102 gone (failed or cancelled): only 102's run goes again.
     monkeypatch.setattr(slurm, "active_jobs", lambda: {"100": "PENDING", "101": "RUNNING"})
-    again = slurm.submit_runs(specs, root, SlurmOptions(), tmp_path / "train.py", {"seeds": 2})
+    again = slurm.submit_runs(specs, root, SlurmOptions(), {"seeds": 2})
     assert [s.name for s in again] == ["da_resnet18/seed1"]
     assert slurm.read_jobs(root)["runs"]["da_resnet18/seed1"]["job_id"] == "103"
     # sbatch refuses a job half-way: a clear error, and the jobs submitted before it are kept.
@@ -286,7 +285,7 @@ def test_resubmitting_skips_finished_and_queued_runs_and_resubmits_the_rest(tmp_
     monkeypatch.setattr(slurm, "active_jobs", lambda: {})
     with pytest.raises(ValueError, match=r"sbatch refused the job of resnet18/seed1: .*Invalid "
                                          r"account \(see --partition, --account"):
-        slurm.submit_runs(specs, root, SlurmOptions(), tmp_path / "train.py", {})
+        slurm.submit_runs(specs, root, SlurmOptions(), {})
     assert list(slurm.read_jobs(root)["runs"]) == ["da_resnet18/seed0"]
     _FakeExecutor.refuse = set()
     # A second submission while one holds the suite's lock is refused, not doubled.
@@ -295,4 +294,4 @@ def test_resubmitting_skips_finished_and_queued_runs_and_resubmits_the_rest(tmp_
     with open(root / "slurm" / "submit.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         with pytest.raises(ValueError, match="another ablate.py is submitting this suite"):
-            slurm.submit_runs(specs, root, SlurmOptions(), tmp_path / "train.py", {})
+            slurm.submit_runs(specs, root, SlurmOptions(), {})

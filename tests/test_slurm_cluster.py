@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import ablate as ablate_tool
+from ssd_da.cli import ablate as ablate_tool
 from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.engine.checkpoint import load_checkpoint
 
@@ -46,7 +46,7 @@ def _argv(devkit: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _cli(argv: list[str]) -> int:
-    return ablate_tool.main(ablate_tool.get_args_parser().parse_intermixed_args(argv))
+    return ablate_tool.main(argv)
 
 
 def _preempt_at_first_checkpoint(actions: dict[Path, list[str]],

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import ablate as ablate_tool
+from ssd_da.cli import ablate as ablate_tool
 from ssd_da.config import load_config, resolve_config
 from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.engine.state import DataWait

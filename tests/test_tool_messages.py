@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-import eval_voc
-import gradcam as gradcam_tool
+from ssd_da.cli import eval_voc
+from ssd_da.cli import gradcam as gradcam_tool
 from voc_tree import add_sample, write_set
 
 from ssd_da.engine.checkpoint import save_checkpoint
@@ -38,7 +38,7 @@ def untrained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def gradcam(capsys, *argv: str) -> tuple[int, str]:
-    code = gradcam_tool.main(gradcam_tool.get_args_parser().parse_args(list(argv)))
+    code = gradcam_tool.main(list(argv))
     return code, capsys.readouterr().err
 
 
@@ -100,7 +100,7 @@ def small_tree(tmp_path) -> tuple[Path, Path]:
 
 
 def eval_cli(*argv: str) -> int:
-    return eval_voc.main(eval_voc.get_args_parser().parse_args(list(argv)))
+    return eval_voc.main(list(argv))
 
 
 def test_eval_json_metric_is_the_option_value(small_tree, tmp_path):
@@ -151,20 +151,18 @@ def test_ablate_refuses_gpus_that_are_not_there(tmp_path, monkeypatch):
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    script = tmp_path / "never_run.py"
-    script.write_text("raise SystemExit(7)\n")
     specs = plan_runs(load_config(None, ["iters=2"]), ["resnet18"], [0, 1], tmp_path / "runs")
     with pytest.raises(ValueError, match=r"--gpus 0,1: GPU\(s\) 1 not found; the visible CUDA "
                                          r"devices are 0"):
-        run_suite(specs, gpus=["0", "1"], train_script=script)
+        run_suite(specs, gpus=["0", "1"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     with pytest.raises(ValueError, match="no CUDA device is visible here"):
-        run_suite(specs, gpus=["0"], train_script=script)
+        run_suite(specs, gpus=["0"])
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
 def test_ablate_meta_fallback_is_not_reported_at_info(caplog):
-    from ssd_da.experiments.ablate import measure_detector
+    from ssd_da.experiments.results import measure_detector
 
     with caplog.at_level(logging.INFO):
         params, flops = measure_detector.__wrapped__("resnet18", 3)

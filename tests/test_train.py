@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import train as train_tool
+from ssd_da.cli import train as train_tool
 
 from ssd_da.config import load_config
 from ssd_da.data.demo import DEMO_CLASSES
@@ -117,7 +117,7 @@ def test_non_finite_loss_stops_and_keeps_last_good(tiny_devkit, tmp_path, monkey
               if k in ("classes", "batch_size", "iters", "workers", "pretrained", "demo", "lr", "backbone",
                        "train_split", "test_split", "log_every",
                        "lr_steps", "warmup_iters", "eval_every", "ckpt_every"))]
-    assert tool.main(tool.get_args_parser().parse_args(argv)) == 3
+    assert tool.main(argv) == 3
     err = capsys.readouterr().err  # tqdm's progress bar goes to stderr too
     assert "train.py: error: non-finite loss at iteration 3" in err
     assert load_checkpoint(tmp_path / "nan_cli/last.pth")["iteration"] == 2

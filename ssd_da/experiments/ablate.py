@@ -1,24 +1,22 @@
-"""Run a suite of backbones x seeds through the training entry point, resumably, and report.
+"""Run a suite of backbones x seeds through the training entry point, resumably.
 
 One folder per run, ``<root>/<backbone>/seed<k>/`` (the run's ``output_dir``), so a suite can be
 stopped and restarted at any time: a run whose ``summary.json`` records ``cfg.iters`` iterations
 is skipped, one with a ``last.pth`` but no finished summary continues from it (``--resume``), the
 rest start fresh. Runs go one after another in this process through ``train(cfg)``, or one per
-GPU as ``CUDA_VISIBLE_DEVICES=k python <train_script> --config <run>/config.yaml`` subprocesses
-fed from a queue (the caller names the script: tools/ablate.py passes tools/train.py). The mAP of
-a run is its evaluation at the last iteration (``log.jsonl``), not the best one, which would be
-selected on the test set itself.
+GPU as ``CUDA_VISIBLE_DEVICES=k python -m ssd_da.cli.train --config <run>/config.yaml``
+subprocesses fed from a queue (:data:`TRAIN_MODULE`). The mAP of a run is its evaluation at
+the last iteration (``log.jsonl``), not the best one, which would be selected on the test set
+itself; the suite's reports are ssd_da/experiments/results.py's.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
 import threading
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, Queue
@@ -29,20 +27,21 @@ import yaml
 
 from ssd_da.config import (Config, apply_overrides, resolve_attention_init, save_config,
                            saved_value)
-from ssd_da.data.voc import VOC_CLASSES
 from ssd_da.engine import trainer
 from ssd_da.engine.interrupt import Interrupted, stop_requested, wait_forwarding_stop
 from ssd_da.engine.run_folder import existing_run_files
 from ssd_da.engine.runlog import read_run_log
 from ssd_da.engine.step import NonFiniteLossError
-from ssd_da.experiments.power import power_report
-from ssd_da.experiments.report import (RunRecord, format_markdown, plot_map_vs_params, summarize,
-                                       table_label, write_results_csv)
-from ssd_da.models.complexity import measure_detector
 from ssd_da.models.names import DEPTHS, backbone_name, parse_backbone_name
 from ssd_da.utils.cli import EXIT_INTERRUPTED, EXIT_NON_FINITE
 
 logger = logging.getLogger(__name__)
+
+# What every training child runs, on a GPU of --gpus or in a SLURM job: the training tool as a
+# module of this package (``python -m``, or torchrun's ``-m``), one way everywhere. The child
+# imports ssd_da as its parent did (installed, or on PYTHONPATH), with no path into a checkout's
+# tools/ (the library never points there), and the same tool answers ``tools/train.py``.
+TRAIN_MODULE = "ssd_da.cli.train"
 
 # Table I compares the orders of DA's two branches at depth 50; each branch alone is the usual
 # companion ablation. Tables II/III compare plain, SE, SGE, ECA and DA at each depth; CBAM is the
@@ -210,14 +209,14 @@ def _train_in_process(spec: RunSpec, resume: Path | None, train_fn: TrainFn) -> 
     return _finished(spec)
 
 
-def train_command(spec: RunSpec, resume: Path | None, train_script: Path,
-                  launcher: Sequence[str] = ()) -> list[str]:
-    """The argv that trains ``spec`` with ``train_script`` from its saved config (written here:
-    the script writes the same file again); ``launcher`` goes first (e.g. torchrun's argv)."""
+def train_command(spec: RunSpec, resume: Path | None, launcher: Sequence[str]) -> list[str]:
+    """The argv that trains ``spec`` with :data:`TRAIN_MODULE` from its saved config (written
+    here: the trainer writes the same file again); ``launcher`` goes first: ``[python]``, or
+    torchrun's argv (torchrun, like python, runs a module given ``-m``)."""
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     config_path = spec.out_dir / "config.yaml"
     save_config(spec.cfg, config_path)
-    cmd = [*launcher, str(train_script), "--config", str(config_path)]
+    cmd = [*launcher, "-m", TRAIN_MODULE, "--config", str(config_path)]
     if resume is not None:
         cmd += ["--resume", str(resume)]
     if _replaces_leftovers(spec, resume):
@@ -237,9 +236,9 @@ def exit_outcome(spec: RunSpec, rc: int, log: Path) -> RunOutcome:
     return _finished(spec)
 
 
-def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script: Path) -> RunOutcome:
-    """The training script on one GPU, fed the run's resolved config; output to train.log."""
-    cmd = train_command(spec, resume, Path(train_script), [sys.executable])
+def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str) -> RunOutcome:
+    """The training tool on one GPU, fed the run's resolved config; output to train.log."""
+    cmd = train_command(spec, resume, [sys.executable])
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
     logger.info("[gpu %s] %s: %s", gpu, spec.name, " ".join(cmd))
     log = spec.out_dir / "train.log"
@@ -249,8 +248,7 @@ def _train_subprocess(spec: RunSpec, resume: Path | None, gpu: str, train_script
     return exit_outcome(spec, rc, log)
 
 
-def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str],
-                 train_script: Path) -> list[RunOutcome]:
+def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str]) -> list[RunOutcome]:
     """One worker thread per GPU takes the next job from a shared queue until it is empty."""
     queue: Queue = Queue()
     for job in jobs:
@@ -264,8 +262,8 @@ def _run_on_gpus(jobs: Sequence[tuple[RunSpec, Path | None]], gpus: Sequence[str
             except Empty:
                 return
             try:
-                outcomes[spec.name] = _train_subprocess(spec, resume, gpu, train_script)
-            except OSError as exc:  # e.g. the script or the run folder cannot be opened
+                outcomes[spec.name] = _train_subprocess(spec, resume, gpu)
+            except OSError as exc:  # e.g. the run folder cannot be opened
                 outcomes[spec.name] = RunOutcome(spec, "failed", f"{type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in gpus]
@@ -303,31 +301,27 @@ def check_gpus(gpus: Sequence[str]) -> None:
 
 
 def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
-              train_fn: TrainFn | None = None, train_script: Path | None = None
-              ) -> list[RunOutcome]:
+              train_fn: TrainFn | None = None) -> list[RunOutcome]:
     """Train every unfinished run; returns one outcome per spec, in order.
 
     Args:
         specs: from :func:`plan_runs`.
-        gpus: CUDA device ids; one ``train_script`` subprocess per id at a time. None: in-process.
+        gpus: CUDA device ids; one :data:`TRAIN_MODULE` subprocess per id at a time. None:
+            in-process.
         train_fn: in-process training function (default ``ssd_da.engine.trainer.train``).
-        train_script: for ``gpus``: a script taking ``--config`` and ``--resume`` and exiting
-            with :data:`~ssd_da.utils.cli.EXIT_NON_FINITE` on a non-finite loss.
     """
     if gpus:
         check_gpus(gpus)
     if gpus and specs and specs[0].cfg.device not in ("auto", "cuda"):
         raise ValueError(f"--device {specs[0].cfg.device!r} cannot be combined with --gpus: each "
                          "run sees its one GPU as cuda:0 (use --device auto or cuda)")
-    if gpus and train_script is None:
-        raise ValueError("run_suite: gpus needs train_script (e.g. tools/train.py)")
     states = [run_state(spec) for spec in specs]  # every folder checked before anything trains
     done = {s.name for s, (state, _) in zip(specs, states) if state == "done"}
     jobs = [(s, resume) for s, (state, resume) in zip(specs, states) if state != "done"]
     logger.info("%d runs: %d finished earlier, %d to resume, %d new", len(specs), len(done),
                 sum(r is not None for _, r in jobs), sum(r is None for _, r in jobs))
     if gpus:
-        trained = _run_on_gpus(jobs, [str(g) for g in gpus], Path(train_script))
+        trained = _run_on_gpus(jobs, [str(g) for g in gpus])
     else:
         train_fn = train_fn or trainer.train  # looked up now: tests replace it
         trained = []
@@ -339,95 +333,3 @@ def run_suite(specs: Sequence[RunSpec], gpus: Sequence[str] | None = None,
             trained.append(_train_in_process(spec, resume, train_fn))
     by_name = {o.spec.name: o for o in trained}
     return [RunOutcome(s, "skipped") if s.name in done else by_name[s.name] for s in specs]
-
-
-def collect_records(specs: Sequence[RunSpec], num_classes: int,
-                    measure: Callable[[str, int], tuple[int, int]] = measure_detector,
-                    ) -> tuple[list[RunRecord], dict[str, str]]:
-    """RunRecords of the finished runs, and {run name: why it is missing} for the others.
-
-    Raises:
-        ValueError: a run folder's config.yaml differs from the planned recipe.
-    """
-    records, missing, cache = [], {}, {}
-    for spec in specs:
-        _check_saved_config(spec)  # never report a folder trained with another recipe
-        summary = _read_json(spec.out_dir / "summary.json")
-        iters = spec.cfg.iters
-        ev = final_evaluation(spec.out_dir, iters) if summary else None
-        if summary is None or int(summary.get("iterations", -1)) != iters or ev is None:
-            missing[spec.name] = "not finished (no summary.json / final evaluation)"
-            continue
-        final = summary.get("final_map")
-        if final is not None and math.isfinite(final) and abs(final - ev["map"]) > 1e-9:
-            logger.warning("%s: summary final_map %s != log.jsonl mAP %s at iteration %d; using "
-                           "the log", spec.name, final, ev["map"], iters)
-        if spec.backbone not in cache:
-            cache[spec.backbone] = measure(spec.backbone, num_classes)
-        params, flops = cache[spec.backbone]
-        coco = ev.get("coco") or {}  # pycocotools' figures, logged at the final evaluation
-        records.append(RunRecord(
-            spec.backbone, spec.seed, float(ev["map"]), {k: float(v) for k, v in ev["ap"].items()},
-            int(params), flops / 1e9, float(summary["train_images_per_s"]),
-            summary.get("peak_memory_mb"), float(summary["wall_time_s"]),
-            coco_ap50=_maybe_float(coco.get("AP50")), coco_ap=_maybe_float(coco.get("AP"))))
-    return records, missing
-
-
-def _maybe_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def describe(base: Config, backbones: Sequence[str], seeds: Sequence[int],
-             inits: Sequence[str] = ()) -> list[str]:
-    """The settings shared by every run, for the top of results.md. ``inits``: each reported
-    run's ``backbone_init`` (summary.json), so a fallback to scratch is not hidden."""
-    counts = Counter(inits)
-    used = "; ".join(f"{k} in {n} run(s)" for k, n in counts.items())
-    pretrained = f"pretrained {base.pretrained!r}"
-    if counts and set(counts) != {base.pretrained}:
-        pretrained += f" asked, backbone weights used: {used}"
-    return [f"- {len(backbones)} backbone(s) x {len(seeds)} seed(s) {list(seeds)}; "
-            f"{base.iters} iterations, batch {base.batch_size}, lr {base.lr}, {pretrained}.",
-            f"- Data: train {base.train_split}, test {base.test_split} under {base.data_root}"
-            f"{' (COCO format)' if base.data_format == 'coco' else ''}; "
-            f"metric {base.metric} mAP at the last iteration (not the best one, which would "
-            f"be picked on the test set).",
-            f"- attention_init {resolve_attention_init(base).attention_init!r} (identity: "
-            f"the plain ResNet at step 0; default: each module's own initialisation)."]
-
-
-def write_reports(specs: Sequence[RunSpec], outcomes: Sequence[RunOutcome], root: Path,
-                  class_names: Sequence[str], layout: str = "attention", level: float = 0.95,
-                  measure: Callable[[str, int], tuple[int, int]] = measure_detector,
-                  min_effect: float = 0.3) -> dict[str, Path]:
-    """results.csv, results.md, map_vs_params.png and power_curves.png under ``root``; returns
-    their paths. ``min_effect``: the difference (points of mAP) the seeds-needed column plans
-    for, next to the observed one; the test's alpha is ``1 - level``."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    records, missing = collect_records(specs, len(class_names) + 1, measure)
-    for o in outcomes:
-        if o.status in ("diverged", "failed"):
-            missing[o.spec.name] = f"{o.status}: {o.message}"
-    paths = {"csv": root / "results.csv", "md": root / "results.md",
-             "png": root / "map_vs_params.png", "power": root / "power_curves.png"}
-    write_results_csv(records, class_names, paths["csv"])
-    groups = summarize(records, level)
-    backbones = list(dict.fromkeys(s.backbone for s in specs))
-    seeds = list(dict.fromkeys(s.seed for s in specs))
-    reported = {(r.backbone, r.seed) for r in records}
-    summaries = [_read_json(s.out_dir / "summary.json") or {} for s in specs
-                 if (s.backbone, s.seed) in reported]
-    inits = [str(s["backbone_init"]) for s in summaries if "backbone_init" in s]  # older runs: none
-    notes = describe(specs[0].cfg, backbones, seeds, inits) if specs else []
-    failures = [f"{name}: {why}" for name, why in missing.items()]
-    # The DA paper's mAP ("on the VOC data set") only beside VOC runs; the LGA paper's always.
-    paper = layout == "lga" or list(class_names) == list(VOC_CLASSES)
-    power = power_report(groups, paths["power"], min_effect, 1.0 - level,
-                         lambda name: table_label(name, layout))
-    paths["md"].write_text(format_markdown(groups, layout, level, notes, failures, paper, power))
-    plot_map_vs_params(groups, paths["png"], layout)
-    logger.info("%d of %d runs reported; %s", len(records), len(specs),
-                ", ".join(str(p) for p in paths.values()))
-    return paths

@@ -167,7 +167,7 @@ def active_jobs() -> dict[str, str]:
     return states
 
 
-def submit_runs(specs: Sequence[RunSpec], root: Path, opts: SlurmOptions, train_script: Path,
+def submit_runs(specs: Sequence[RunSpec], root: Path, opts: SlurmOptions,
                 options: dict[str, Any]) -> list[RunSpec]:
     """Submit every run that is neither finished nor queued/running; returns those submitted.
 
@@ -190,8 +190,7 @@ def submit_runs(specs: Sequence[RunSpec], root: Path, opts: SlurmOptions, train_
             # its own id (SLURM 22.05 answers a signal to one array task with "try again
             # later" while its siblings are pending, and scancel retries for a minute).
             for spec in todo:
-                job = _submit_one(executor, SlurmRun(spec, Path(train_script).resolve(),
-                                                     opts.gpus_per_job,
+                job = _submit_one(executor, SlurmRun(spec, opts.gpus_per_job,
                                                      grace_s=max(1.0, opts.signal_s / 2)))
                 jobs["runs"][spec.name] = {"job_id": str(job.job_id),
                                            "stdout": str(job.paths.stdout),
@@ -288,7 +287,7 @@ def wait_for_runs(specs: Sequence[RunSpec], root: Path, poll_s: float = 30.0
 
 def outcomes_of(statuses: Sequence[RunStatus], done_before: Iterable[str] = ()
                 ) -> list[RunOutcome]:
-    """The statuses as :func:`~ssd_da.experiments.ablate.write_reports` takes them; runs named
+    """The statuses as :func:`~ssd_da.experiments.results.write_reports` takes them; runs named
     in ``done_before`` (finished before this command) count as skipped."""
     kind = {"done": "trained", "diverged": "diverged"}
     earlier = set(done_before)

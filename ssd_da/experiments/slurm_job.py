@@ -1,7 +1,7 @@
 """What one SLURM job of a suite runs: :class:`SlurmRun`, pickled by submitit on the submitting
 machine and called inside the job.
 
-The job trains its run with the training script (tools/train.py) of the submitting checkout, in
+The job trains its run with the training tool (``-m ssd_da.cli.train``, :data:`TRAIN_MODULE`), in
 a subprocess of the submitting Python (``sys.executable``), resumed from the run's ``last.pth``
 when there is one, exactly as ``--gpus`` does on one machine. Signals come from SLURM to every
 process of the job step, the training process included, so the trainer's own signal handling
@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 
 from ssd_da.experiments.ablate import RunOutcome, RunSpec, exit_outcome, run_state, train_command
@@ -94,7 +93,6 @@ class SlurmRun:
     """
 
     spec: RunSpec
-    train_script: Path
     gpus: int = 1
     grace_s: float = 60.0
 
@@ -109,7 +107,7 @@ class SlurmRun:
         state, resume = run_state(self.spec)
         if state == "done":
             return RunOutcome(self.spec, "skipped")
-        cmd = train_command(self.spec, resume, self.train_script, self.launcher())
+        cmd = train_command(self.spec, resume, self.launcher())
         log = self.spec.out_dir / "train.log"
         with open(log, "a") as fh:
             fh.write(f"[slurm job {os.environ.get('SLURM_JOB_ID', '?')}, restart "

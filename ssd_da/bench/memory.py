@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ssd_da.bench.core import environment_lines
 from ssd_da.models.attention import build_attention
 from ssd_da.models.ssd import build_ssd
 from ssd_da.utils.memory import saved_tensor_bytes
@@ -82,8 +83,6 @@ MODULES = ("da", "da_cs", "da_par", "da_s", "da_c", "se", "eca", "sge", "cbam")
 
 def run(args: Any) -> str:
     """``tools/benchmark.py memory``: saved-for-backward bytes per module and per network."""
-    from bench_env import environment_lines
-
     torch.set_num_threads(max(1, torch.get_num_threads()))
     modules = module_rows(args.modules.split(","))
     networks = network_rows(args.backbones.split(",")) if args.backbones else []

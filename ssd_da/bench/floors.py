@@ -1,6 +1,6 @@
 """``tools/benchmark.py modules --stages``: every attention module against its memory-traffic
 floor at the four ResNet50 stages of SSD300, before and after issue 24, and the SSD300
-training step they make (``--step``). Used by ``tools/benchmark.py`` and the gpu-suite.
+training step they make (``--step``); also a part of the gpu-suite.
 
 A module's floor is the full-size passes its forward and backward must make, R reads and W
 writes of a tensor of the block output's size, priced with one measured read (``x.sum()``) and
@@ -11,15 +11,17 @@ variants interleaved round by round, so a change in machine load hits all of the
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import time
-from typing import Any, Callable
+import sys
+from typing import Callable
 
 import torch
 
-from attention_legacy import build_legacy, legacy_attention  # tools/, beside this file
+from ssd_da.bench import throughput as bt
+from ssd_da.bench.core import environment_lines, load_average, synthetic_batch, timed
+from ssd_da.bench.legacy_attention import build_legacy, legacy_attention
 from ssd_da.models.attention import build_attention
+from ssd_da.models.ssd import build_ssd
 
 # ResNet50's block outputs in SSD300 (300x300 input): channels and side, layer1..layer4.
 STAGES = {"layer1": (256, 75), "layer2": (512, 38), "layer3": (1024, 19), "layer4": (2048, 10)}
@@ -33,22 +35,6 @@ MODULES = tuple(FLOOR_PASSES)
 STEP_BACKBONES = "resnet50,se_resnet50,da_resnet50,before:se_resnet50,before:da_resnet50"
 TABLE_HEAD = ["| stage, input | module | before ms | after ms | compiled ms | floor ms | after / floor | "
               "compiled / floor | units ms |", "|---|---|---:|---:|---:|---|---:|---:|---|"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device, clock: str = "wall") -> float:
-    """Seconds ``fn`` takes: wall-clock, or this process's CPU time (``clock="cpu"``, CPU only:
-    on a machine shared with other jobs it leaves out the time the job waited for a core)."""
-    read = time.process_time if clock == "cpu" and device.type == "cpu" else time.perf_counter
-    _sync(device)
-    start = read()
-    fn()
-    _sync(device)
-    return read() - start
 
 
 def _fwd_bwd(module: Callable, x: torch.Tensor, grad: torch.Tensor, params: list, amp: bool) -> Callable:
@@ -95,7 +81,7 @@ def time_stage(names: list[str], channels: int, side: int, args: argparse.Namesp
     labels, times = list(jobs), {label: [] for label in jobs}
     for r in range(args.repeats):
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-            times[label].append(_timed(jobs[label], device, args.clock))
+            times[label].append(timed(jobs[label], device, args.clock))
     pick = min if getattr(args, "stat", "median") == "min" else statistics.median
     return {label: pick(t) for label, t in times.items()}
 
@@ -144,9 +130,6 @@ def _ratios(stage: str, med: dict) -> str:
 
 def _step_model(label: str, args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """SSD300 (21 classes) for ``[before:|compiled:]backbone``; before: the pre-issue modules."""
-    import bench_train as bt
-    from ssd_da.models.ssd import build_ssd
-
     kind, _, backbone = label.rpartition(":")
     torch.manual_seed(0)
     if kind == "before":
@@ -158,12 +141,10 @@ def _step_model(label: str, args: argparse.Namespace, device: torch.device) -> t
 def step_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
     """Markdown rows: median seconds of an SSD300 training step (forward, loss, backward, SGD)
     per backbone, interleaved, and the ratio to the first plain (or first compiled) backbone."""
-    import bench_train as bt
-
     labels = [s for s in args.step_backbones.split(",") if s]
     if args.compile:
         labels += ["compiled:resnet50", "compiled:da_resnet50"]
-    images, targets = bt.synthetic_batch(args.batch_size, device)
+    images, targets = synthetic_batch(args.batch_size, device)
     steps = {}
     for label in labels:
         model = _step_model(label, args, device)
@@ -174,7 +155,7 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
     times = {label: [] for label in labels}
     for r in range(args.step_rounds):
         for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-            times[label].append(_timed(steps[label], device, args.clock))
+            times[label].append(timed(steps[label], device, args.clock))
     pick = min if args.stat == "min" else statistics.median
     med = {label: pick(t) for label, t in times.items()}
     rows = []
@@ -190,8 +171,6 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
 
 def run_stages(args: argparse.Namespace) -> str:
     """The Markdown section of ``modules --stages`` (module docstring)."""
-    from bench_env import environment_lines, load_average
-
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
@@ -220,20 +199,18 @@ def stages_text(args: argparse.Namespace, device: torch.device) -> list[str]:
             f"{args.batch_size}, at the block outputs of ResNet50's four stages in SSD300; "
             f"{'process CPU time' if args.clock == 'cpu' else 'wall-clock time'}, {args.stat} of "
             f"{args.repeats} interleaved rounds after one warm-up. 'before': the modules as they were "
-            f"before issue 24 (tools/attention_legacy.py), same weights; 'compiled': torch.compile "
+            f"before issue 24 (ssd_da/bench/legacy_attention.py), same weights; 'compiled': torch.compile "
             f"(inductor) of the module. Floor: the full-size reads R and writes W forward + backward "
-            f"cannot do without (tools/bench_floors.py, FLOOR_PASSES), priced with the measured units "
+            f"cannot do without (ssd_da/bench/floors.py, FLOOR_PASSES), priced with the measured units "
             f"of that stage, R x read + W x (clone - read)."]
 
 
 def _command_words() -> list[str]:
-    import sys
-
     return sys.argv[sys.argv.index("modules"):] if "modules" in sys.argv else ["modules", "--stages"]
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    """The ``modules`` options of this table (the rest of ``modules`` is tools/benchmark.py's)."""
+    """The ``modules`` options of this table (the rest of ``modules`` is ssd_da/bench/modules.py's)."""
     p.add_argument("--stages", action="store_true",
                    help="the table of this file: ResNet50's four stages, floors, before/after")
     p.add_argument("--stage-names", default=",".join(STAGES), help="stages to measure, comma-separated")

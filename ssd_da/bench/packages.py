@@ -1,7 +1,7 @@
 """What ``tools/benchmark.py gpu-suite`` needs beyond torch, checked before anything imports it.
 
-Standard library only: ``tools/benchmark.py`` runs :func:`check_suite_packages` before its own
-imports, so a bare GPU machine is told every package it lacks at once instead of meeting the
+Standard library only: ``tools/benchmark.py`` runs :func:`check_suite_packages` before it imports
+the benchmarks, so a bare GPU machine is told every package it lacks at once instead of meeting the
 first one as a traceback (issue 20: cv2, imported through ssd_da/data/decode.py, did that).
 """
 from __future__ import annotations

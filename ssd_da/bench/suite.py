@@ -1,7 +1,7 @@
-"""``tools/benchmark.py train``, ``eval`` and ``gpu-suite``: throughput tables (Markdown).
+"""``tools/benchmark.py gpu-suite``: the smoke test and the throughput tables (Markdown) on one GPU.
 
 ``gpu-suite`` is the whole GPU check of issues 12 and 20 in one command, sized to finish in
-under 8 minutes on one H200: first a smoke test of every GPU path (``bench_smoke``), then
+under 8 minutes on one H200: first a smoke test of every GPU path (:mod:`ssd_da.bench.smoke`), then
 network-only training of plain ResNet50 and of every attention variant, torchvision's SSD class
 on our trunk and ``ssd300_vgg16`` in the same process, end-to-end training from the bundled BCCD
 JPEGs through the real loader, a VOC07-test-sized evaluation, and (time permitting)
@@ -9,14 +9,13 @@ torch.compile. A part is a list of units (a model, a family): a unit that raises
 FAILED and the next one runs; a part starts only if its share of the budget is left and stops
 between units when its time is up; the section is written as each part ends. ``--dry-run`` runs
 every part on the CPU at toy sizes. ``tools/benchmark.py`` checks the packages
-(``bench_packages``) before it imports anything that needs them.
+(:mod:`ssd_da.bench.packages`) before it imports anything that needs them.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import gc
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,92 +25,20 @@ from typing import Any
 
 import torch
 
-import bench_smoke
-import bench_train as bt
-from bench_env import environment_lines, shown_path
-from bench_packages import SUITE_PACKAGES, check_suite_packages
-from bench_smoke import Unit, UnitResult, run_units
+from ssd_da.bench import floors
+from ssd_da.bench import smoke as bench_smoke
+from ssd_da.bench import throughput as bt
+from ssd_da.bench import train_eval as te
+from ssd_da.bench.core import environment_lines, shown_path
+from ssd_da.bench.packages import SUITE_PACKAGES, check_suite_packages
+from ssd_da.bench.smoke import Unit, UnitResult, run_units
 from ssd_da.utils.cli import fail
 
-TABLE_HEAD = ["| model | backbone | measured | settings | images/s | ms/batch | peak memory (MiB) |",
-              "|---|---|---|---|---:|---:|---:|"]
-EVAL_HEAD = ["| backbone | measured | images/s | time |", "|---|---|---:|---:|"]
-# (module to import, package to install): everything the suite imports beyond torch.
 SUITE_BUDGET_S = 450.0  # the parts' shares; start-up, imports and writing stay under 8 minutes
 # The dry run checks that every part runs, not how long it takes: its shares are ten times the
 # GPU's, so that a slow or busy CPU does not skip a part.
 DRY_RUN_SCALE = 10.0
 GPU_SUITE_COMMAND = "python tools/benchmark.py gpu-suite"
-
-
-def _device(args: argparse.Namespace) -> torch.device:
-    from ssd_da.utils.device import resolve_device
-
-    device = resolve_device(args.device)
-    if device.type == "cuda":  # fixed 300x300 input: let cuDNN pick the fastest kernels once
-        torch.backends.cudnn.benchmark = True
-    return device
-
-
-def _check_data(args: argparse.Namespace, *splits: str) -> None:
-    from ssd_da.data.voc import resolve_split
-
-    for split in splits:
-        try:
-            resolve_split(Path(args.data_root), split)
-        except (FileNotFoundError, ValueError) as exc:
-            fail("benchmark.py", f"--data-root {args.data_root}, split {split!r}: {exc} (the bundled "
-                 f"devkit is datasets/bccd/VOCdevkit)")
-
-
-def _settings(args: argparse.Namespace, device: torch.device) -> str:
-    from ssd_da.utils.device import runs_bf16
-
-    precision = "bf16 autocast" if runs_bf16(device, args.amp) else "float32"
-    return (f"batch {args.batch_size}, {precision}, {'channels_last' if args.channels_last else 'NCHW'}"
-            f"{', torch.compile (ours)' if args.compile else ''}; images/s = median of 3 blocks of "
-            f"{args.steps} steps (end to end: at least 4 batches per loader worker) after "
-            f"{args.warmup} warm-up steps, each block timed between device syncs")
-
-
-def _section(title: str, command: str, what: str, env: list[str], table: list[str]) -> str:
-    return "\n".join([title, "", f"`tools/benchmark.py {command}`: {what}", "", *env, "", *table])
-
-
-def _command(name: str) -> str:
-    """The subcommand as it was typed (for the section), without machine-specific paths."""
-    words = sys.argv[sys.argv.index(name) + 1:] if name in sys.argv else []
-    return " ".join([name, *(shown_path(w) if Path(w).is_absolute() else w for w in words)])
-
-
-def run_train(args: argparse.Namespace) -> str:
-    device = _device(args)
-    if "e2e" in args.modes.split(","):
-        _check_data(args, args.split)
-    env = environment_lines(str(device))
-    rows = bt.train_rows(args, device)
-    what = (f"{_settings(args, device)}. 'network only': one synthetic batch already on the device "
-            f"(forward, loss, backward, SGD step); 'end to end': JPEG files of "
-            f"`{shown_path(args.data_root)}` ({args.split}) through the real loader (full augmentation, "
-            f"uint8 batches, pinned memory on CUDA); 'loader alone': the same loader with no model. "
-            f"Same SGD for every model; torchvision's models take 0..1 images and normalise and "
-            f"resize them in their own transform.")
-    return _section(f"## train: SSD300 training throughput on {device.type.upper()}", _command("train"),
-                    what, env, [*TABLE_HEAD, *(r.markdown() for r in rows), "", *overheads(rows)])
-
-
-def run_eval(args: argparse.Namespace) -> str:
-    device = _device(args)
-    if args.eval_images:
-        _check_data(args, args.eval_split)
-    env = environment_lines(str(device))
-    rows = bt.eval_rows(args, device)
-    what = (f"{_settings(args, device)}. Network only = forward, decoding and NMS of a synthetic "
-            f"batch on the device; whole evaluation = `evaluate_model` on `{shown_path(args.data_root)}` "
-            f"({args.eval_split}) cycled to {args.eval_images} images: loader, inference, "
-            f"post-processing, VOC07 metric, timed from start to mAP.")
-    return _section(f"## eval: SSD300 inference and evaluation on {device.type.upper()}", _command("eval"),
-                    what, env, [*EVAL_HEAD, *rows])
 
 
 def check_packages(dry_run: bool = False) -> None:
@@ -155,26 +82,6 @@ SUITE_PARTS: tuple[Part, ...] = (
     Part("compiled", 50, "train", dict(backbones="resnet50,da_resnet50", tv="", modes="network", compile=True)),
     Part("attention modules against their floor", 30, "modules"),  # issue 24: modules_floor_units
 )
-
-
-def overheads(rows: list[bt.Row]) -> list[str]:
-    """Markdown bullets: each attention variant against plain ResNet of the same depth, and ours
-    against torchvision's SSD class on the same trunk, both as measured in the same run."""
-    rate = {(r.subject, r.backbone, r.mode, r.settings): r.result.images_per_s for r in rows}
-    lines = []
-    for (subject, backbone, mode, settings), value in rate.items():
-        if subject != "ours":
-            continue
-        depth = "resnet" + backbone.rsplit("resnet", 1)[-1]
-        plain = rate.get(("ours", depth, mode, settings))
-        if backbone != depth and plain:
-            lines.append(f"- {backbone} over {depth} ({mode}, {settings}): {100 * (plain / value - 1):+.1f}% "
-                         f"wall-clock per image (target for DA: at most +10%)")
-        theirs = rate.get(("tv-ssd-our-trunk", backbone, mode, settings.replace(", compiled", "")))
-        if theirs:
-            lines.append(f"- ours / torchvision's SSD class on the {backbone} trunk ({mode}, {settings}): "
-                         f"{value / theirs:.2f}x (target, end to end: at least 3.5x)")
-    return lines
 
 
 @dataclass
@@ -237,21 +144,19 @@ def modules_floor_units(args: argparse.Namespace, device: torch.device, report: 
     attention module at each of ResNet50's SSD300 stages, before and after, eager, in the
     suite's precision, against its floor; then SE, DA and CBAM compiled at layer1. One unit per
     stage (the dry run: layer4 alone), so the part stops between stages when its time is up."""
-    import bench_floors
-
     common = {**vars(args), "clock": "wall", "stat": "median", "repeats": 2 if args.dry_run else 10,
-              "before": True, "compile": False, "modules": ",".join(bench_floors.MODULES)}
+              "before": True, "compile": False, "modules": ",".join(floors.MODULES)}
 
     def measure(stage: str, compiled: bool) -> tuple[str, str]:
         options = {**common, "stage_names": stage}
         if compiled:
             options.update(before=False, compile=True, modules="none,se,da,cbam")
-        rows, notes = bench_floors.stage_rows(argparse.Namespace(**options), device)
+        rows, notes = floors.stage_rows(argparse.Namespace(**options), device)
         report.module_rows += rows
         report.module_notes += [] if compiled else notes
         return "", "; ".join(f"{r.split('|')[2].strip()} {r.split('|')[4].strip()} ms" for r in rows)
 
-    stages = ["layer4"] if args.dry_run else list(bench_floors.STAGES)
+    stages = ["layer4"] if args.dry_run else list(floors.STAGES)
     units: list[Unit] = [(f"eager, {s}", partial(measure, s, False)) for s in stages]
     return units + [(f"compiled, {stages[0]}", partial(measure, stages[0], True))]
 
@@ -305,22 +210,21 @@ def _suite_section(args: argparse.Namespace, device: torch.device, env: list[str
             f"starts no unit past it; suite wall time {elapsed:.0f} s.")
     return "\n".join([
         "## gpu-suite: smoke test, training and evaluation on one GPU", "", *report.status_table(), "",
-        f"`tools/benchmark.py {_command('gpu-suite')}`: {what}", "", *env, "",
-        *TABLE_HEAD, *(r.markdown() for r in report.rows), "", *overheads(report.rows), "",
-        *EVAL_HEAD, *report.eval_rows, *_module_table(args, device, report)])
+        f"`tools/benchmark.py {te.command_line('gpu-suite')}`: {what}", "", *env, "",
+        *te.TABLE_HEAD, *(r.markdown() for r in report.rows), "", *te.overheads(report.rows), "",
+        *te.EVAL_HEAD, *report.eval_rows, *_module_table(args, device, report)])
 
 
 def _module_table(args: argparse.Namespace, device: torch.device, report: SuiteReport) -> list[str]:
     """The "modules" part's Markdown: heading, table, ratios (nothing if the part did not run)."""
     if not report.module_rows:
         return []
-    import bench_floors
     from ssd_da.utils.device import runs_bf16
 
     precision = "bf16 autocast" if runs_bf16(device, args.amp) else "float32"
     return ["", f"Attention modules against their memory-traffic floor (issue 24; batch {args.batch_size}, "
-            f"{precision}; `tools/benchmark.py modules --stages`, tools/bench_floors.py):", "",
-            *bench_floors.TABLE_HEAD, *report.module_rows, "", *report.module_notes]
+            f"{precision}; `tools/benchmark.py modules --stages`, tools/floors.py):", "",
+            *floors.TABLE_HEAD, *report.module_rows, "", *report.module_notes]
 
 
 def _dry_run(args: argparse.Namespace, work: Path) -> None:
@@ -357,10 +261,10 @@ def _run_parts(args: argparse.Namespace, work: Path) -> str:
     """Part after part, in order: one starts only if its share of the budget is left, and
     starts no unit after its end in the schedule of shares (or its own share from now, if
     later); a part skipped for time is named."""
-    _check_data(args, args.split, args.eval_split)
+    te.check_data(args, args.split, args.eval_split)
     scale = DRY_RUN_SCALE if args.dry_run else 1.0
     start = time.perf_counter()
-    device = _device(args)
+    device = te.device_for(args)
     env = environment_lines(str(device))
     report, planned = SuiteReport(), start
     for part in SUITE_PARTS:
@@ -380,21 +284,6 @@ def _run_parts(args: argparse.Namespace, work: Path) -> str:
     return _suite_section(args, device, env, report, time.perf_counter() - start)
 
 
-def _common(p: argparse.ArgumentParser, root: Path) -> None:
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=10, help="steps per timed block (3 blocks)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast (CUDA)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile our network")
-    p.add_argument("--workers", type=int, default=-1,
-                   help="loader workers (-1: one per CPU core, less one for the training loop)")
-    p.add_argument("--data-root", default=str(root / "datasets" / "bccd" / "VOCdevkit"))
-    p.add_argument("--split", default="voc07_trainval", help="training split for 'end to end'")
-
-
 def _backbone_list(text: str) -> list[str]:
     from ssd_da.models.names import BACKBONE_NAMES
 
@@ -406,24 +295,10 @@ def _backbone_list(text: str) -> list[str]:
     return names
 
 
-def register(sub: Any, root: Path) -> None:
-    p = sub.add_parser("train", help="training images/s: ours vs torchvision SSD, network only / end to end")
-    _common(p, root)
-    p.add_argument("--backbones", default="resnet50,da_resnet50")
-    p.add_argument("--tv", default="tv-ssd-our-trunk,tv-ssd300-vgg16",
-                   help="torchvision models to add, comma-separated ('' for none)")
-    p.add_argument("--tv-backbone", default="resnet50", help="our trunk under torchvision's SSD class")
-    p.add_argument("--modes", default="network,e2e", help="network and/or e2e, comma-separated")
-    p.set_defaults(func=run_train)
-    p = sub.add_parser("eval", help="inference images/s and a whole VOC07-test-sized evaluation")
-    _common(p, root)
-    p.add_argument("--backbones", default="da_resnet50")
-    p.add_argument("--eval-split", default="voc07_test")
-    p.add_argument("--eval-images", type=int, default=4952, help="0: network-only rows only")
-    p.set_defaults(func=run_eval)
+def register(sub: Any) -> None:
     p = sub.add_parser("gpu-suite", help="smoke test and the whole GPU measurement in one command "
                                          "(< 8 minutes); --dry-run: every part on the CPU, toy sizes")
-    _common(p, root)
+    te.add_common(p)
     p.add_argument("--eval-images", type=int, default=4952, help="images of the timed evaluation")
     p.add_argument("--dry-run", action="store_true",
                    help="every part on the CPU at toy sizes on a generated demo dataset, in minutes; "

@@ -1,13 +1,11 @@
 """CPU data-pipeline throughput, one core: ssd_da's augmentation before (albumentations) and now,
 torchvision's transforms.v2 version of the same SSD recipe, and the decode + resize floor.
 
-Used by ``tools/benchmark.py loader``; every pipeline reads the same JPEG files, one image at a
+``tools/benchmark.py loader``; every pipeline reads the same JPEG files, one image at a
 time, as one DataLoader worker does.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import shutil
 import statistics
@@ -16,14 +14,16 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 import torch
 
+from ssd_da.bench.core import add_data_root, environment_lines, load_average, one_core, shown_path
 from ssd_da.data.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, build_train_transform
 from ssd_da.data.voc import VOCDetection, resolve_split
+from ssd_da.data.voc_xml import parse_annotation
 
 
 @dataclass
@@ -37,10 +37,9 @@ class LoaderRow:
 def split_classes(data_root: Path, split: str) -> list[str]:
     """The object class names that the split's annotations use, sorted."""
     names: set[str] = set()
-    for year_dir, image_id in resolve_split(data_root, split):
-        root = ET.parse(year_dir / "Annotations" / f"{image_id}.xml").getroot()
-        names.update(obj.findtext("name", "").strip() for obj in root.findall("object"))
-    return sorted(n for n in names if n)
+    for year_dir, image_id in resolve_split(data_root, split):  # no known classes: all "other"
+        names.update(parse_annotation(year_dir / "Annotations" / f"{image_id}.xml", ()).other_names)
+    return sorted(names)
 
 
 def resized_copy(data_root: Path, split: str, size: tuple[int, int], limit: int, quality: int = 90,
@@ -152,34 +151,12 @@ PIPELINES: dict[str, tuple[str, Any]] = {
 }
 
 
-@contextlib.contextmanager
-def one_core() -> Iterator[str]:
-    """Within the block, this process and its OpenCV and torch thread pools run on one core
-    (restored afterwards); yields which."""
-    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
-    core = max(affinity) if affinity else None
-    try:
-        if core is not None:
-            os.sched_setaffinity(0, {core})
-        cv2.setNumThreads(1)
-        torch.set_num_threads(1)
-        yield f"CPU {core}" if core is not None else "no affinity control"
-    finally:
-        if affinity:
-            os.sched_setaffinity(0, affinity)
-        cv2.setNumThreads(cv2_threads)
-        torch.set_num_threads(threads)
-
-
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
 def run(args: Any) -> str:
     """``tools/benchmark.py loader``: the CPU loader table (Markdown)."""
-    from bench_env import environment_lines, load_average, shown_path
-
     root, split, made = Path(args.data_root), args.split, None
     if args.resize:
         width, height = (int(v) for v in args.resize.lower().split("x"))
@@ -213,9 +190,9 @@ def run(args: Any) -> str:
     ])
 
 
-def register(sub: Any, root: Path) -> None:
+def register(sub: Any) -> None:
     p = sub.add_parser("loader", help="CPU data pipeline images/s per core: before/after, torchvision v2, decode floor")
-    p.add_argument("--data-root", default=str(root / "datasets" / "bccd" / "VOCdevkit"))
+    add_data_root(p)
     p.add_argument("--split", default="voc07_trainval")
     p.add_argument("--resize", default="500x375", help="WxH copy (VOC-sized); '' to use the files as they are")
     p.add_argument("--images", type=int, default=200, help="images in the resized copy")

@@ -1,6 +1,7 @@
 """Training and inference throughput: ssd_da's SSD300 against torchvision's ``SSD`` class on the
 same trunk and torchvision's ``ssd300_vgg16``, network only (a synthetic batch already on the
-device) or end to end (JPEG files through the real loader). Used by ``tools/benchmark.py``.
+device) or end to end (JPEG files through the real loader): the rows of ``tools/benchmark.py
+train``, ``eval`` and the gpu-suite.
 
 Every model trains with the same SGD (momentum 0.9, weight decay 5e-4) in the same process.
 torchvision's models take 0..1 images and normalise and resize them in their ``transform``;
@@ -8,8 +9,6 @@ ours takes the normalised 300x300 batch (or uint8 pixels, normalised on the devi
 """
 from __future__ import annotations
 
-import math
-import statistics
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,24 +18,12 @@ import torch
 from torch import nn
 from torchvision.models.detection.ssd import SSD, SSDHead, ssd300_vgg16
 
+from ssd_da.bench.core import Result, figure, sync, synthetic_batch, time_steps
+from ssd_da.bench.loader import split_classes
 from ssd_da.models.ssd import SSD300, SSD300_ASPECT_RATIOS, SSD300_SCALES, SSD300_STEPS, build_ssd
 from ssd_da.utils.device import autocast_context, runs_bf16
 
 SUBJECTS = ("ours", "tv-ssd-our-trunk", "tv-ssd300-vgg16")
-
-
-def figure(value: float) -> str:
-    """At least 3 significant digits (CPU rates can be under 1 image/s), no exponent."""
-    if not math.isfinite(value) or value <= 0:
-        return f"{value:g}"
-    return f"{value:.{max(0, 2 - math.floor(math.log10(value)))}f}"
-
-
-@dataclass
-class Result:
-    images_per_s: float
-    ms_per_batch: float
-    peak_mb: float | None  # CUDA only
 
 
 class _Trunk(nn.Module):
@@ -70,21 +57,6 @@ def build_subject(subject: str, backbone: str, num_classes: int = 21) -> nn.Modu
     raise ValueError(f"unknown subject {subject!r}; valid: {list(SUBJECTS)}")
 
 
-def synthetic_batch(batch: int, device: torch.device, seed: int = 0
-                    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """uint8 (B, 3, 300, 300) images and 1-5 random xyxy boxes per image (CPU targets)."""
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch, 3, 300, 300), generator=g, dtype=torch.uint8)
-    targets = []
-    for _ in range(batch):
-        n = int(torch.randint(1, 6, (1,), generator=g))
-        xy = torch.rand(n, 2, generator=g) * 200
-        wh = 20 + torch.rand(n, 2, generator=g) * 80
-        targets.append({"boxes": torch.cat([xy, xy + wh], 1),
-                        "labels": torch.randint(1, 21, (n,), generator=g)})
-    return images.to(device), targets
-
-
 def model_inputs(subject: str, images: torch.Tensor, targets: list[dict] | None, channels_last: bool
                  ) -> tuple[Any, Any]:
     """(images, targets) as each model takes them: ours a normalised batch and CPU targets;
@@ -107,32 +79,6 @@ def prepare(model: nn.Module, subject: str, device: torch.device, channels_last:
     if compile_ and subject == "ours":
         model.compile_network(**({"backend": backend} if backend else {}))
     return model
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(step: Callable[[], Any], device: torch.device, batch: int, steps: int, warmup: int,
-               repeats: int = 3) -> Result:
-    """Median over ``repeats`` blocks of ``steps`` calls, timed as blocks (no sync inside)."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        rates.append(steps * batch / (time.perf_counter() - start))
-    rate = statistics.median(rates)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return Result(rate, 1000 * batch / rate, peak)
 
 
 def network_train_step(model: nn.Module, subject: str, images: torch.Tensor, targets: list[dict],
@@ -259,8 +205,6 @@ def _train_dataset(args: Any) -> Any:
     from ssd_da.data.transforms import build_train_transform
     from ssd_da.data.voc import VOCDetection
 
-    from bench_loader import split_classes
-
     return VOCDetection(args.data_root, args.split, split_classes(args.data_root, args.split),
                         transform=build_train_transform(300, output="uint8"))
 
@@ -344,8 +288,6 @@ def whole_evaluation_row(args: Any, backbone: str, device: torch.device) -> str:
     from ssd_da.engine.loaders import resolve_workers
     from ssd_da.engine.inference import evaluate_model
 
-    from bench_loader import split_classes
-
     classes = split_classes(args.data_root, args.eval_split)
     torch.manual_seed(0)
     model = prepare(build_subject("ours", backbone, len(classes) + 1), "ours", device, args.channels_last,
@@ -355,7 +297,7 @@ def whole_evaluation_row(args: Any, backbone: str, device: torch.device) -> str:
     workers = resolve_workers(args.workers)
     evaluate_model(model, Repeated(base, 2 * args.batch_size), classes, device, args.batch_size, workers,
                    args.amp, progress=False, channels_last=args.channels_last)  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     _, _, rate = evaluate_model(model, Repeated(base, args.eval_images), classes, device, args.batch_size,
                                 workers, args.amp, progress=False, channels_last=args.channels_last)

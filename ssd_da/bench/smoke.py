@@ -3,7 +3,7 @@
 Three training iterations of every attention family (ResNet18 trunks: the point is the code
 path, not the speed) in float32, ``--amp``, ``--amp --channels-last`` and ``--amp --compile``,
 through the trainer's own ``build_model`` / ``build_train_state`` / ``train_step``; a 1-process
-``torchrun`` of tools/train.py (NCCL on a GPU, gloo on the CPU); tools/eval_voc.py,
+``torchrun`` of the training tool (NCCL on a GPU, gloo on the CPU); tools/eval_voc.py,
 tools/gradcam.py and tools/detect.py on a checkpoint. The host syncs inside the training
 iterations after the first are counted: on CUDA the warnings of
 ``torch.cuda.set_sync_debug_mode("warn")`` (the whole smoke runs under it), on the CPU
@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
+from ssd_da.bench.core import REPO_ROOT, synthetic_batch
+from ssd_da.bench.loader import split_classes
+
 SMOKE_BACKBONES = ("resnet18", "da_resnet18", "se_resnet18", "eca_resnet18", "sge_resnet18", "cbam_resnet18",
                    "resnet18_sa", "resnet18_mhsa", "resnet18_lga", "resnet18_la", "resnet18_ga")
 # Compiled units, the likeliest to break first (they may not all fit the time): CBAM's backward
@@ -124,9 +125,7 @@ def counting_syncs(device: torch.device, host: Sequence[torch.Tensor]) -> Iterat
 def smoke_batch(batch: int, device: torch.device) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """A training batch as the loader gives it: uint8 images on the CPU (pinned on CUDA) and
     CPU targets, one or two boxes per image."""
-    import bench_train as bt
-
-    images, targets = bt.synthetic_batch(batch, torch.device("cpu"))
+    images, targets = synthetic_batch(batch, torch.device("cpu"))
     return (images.pin_memory() if device.type == "cuda" else images), targets
 
 
@@ -164,11 +163,11 @@ def _workers(args: Any) -> int:
 
 
 def _quiet_main(tool: Any, argv: list[str]) -> str:
-    """``tool.main(parsed argv)`` with its output captured; RuntimeError with the output's tail
-    when it does not return 0."""
+    """``tool.main(argv)`` (an ``ssd_da.cli`` module) with its output captured; RuntimeError with
+    the output's tail when it does not return 0."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        status = tool.main(tool.get_args_parser().parse_args(argv))
+        status = tool.main(argv)
     if status != 0:
         raise RuntimeError(f"exit status {status}: {out.getvalue()[-300:]}")
     return out.getvalue()
@@ -188,7 +187,7 @@ def make_checkpoint(classes: list[str], path: Path) -> Path:
 
 def torchrun_unit(args: Any, device: torch.device, work: Path, classes: list[str],
                   deadline: float) -> tuple[str, str]:
-    """tools/train.py under a 1-process torchrun: the process group (NCCL on CUDA), DDP, the
+    """The training tool (``-m ssd_da.cli.train``) under a 1-process torchrun: the process group (NCCL on CUDA), DDP, the
     loader, the final evaluation and the checkpoints of a real run of 3 iterations."""
     out = work / "torchrun"
     values = {"demo": False, "data_root": str(args.data_root), "train_split": args.split,
@@ -198,10 +197,12 @@ def torchrun_unit(args: Any, device: torch.device, work: Path, classes: list[str
               "ckpt_every": SMOKE_ITERS, "log_every": 1, "workers": _workers(args),
               "amp": device.type == "cuda", "channels_last": device.type == "cuda", "output_dir": str(out)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           str(TOOLS / "train.py"), "--device", device.type,
+           "-m", "ssd_da.cli.train", "--device", device.type,
            *(f"{k}={json.dumps(v)}" for k, v in values.items())]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+    # The child imports this very package (installed, or on PYTHONPATH as in a bare checkout).
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                           timeout=max(1.0, deadline - time.perf_counter()))
     if proc.returncode != 0:
         raise RuntimeError(f"exit status {proc.returncode}: {(proc.stderr or proc.stdout)[-300:]}")
@@ -222,7 +223,7 @@ def _first_image(args: Any) -> str:
 
 
 def eval_unit(args: Any, device: torch.device, checkpoint: Callable[[], Path], work: Path) -> tuple[str, str]:
-    import eval_voc
+    from ssd_da.cli import eval_voc
 
     out = work / "eval.json"
     _quiet_main(eval_voc, ["--checkpoint", str(checkpoint()), "--data-root", str(args.data_root), "--split",
@@ -234,7 +235,7 @@ def eval_unit(args: Any, device: torch.device, checkpoint: Callable[[], Path], w
 
 
 def gradcam_unit(args: Any, device: torch.device, checkpoint: Callable[[], Path], work: Path) -> tuple[str, str]:
-    import gradcam
+    from ssd_da.cli import gradcam
 
     out = work / "gradcam.png"
     _quiet_main(gradcam, [_first_image(args), "--checkpoint", str(checkpoint()), "--out", str(out),
@@ -243,7 +244,7 @@ def gradcam_unit(args: Any, device: torch.device, checkpoint: Callable[[], Path]
 
 
 def detect_unit(args: Any, device: torch.device, checkpoint: Callable[[], Path], work: Path) -> tuple[str, str]:
-    import detect
+    from ssd_da.cli import detect
 
     out = work / "detect"
     _quiet_main(detect, [_first_image(args), "--checkpoint", str(checkpoint()), "--out", str(out),
@@ -255,8 +256,6 @@ def smoke_units(args: Any, device: torch.device, work: Path, deadline: float) ->
     """The smoke part's units: eager training in three modes for every family, then torchrun,
     evaluation, Grad-CAM and detect (on torchrun's last.pth, or an untrained checkpoint when
     that run failed)."""
-    from bench_loader import split_classes
-
     classes = split_classes(args.data_root, args.split)
     untrained = work / "untrained.pth"
 
@@ -271,8 +270,7 @@ def smoke_units(args: Any, device: torch.device, work: Path, deadline: float) ->
     backend = "NCCL" if device.type == "cuda" else "gloo"
     units.append((f"torchrun, 1 process, {backend}",
                   partial(torchrun_unit, args, device, work, classes, deadline)))
-    for name, unit in (("tools/eval_voc.py", eval_unit), ("tools/gradcam.py", gradcam_unit),
-                       ("tools/detect.py", detect_unit)):
+    for name, unit in (("eval_voc.py", eval_unit), ("gradcam.py", gradcam_unit), ("detect.py", detect_unit)):
         units.append((name, partial(unit, args, device, checkpoint, work)))
     return units
 

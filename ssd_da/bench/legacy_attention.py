@@ -3,8 +3,8 @@ equality tests (tests/test_attention_exact.py) and the "before" column of
 ``tools/benchmark.py modules --before`` compare the rewritten modules with.
 
 A verbatim copy of ``ssd_da/models/attention.py`` (DA, SE, ECA, SGE, CBAM) and
-``ssd_da/models/attention_ops.py`` at commit e331ba3; not used by the library. The parameter names
-are the library's, so ``load_state_dict`` moves weights between the two.
+``ssd_da/models/attention_ops.py`` at commit e331ba3; used only by the benchmarks and the tests.
+The parameter names are the library's, so ``load_state_dict`` moves weights between the two.
 """
 from __future__ import annotations
 
