@@ -22,7 +22,7 @@ from ssd_da.engine.checkpoint import load_detector
 from ssd_da.engine.inference import predict_image
 from ssd_da.utils.device import resolve_device
 from ssd_da.models.names import display_name
-from ssd_da.utils.figures import save_figure
+from ssd_da.utils.plots import save_figure
 from ssd_da.visualize.draw import cam_figure, draw_detections, figure_size_px, overlay_heatmap
 from ssd_da.cli import detect as detect_tool
 from ssd_da.config import load_config

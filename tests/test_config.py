@@ -13,7 +13,7 @@ from ssd_da.cli import eval_voc as eval_tool
 from ssd_da.cli import train as train_tool
 from ssd_da.config import Config, load_config
 from ssd_da.data.voc import VOCDetection, resolve_split
-from ssd_da.engine.data import class_names_from_config
+from ssd_da.engine.loaders import class_names_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

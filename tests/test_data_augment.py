@@ -18,6 +18,7 @@ from ssd_da.data.augment import (
 )
 from ssd_da.data.decode import EncodedImage
 from ssd_da.data.images import load_rgb
+from ssd_da.data.sampling import AugmentSettings
 from ssd_da.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, _bbox_params, build_eval_transform, reference_train_transforms,
     seed_transform,
@@ -129,7 +130,7 @@ def test_parameter_distribution_matches_reference() -> None:
     # The test can fail: a zoom-out of p 0.6 instead of 0.5, or ratios up to 3 instead of 4, or
     # a flip of p 0.6, is detected by the same sample sizes.
     for changed in (dict(zoom_out_p=0.6), dict(max_zoom_out=3.0), dict(flip_p=0.6)):
-        other = SSDAugment(300, seed=1, **changed)
+        other = SSDAugment(300, AugmentSettings(**changed), seed=1)
         assert _differences(_summaries([other.sample(HEIGHT, WIDTH, BOXES) for _ in range(n)]), ref)
 
 

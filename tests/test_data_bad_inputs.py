@@ -19,7 +19,7 @@ from voc_tree import add_sample, jpeg_bytes, png_bytes, write_set
 from ssd_da.config import load_config
 from ssd_da.data import voc
 from ssd_da.data.voc import VOCDetection, load_rgb, resolve_split
-from ssd_da.engine.data import build_datasets
+from ssd_da.engine.loaders import build_datasets
 
 CLASSES = ["dog", "cat"]
 

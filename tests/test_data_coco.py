@@ -15,7 +15,7 @@ from PIL import Image
 from ssd_da.config import load_config
 from ssd_da.data.coco import CocoDetection, UnknownCategoryError, coco_class_names
 from ssd_da.data.voc import AnnotationError
-from ssd_da.engine.data import build_datasets, class_names_from_config
+from ssd_da.engine.loaders import build_datasets, class_names_from_config
 from ssd_da.engine.inference import coco_metrics_of, format_coco
 from ssd_da.evaluation.voc import evaluate_voc
 

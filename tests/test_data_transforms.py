@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ssd_da.data.decode import EncodedImage
+from ssd_da.data.sampling import AugmentSettings
 from ssd_da.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, MinIoURandomCrop, ZoomOut, box_centres_inside, box_iou_with_rect,
     build_eval_transform, build_train_transform, seed_transform,
@@ -68,7 +69,8 @@ def _encoded_jpeg(image: np.ndarray) -> EncodedImage:
 @pytest.mark.parametrize("backend", ["albumentations", "fast", "fast-jpeg"])
 def test_train_transform_keeps_boxes_on_their_pixels(backend: str) -> None:
     image, boxes, labels = _scene()
-    transform = build_train_transform(300, photometric=False, seed=0, backend=backend.split("-")[0])
+    transform = build_train_transform(300, AugmentSettings(photometric=False), seed=0,
+                                      backend=backend.split("-")[0])
     source = _encoded_jpeg(image) if backend == "fast-jpeg" else image
     zoomed = cropped = 0
     for _ in range(60):
@@ -205,7 +207,8 @@ def test_eval_transform_hand_values() -> None:
 
 def test_photometric_distortion_changes_pixels_not_geometry() -> None:
     image, boxes, labels = _scene()
-    transform = build_train_transform(300, photometric=True, zoom_out_p=0.0, min_ious=(None,), flip_p=0.0, seed=1)
+    transform = build_train_transform(300, AugmentSettings(photometric=True, zoom_out_p=0.0, min_ious=(None,),
+                                                     flip_p=0.0), seed=1)
     reference = build_eval_transform(300)(image=image, bboxes=boxes, labels=labels)
     changed = 0
     for _ in range(10):

@@ -303,7 +303,7 @@ def test_training_loader_augments_per_sample_whatever_the_workers(tmp_path: Path
     own seed, so forked workers do not repeat each other), and 0 or 2 workers give the same
     batch (the seeds depend on the sample, not on the worker)."""
     from ssd_da.config import load_config
-    from ssd_da.engine.data import build_train_loader
+    from ssd_da.engine.loaders import build_train_loader
 
     year = tmp_path / "VOCdevkit" / "VOC2007"
     noise = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ssd_da.config import resolve_config, validate_config
+from ssd_da.config import resolve_config
+from ssd_da.config_checks import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_TOOLS = ("train.py", "ablate.py")  # they take key=value overrides anywhere

@@ -132,7 +132,7 @@ def test_training_steps_with_channels_last_or_compile_give_the_eager_losses() ->
 
 def test_trainer_builds_the_model_with_the_options(tmp_path) -> None:
     from ssd_da.config import load_config
-    from ssd_da.engine.trainer import build_model
+    from ssd_da.engine.setup import build_model
 
     cfg = load_config(None, ["backbone=resnet18", "pretrained=none", "channels_last=true", "compile=true"])
     model, _ = build_model(cfg, 3, torch.device("cpu"))

@@ -229,7 +229,8 @@ def test_nccl_branch_sets_the_device_first_and_gives_it_to_ddp(
     ``device_ids`` and ``output_device``, and the evaluation divides the cores between the
     processes as training does (on main before issue 20 it started one worker per core in
     every process)."""
-    import ssd_da.engine.trainer as trainer
+    import ssd_da.engine.evaluation as evaluation
+    import ssd_da.engine.setup as setup
     from ssd_da.models.ssd import build_ssd
 
     for key, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
@@ -238,11 +239,11 @@ def test_nccl_branch_sets_the_device_first_and_gives_it_to_ddp(
     _mock_process_group(monkeypatch, gpu.calls, world=2)
     cfg = load_config(None, ["device=cuda", "pretrained=none", "backbone=resnet18", "workers=-1",
                              f"data_root={tiny_devkit}", f"classes={json.dumps(tiny_classes)}"])
-    device, rank, world = trainer.prepare_process(cfg)
+    device, rank, world = setup.prepare_process(cfg)
     assert (device, rank, world) == (torch.device("cuda", 1), 1, 2)
     assert gpu.calls[:2] == ["set_device(1)", "init_process_group(nccl)"]
     assert gpu.calls[-1] == "_cuda_resetPeakMemoryStats"
-    state = trainer.make_train_state(cfg, build_ssd("resnet18", 3), "none", device)
+    state = setup.build_train_state(cfg, build_ssd("resnet18", 3), "none", device)
     assert isinstance(state.model, _FakeDDP)
     assert state.model.kwargs == {"device_ids": [1], "output_device": 1}
 
@@ -252,10 +253,10 @@ def test_nccl_branch_sets_the_device_first_and_gives_it_to_ddp(
         seen["workers"] = args[5]
         raise _StopEvaluation
 
-    monkeypatch.setattr(trainer, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(evaluation, "evaluate_model", evaluate_model)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     with pytest.raises(_StopEvaluation):
-        trainer.evaluate(state, None, tiny_classes, cfg, device, tmp_path, None)
+        evaluation.evaluate(state, None, tiny_classes, cfg, device, tmp_path, None)
     assert seen["workers"] == 16 // 2 - 1  # as training's loader: the cores shared, one kept
 
 

@@ -20,8 +20,8 @@ from ssd_da.cli import ablate as ablate_tool
 from ssd_da.cli import train as train_tool
 from ssd_da.engine import trainer
 from ssd_da.engine.checkpoint import load_checkpoint
-from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, ignore_stop_signals, stop_on_signals,
-                                     stop_requested)
+from ssd_da.engine.interrupt import ignore_stop_signals, stop_on_signals, stop_requested
+from ssd_da.utils.cli import EXIT_INTERRUPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_loader_workers_leave_stop_signals_to_the_main_process():
             "ignore_stop_signals(0); os.kill(os.getpid(), signal.SIGTERM);"
             "os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGUSR1); sys.exit(7)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 7
-    from ssd_da.engine.data import make_train_loader
+    from ssd_da.engine.loaders import make_train_loader
 
     loader = make_train_loader(list(range(4)), 2, 0, 0, 1, workers=0, pin_memory=False)
     assert loader.worker_init_fn is ignore_stop_signals

@@ -14,7 +14,7 @@ from ssd_da.config import Config, load_config
 from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.data.transforms import build_train_transform
 from ssd_da.data.voc import VOCDetection
-from ssd_da.engine import data as engine_data
+from ssd_da.engine import loaders as engine_data
 
 
 @pytest.mark.parametrize("cores, world, expected", [(16, 1, 15), (16, 2, 7), (2, 1, 1), (1, 1, 0), (3, 4, 0)])
@@ -27,7 +27,7 @@ def test_default_workers_are_the_cores_less_one_per_process(monkeypatch: pytest.
 
 
 def test_negative_workers_other_than_minus_one_are_refused() -> None:
-    from ssd_da.config import validate_config
+    from ssd_da.config_checks import validate_config
 
     with pytest.raises(ValueError, match=r"config field .workers. must lie in \[-1, inf\), got -2"):
         validate_config(load_config(None, ["workers=-2"]))
@@ -53,7 +53,7 @@ def test_loader_rate_is_logged_without_touching_the_training_stream(
         tiny_devkit: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = load_config(None, ["batch_size=2", "workers=0"])
     state = torch.random.get_rng_state()
-    with caplog.at_level(logging.INFO, logger="ssd_da.engine.data"):
+    with caplog.at_level(logging.INFO, logger="ssd_da.engine.loaders"):
         engine_data.log_loader_rate(_dataset(tiny_devkit), cfg)
     assert torch.equal(torch.random.get_rng_state(), state)
     [line] = [r.getMessage() for r in caplog.records if "data loader alone" in r.getMessage()]

@@ -201,7 +201,7 @@ def test_overrides_may_come_between_options():
 
 def test_lr_steps_beyond_the_schedule_warn(caplog):
     try:
-        from ssd_da.config import validate_config
+        from ssd_da.config_checks import validate_config
     except ImportError:  # before the trainer refactor
         from ssd_da.engine.trainer import validate_config
     cfg = load_config(ROOT / "configs" / "bccd.yaml", ["iters=2000"])

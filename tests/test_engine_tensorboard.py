@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ssd_da.cli import ablate as ablate_tool
 from ssd_da.config import load_config, resolve_config
 from ssd_da.data.demo import DEMO_CLASSES
-from ssd_da.engine.data import DataWait
+from ssd_da.engine.state import DataWait
 from ssd_da.engine.runlog import read_run_log
 from ssd_da.engine.tensorboard import TENSORBOARD_DIR, TensorBoardScalars, scalars_of
 from ssd_da.experiments.ablate import plan_runs, run_state

@@ -15,8 +15,9 @@ from ssd_da.cli import train as train_tool
 from ssd_da.config import load_config
 from ssd_da.data.demo import DEMO_CLASSES
 from ssd_da.engine.checkpoint import load_checkpoint
-from ssd_da.engine.data import ResumableTrainSampler
-from ssd_da.engine.trainer import NonFiniteLossError, lr_factor, train
+from ssd_da.engine.loaders import ResumableTrainSampler
+from ssd_da.engine.setup import lr_factor
+from ssd_da.engine.trainer import NonFiniteLossError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,7 +154,7 @@ def test_mistyped_pretrained_path_is_an_error(tiny_devkit, tmp_path):
 @pytest.mark.parametrize("source", ["resnet18_imagenet.pth.tar", "weights.bin", "r18.pt"])
 def test_pretrained_that_is_neither_file_nor_weights_name_is_an_error(source, tmp_path,
                                                                      monkeypatch):
-    from ssd_da.engine.trainer import build_model
+    from ssd_da.engine.setup import build_model
 
     monkeypatch.chdir(tmp_path)  # none of these names exists here
     cfg = tiny_cfg(tmp_path, tmp_path / "o", backbone="resnet18", pretrained=source)
@@ -165,7 +166,7 @@ def test_unreachable_weights_name_falls_back_to_scratch(tmp_path, monkeypatch, c
     """Offline, a weights name trains from scratch, says so once (on rank 0 only) and records
     why in the run's backbone_init."""
     from ssd_da.engine import distributed as dist_utils
-    from ssd_da.engine.trainer import build_model
+    from ssd_da.engine.setup import build_model
     from ssd_da.models import pretrained
 
     def offline(weights):
@@ -276,7 +277,7 @@ def test_check_replicas_agree_two_processes(diverge, tmp_path):
 
 
 def test_warmup_longer_than_the_schedule_is_reported(tmp_path, caplog):
-    from ssd_da.config import validate_config
+    from ssd_da.config_checks import validate_config
 
     with caplog.at_level("WARNING", logger="ssd_da.config"):
         validate_config(tiny_cfg(tmp_path, tmp_path, iters=4, warmup_iters=2, lr_steps=[3]))

@@ -139,8 +139,9 @@ def _gates(model: nn.Module) -> list[str]:
 
 
 def test_config_key_validated_and_passed_to_the_detector():
-    from ssd_da.config import load_config, validate_config
-    from ssd_da.engine.trainer import build_model
+    from ssd_da.config import load_config
+    from ssd_da.config_checks import validate_config
+    from ssd_da.engine.setup import build_model
 
     cfg = load_config(None, ["backbone=da_resnet18", "pretrained=none",
                              "attention_init=identity"])

@@ -17,7 +17,7 @@ from torch import nn
 
 from ssd_da.config import load_config, resolve_attention_init, resolve_config
 from ssd_da.data.demo import DEMO_CLASSES
-from ssd_da.engine.trainer import build_model
+from ssd_da.engine.setup import build_model
 from ssd_da.models.attention import IdentityStart
 from ssd_da.models.names import BACKBONE_NAMES, parse_backbone_name
 from ssd_da.models.resnet import backbone_features
@@ -144,7 +144,7 @@ def test_resume_keeps_the_recorded_value(tmp_path):
 
 
 def test_validate_lists_auto():
-    from ssd_da.config import validate_config
+    from ssd_da.config_checks import validate_config
 
     with pytest.raises(ValueError, match="attention_init 'zero' is not one of: default, "
                                          "identity, auto"):

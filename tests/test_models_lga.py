@@ -1,4 +1,4 @@
-"""LGA, LA, GA (ssd_da/models/lga.py), MHSA and SA (attention_extra.py): counts, shapes and
+"""LGA, LA, GA (ssd_da/models/lga.py), MHSA and SA (compared_attention.py): counts, shapes and
 outputs worked out by hand, and the public LGA code's second product against ours."""
 import math
 

@@ -2,7 +2,7 @@
 
 Three training iterations of every attention family (ResNet18 trunks: the point is the code
 path, not the speed) in float32, ``--amp``, ``--amp --channels-last`` and ``--amp --compile``,
-through the trainer's own ``build_model`` / ``make_train_state`` / ``train_step``; a 1-process
+through the trainer's own ``build_model`` / ``build_train_state`` / ``train_step``; a 1-process
 ``torchrun`` of the training tool (NCCL on a GPU, gloo on the CPU); tools/eval_voc.py,
 tools/gradcam.py and tools/detect.py on a checkpoint. The host syncs inside the training
 iterations after the first are counted: on CUDA the warnings of
@@ -134,7 +134,7 @@ def train_unit(args: Any, device: torch.device, backbone: str, mode: dict[str, b
     but the first (which creates lazy state and compiles) are counted."""
     from ssd_da.config import load_config
     from ssd_da.engine.step import FiniteCheck, read_losses
-    from ssd_da.engine.trainer import build_model, make_train_state, train_step
+    from ssd_da.engine.trainer import build_model, build_train_state, train_step
 
     cfg = load_config(None, [f"backbone={backbone}", "pretrained=none", f"batch_size={args.smoke_batch}",
                              "lr=0.001", "warmup_iters=0", "lr_steps=[]", "iters=3"])
@@ -143,7 +143,7 @@ def train_unit(args: Any, device: torch.device, backbone: str, mode: dict[str, b
     model, _ = build_model(replace(cfg, compile=cfg.compile and backend is None), 21, device)
     if cfg.compile and backend is not None:  # the dry run: a compiler that takes seconds on a CPU
         model.compile_network(backend=backend)
-    state = make_train_state(cfg, model, "none", device)
+    state = build_train_state(cfg, model, "none", device)
     images, targets = smoke_batch(cfg.batch_size, device)
     finite = FiniteCheck(0)
     state.model.train()

@@ -196,7 +196,7 @@ def e2e_block(args: Any) -> int:
     """Steps per timed end-to-end block: at least twice the batches the workers keep ready, so
     that batches made during the warm-up cannot carry a block (the median of 3 is then a
     steady-state block)."""
-    from ssd_da.engine.data import PREFETCH_BATCHES, resolve_workers
+    from ssd_da.engine.loaders import PREFETCH_BATCHES, resolve_workers
 
     return max(args.steps, 2 * PREFETCH_BATCHES * resolve_workers(args.workers))
 
@@ -211,7 +211,7 @@ def _train_dataset(args: Any) -> Any:
 
 def loader_row(args: Any) -> Row:
     """What the training loader alone delivers (the line the trainer logs at start)."""
-    from ssd_da.engine.data import measure_loader_rate, resolve_workers
+    from ssd_da.engine.loaders import measure_loader_rate, resolve_workers
 
     workers = resolve_workers(args.workers)
     rate = measure_loader_rate(_train_dataset(args), args.batch_size, workers, seconds=5.0)
@@ -227,7 +227,7 @@ class real_loader:
         self.args, self.batches = args, batches
 
     def __enter__(self) -> Any:
-        from ssd_da.engine.data import make_train_loader, resolve_workers
+        from ssd_da.engine.loaders import make_train_loader, resolve_workers
 
         loader = make_train_loader(_train_dataset(self.args), self.args.batch_size, 0, 0, self.batches,
                                    resolve_workers(self.args.workers), pin_memory=torch.cuda.is_available())
@@ -285,7 +285,7 @@ def whole_evaluation_row(args: Any, backbone: str, device: torch.device) -> str:
     its detections fill the top-k after NMS, as a trained one's do at a 0.01 score threshold."""
     from ssd_da.data.transforms import build_eval_transform
     from ssd_da.data.voc import VOCDetection
-    from ssd_da.engine.data import resolve_workers
+    from ssd_da.engine.loaders import resolve_workers
     from ssd_da.engine.inference import evaluate_model
 
     classes = split_classes(args.data_root, args.eval_split)

@@ -41,18 +41,18 @@ from pathlib import Path
 from typing import NoReturn
 
 from ssd_da.config import add_config_arguments, parse_key_values, resolve_config
-from ssd_da.engine.checkpoint import EXIT_WRITE_FAILED, CheckpointWriteError
-from ssd_da.engine.data import class_names_from_config
+from ssd_da.engine.checkpoint import CheckpointWriteError
 from ssd_da.engine.folder_lock import hold_folder_lock
-from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE, Interrupted,
-                                     stop_on_signals)
+from ssd_da.engine.interrupt import Interrupted, stop_on_signals
+from ssd_da.engine.loaders import class_names_from_config
 from ssd_da.experiments.ablate import (SUITES, check_gpus, plan_runs, run_state, run_suite,
                                        suite_backbones)
 from ssd_da.experiments.results import write_reports
 from ssd_da.experiments.slurm import (SlurmOptions, SlurmUnavailable, format_status,
                                       outcomes_of, read_jobs, submit_runs, suite_status,
                                       wait_for_runs)
-from ssd_da.utils.cli import fail, report_error
+from ssd_da.utils.cli import (EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE, EXIT_WRITE_FAILED, fail,
+                              report_error)
 
 logger = logging.getLogger("ablate")
 # Config keys the runner sets per run; giving them as key=value would be silently replaced.

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -27,13 +25,14 @@ from typing import Sequence
 import torch
 
 from ssd_da.data.coco import CocoDetection
-from ssd_da.data.transforms import build_eval_transform
-from ssd_da.data.voc import VOC_CLASSES, UnknownClassError, VOCDetection
+from ssd_da.data.voc import UnknownClassError, VOCDetection
 from ssd_da.engine.checkpoint import load_detector
-from ssd_da.engine.inference import coco_metrics_of, format_coco, predict
+from ssd_da.engine.inference import coco_metrics_of, evaluate_model, format_coco
+from ssd_da.engine.loaders import default_eval_workers, make_test_set, resolve_workers
+from ssd_da.engine.runlog import to_json
 from ssd_da.evaluation.coco import coco_results, load_coco_results
 from ssd_da.evaluation.detection_file import load_detection_file, write_detection_file
-from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
+from ssd_da.utils.plots import plot_ap_bars, plot_pr_curves
 from ssd_da.evaluation.voc import VOCResult, evaluate_voc
 from ssd_da.utils.cli import parse_names, report_error
 from ssd_da.utils.device import resolve_device
@@ -65,9 +64,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "the published VOC07 numbers of ssd.pytorch, lufficc and mmdet (default); "
                         "matlab: IoU >= 0.5, as the MATLAB devkit's VOCevaldet.m")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--workers", type=int, default=default_eval_workers(),
                    help="data loader processes (default: min(4, CPU cores available), "
-                        f"{default_workers()} here)")
+                        f"{default_eval_workers()} here; -1: the cores less one, as training)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on GPU")
     p.add_argument("--skip-bad", action="store_true",
@@ -85,18 +84,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def default_workers() -> int:
-    """4 loader processes, or fewer on a machine with fewer cores (PyTorch warns otherwise)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(0, min(4, cores or 1))
-
-
 def parse_classes(text: str | None) -> list[str] | None:
     return parse_names(text, "--classes")
 
 
 def run_model(args: argparse.Namespace, class_names: list[str] | None):
-    """Inference with the checkpoint over the split; returns (dataset, class names, dets, img/s)."""
+    """The checkpoint evaluated on the split as training evaluates (the same dataset, uint8
+    preprocessing and ``evaluate_model``); returns (dataset, class names, dets, VOC result,
+    img/s)."""
 
     device = resolve_device(args.device)
     model, ckpt = load_detector(args.checkpoint, device)
@@ -108,27 +103,26 @@ def run_model(args: argparse.Namespace, class_names: list[str] | None):
     ignore = args.ignore_other_classes
     if ignore is None:  # training's rule for objects of other classes, so the mAPs agree
         ignore = bool(saved.get("ignore_other_classes", False))
-    dataset = load_split(args, trained, build_eval_transform(model.image_size), ignore,
+    dataset = load_split(args, trained, True, ignore,
                          f"{args.checkpoint} was trained on these classes: evaluate it on data "
                          f"of them, or pass --ignore-other-classes to leave the others out")
     with torch.inference_mode():
-        dets, rate = predict(model, dataset, device, args.batch_size, args.workers, args.amp)
-    return dataset, trained, [dets[i] for i in range(len(dataset))], rate
+        result, dets, images_per_s = evaluate_model(model, dataset, trained, device, args.batch_size,
+                                            resolve_workers(args.workers), args.amp, args.metric,
+                                            iou_rule=args.iou_rule)
+    return dataset, trained, dets, result, images_per_s
 
 
-def load_split(args: argparse.Namespace, class_names: Sequence[str] | None, transform,
+def load_split(args: argparse.Namespace, class_names: Sequence[str] | None, with_images: bool,
                ignore_other_classes: bool, advice: str | None = None
                ) -> VOCDetection | CocoDetection:
-    """The split as a VOCDetection or CocoDetection (difficult objects kept; ``class_names``
-    None: the COCO categories). Objects of classes the model does not know are an error unless
+    """The split as training's evaluation reads it (``make_test_set``; ``class_names`` None:
+    the COCO categories). Objects of classes the model does not know are an error unless
     ignored: otherwise their APs would silently be missing."""
-    dataset_class = CocoDetection if args.data_format == "coco" else VOCDetection
-    if args.data_format != "coco" and class_names is None:
-        class_names = list(VOC_CLASSES)
     try:
-        return dataset_class(args.data_root, args.split, class_names=class_names,
-                             transform=transform, keep_difficult=True, skip_bad=args.skip_bad,
-                             ignore_other_classes=ignore_other_classes)
+        return make_test_set(args.data_format, args.data_root, args.split, class_names,
+                             skip_bad=args.skip_bad, ignore_other_classes=ignore_other_classes,
+                             with_images=with_images)
     except UnknownClassError as exc:
         if advice is None:
             raise EvalInputError(str(exc)) from None
@@ -136,7 +130,7 @@ def load_split(args: argparse.Namespace, class_names: Sequence[str] | None, tran
 
 
 def report(result: VOCResult, coco: dict[str, float] | None,
-           dataset: VOCDetection | CocoDetection, rate: float | None) -> None:
+           dataset: VOCDetection | CocoDetection, images_per_s: float | None) -> None:
     print(result.table())
     if coco is not None and hasattr(dataset, "coco"):
         print(f"COCO (pycocotools on {dataset.split}'s JSON): {format_coco(coco)}")
@@ -150,8 +144,8 @@ def report(result: VOCResult, coco: dict[str, float] | None,
     if left_out:
         line += (f"; {sum(left_out.values())} objects of other classes left out ("
                  + ", ".join(f"{n} {k}" for k, n in sorted(left_out.items())) + ")")
-    if rate is not None:
-        line += f"; inference {rate:.1f} images/s (model and transfer, batch included)"
+    if images_per_s is not None:
+        line += f"; inference {images_per_s:.1f} images/s (model and transfer, batch included)"
     print(line)
 
 
@@ -166,7 +160,7 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 def read_detections(args: argparse.Namespace, class_names: list[str] | None):
     """--detections over the split: (dataset, class names, detections aligned with it)."""
-    dataset = load_split(args, class_names, None, bool(args.ignore_other_classes))
+    dataset = load_split(args, class_names, False, bool(args.ignore_other_classes))
     if args.data_format == "coco":
         detections = load_coco_results(args.detections, dataset.coco_ids, dataset.cat_ids)
     else:
@@ -185,16 +179,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_outputs(args)
         class_names = parse_classes(args.classes)
-        rate = None
+        images_per_s = None
         if args.checkpoint:
-            dataset, class_names, detections, rate = run_model(args, class_names)
+            dataset, class_names, detections, result, images_per_s = run_model(args, class_names)
         else:
             dataset, class_names, detections = read_detections(args, class_names)
-        gts = [dataset.get_annotation(i).ground_truth() for i in range(len(dataset))]
-        result = evaluate_voc(detections, gts, class_names, metric=args.metric,
-                              iou_rule=args.iou_rule)
+            gts = [dataset.get_annotation(i).ground_truth() for i in range(len(dataset))]
+            result = evaluate_voc(detections, gts, class_names, metric=args.metric,
+                                  iou_rule=args.iou_rule)
         coco = coco_figures(args, dataset, detections)
-        report(result, coco, dataset, rate)
+        report(result, coco, dataset, images_per_s)
         image_ids = [dataset.get_annotation(i).image_id for i in range(len(dataset))]
         write_outputs(args, result, detections, image_ids, class_names, dataset, coco)
     except (ValueError, OSError) as exc:  # EvalInputError, CheckpointError, DetectionFileError
@@ -216,15 +210,13 @@ def write_outputs(args, result, detections, image_ids, class_names, dataset=None
         print(f"wrote {count} detections to {args.save_detections}")
     if args.json:
         # JSON has no NaN: a class without ground truth (AP undefined) and the mAP of a split
-        # with no ground truth at all are written as null.
-        ap = {c: (None if math.isnan(v) else float(v)) for c, v in result.ap.items()}
+        # with no ground truth at all are written as null (as in log.jsonl: runlog.to_json).
         payload = {"metric": args.metric,  # the --metric value: one name for one thing
-                   "iou_rule": result.iou_rule,
-                   "map": None if math.isnan(result.map) else float(result.map), "ap": ap,
-                   "num_images": len(image_ids)}
+                   "iou_rule": result.iou_rule, "map": float(result.map),
+                   "ap": {c: float(v) for c, v in result.ap.items()}, "num_images": len(image_ids)}
         if is_coco and coco is not None:
-            payload["coco"] = {k: (None if math.isnan(v) else v) for k, v in coco.items()}
-        Path(args.json).write_text(json.dumps(payload, indent=2, allow_nan=False))
+            payload["coco"] = coco
+        Path(args.json).write_text(json.dumps(to_json(payload), indent=2, allow_nan=False))
     if args.plots:
         out = Path(args.plots)
         out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from ssd_da.engine.checkpoint import load_detector
 from ssd_da.models.names import display_name
 from ssd_da.utils.cli import report_error
 from ssd_da.utils.device import resolve_device
-from ssd_da.utils.figures import save_figure
+from ssd_da.utils.plots import save_figure
 from ssd_da.utils.paths import ensure_file_parent
 from ssd_da.visualize.cam import METHODS, CamTarget, default_layer, explain, resolve_layer
 from ssd_da.visualize.draw import cam_figure, draw_detections, overlay_heatmap

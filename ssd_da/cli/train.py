@@ -31,10 +31,12 @@ import sys
 from pathlib import Path
 
 from ssd_da.config import Config, add_config_arguments, parse_key_values, resolve_config
-from ssd_da.engine.checkpoint import EXIT_WRITE_FAILED, CheckpointWriteError, load_checkpoint
-from ssd_da.engine.interrupt import EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE, Interrupted
-from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError, train
-from ssd_da.utils.cli import report_error
+from ssd_da.engine.checkpoint import CheckpointWriteError, load_checkpoint
+from ssd_da.engine.interrupt import Interrupted
+from ssd_da.engine.step import NonFiniteLossError
+from ssd_da.engine.trainer import train
+from ssd_da.utils.cli import (EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_STOPPED_AT_ONCE,
+                              EXIT_WRITE_FAILED, report_error)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
 from ssd_da.data.decode import REDUCTIONS, EncodedImage
-from ssd_da.data.transforms import (
-    MEAN_PIXEL, OUTPUTS, SSD_MIN_IOUS, box_centres_inside, sample_min_iou_crop,
-    sample_zoom_out,
+from ssd_da.data.sampling import (
+    MEAN_PIXEL, OUTPUTS, AugmentSettings, box_centres_inside, sample_min_iou_crop, sample_zoom_out,
 )
 from ssd_da.models.pretrained import PIXEL_OFFSET, PIXEL_SCALE
 
@@ -147,7 +146,7 @@ def _check_output(output: str) -> str:
 
 class SSDAugment:
     """SSD training augmentation; a drop-in for the albumentations Compose of
-    ``build_train_transform`` (same arguments and call, same output contract).
+    ``build_train_transform`` (same settings and call, same output contract).
 
     Call as ``t(image=..., bboxes=(N, 4) xyxy pixels, labels=(N,))`` with ``image`` an
     (H, W, 3) uint8 RGB array or an :class:`EncodedImage` (``VOCDetection`` passes one, since
@@ -158,17 +157,12 @@ class SSDAugment:
 
     reads_encoded = True
 
-    def __init__(self, size: int = 300, photometric: bool = True, channel_swap_p: float = 0.0,
-                 zoom_out_p: float = 0.5, max_zoom_out: float = 4.0,
-                 min_ious: Sequence[float | None] = SSD_MIN_IOUS, crop_require_all: bool = False,
-                 flip_p: float = 0.5, seed: int | None = None, output: str = "float",
-                 reduced_decode: bool = True) -> None:
-        if max_zoom_out < 1.0 or len(min_ious) == 0:
+    def __init__(self, size: int = 300, settings: AugmentSettings = AugmentSettings(),
+                 seed: int | None = None, output: str = "float", reduced_decode: bool = True) -> None:
+        if settings.max_zoom_out < 1.0 or len(settings.min_ious) == 0:
             raise ValueError(f"SSDAugment needs max_zoom_out >= 1 and at least one min_ious option; "
-                             f"got {max_zoom_out}, {list(min_ious)}")
-        self.size, self.photometric, self.channel_swap_p = size, photometric, channel_swap_p
-        self.zoom_out_p, self.max_zoom_out, self.flip_p = zoom_out_p, max_zoom_out, flip_p
-        self.min_ious, self.crop_require_all = tuple(min_ious), crop_require_all
+                             f"got {settings.max_zoom_out}, {list(settings.min_ious)}")
+        self.size, self.settings = size, settings
         self.output, self.reduced_decode = _check_output(output), reduced_decode
         self.rng = random.Random(seed)
         self.last_params: tuple[PhotometricParams | None, GeometryParams] | None = None
@@ -180,16 +174,16 @@ class SSDAugment:
     def sample(self, height: int, width: int, boxes: np.ndarray
                ) -> tuple[PhotometricParams | None, GeometryParams]:
         """Draw one augmentation for a ``height x width`` image with (N, 4) xyxy pixel boxes."""
-        rng = self.rng
-        photo = sample_photometric(rng, self.channel_swap_p) if self.photometric else None
+        rng, s = self.rng, self.settings
+        photo = sample_photometric(rng, s.channel_swap_p) if s.photometric else None
         canvas = (0, 0, width, height)
-        if self.zoom_out_p > 0 and rng.random() < self.zoom_out_p:
-            canvas = sample_zoom_out(rng, height, width, self.max_zoom_out)
+        if s.zoom_out_p > 0 and rng.random() < s.zoom_out_p:
+            canvas = sample_zoom_out(rng, height, width, s.max_zoom_out)
         left, top, canvas_w, canvas_h = canvas
         shifted = boxes + np.array([left, top, left, top], dtype=np.float64)
-        crop = sample_min_iou_crop(rng, canvas_h, canvas_w, shifted, self.min_ious,
-                                   require_all=self.crop_require_all)
-        flip = self.flip_p > 0 and rng.random() < self.flip_p
+        crop = sample_min_iou_crop(rng, canvas_h, canvas_w, shifted, s.min_ious,
+                                   require_all=s.crop_require_all)
+        flip = s.flip_p > 0 and rng.random() < s.flip_p
         return photo, GeometryParams(canvas, crop, flip)
 
     def __call__(self, *, image: np.ndarray | EncodedImage, bboxes: Any, labels: Any) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +22,7 @@ from PIL import Image
 
 from ssd_da.data.coco import coco_paths, load_coco_json
 from ssd_da.data.voc import SPLITS, VOC_CLASSES, AnnotationError, find_image, resolve_split
-from ssd_da.data.voc_xml import drop_namespaces
+from ssd_da.data.voc_xml import XmlObject, read_voc_xml
 
 logger = logging.getLogger(__name__)
 
@@ -35,29 +34,16 @@ def _num(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
 
-def _read_voc_xml(xml_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``({"filename", "width", "height"}, [{"name", "difficult", "box": [xmin, ymin, xmax,
-    ymax]}])`` of a VOC XML file, numbers as written (top-level objects only)."""
+def _read_voc_xml(xml_path: Path) -> tuple[dict[str, Any], list[XmlObject]]:
+    """``({"filename", "width", "height"}, objects)`` of a VOC XML file (``read_voc_xml``: the
+    project's one reader), numbers as written (top-level objects only); width and height 0
+    when ``<size>`` is missing or zero."""
     try:
-        root = ET.parse(xml_path).getroot()
-    except (ET.ParseError, OSError) as err:
+        filename, size, objects = read_voc_xml(xml_path)
+    except OSError as err:
         raise AnnotationError(f"{xml_path}: cannot read ({err})") from None
-    drop_namespaces(root)
-    size = root.find("size")
-    try:
-        meta = {"filename": (root.findtext("filename") or "").strip(),
-                "width": int(float(size.findtext("width"))) if size is not None else 0,
-                "height": int(float(size.findtext("height"))) if size is not None else 0}
-        objects = []
-        for obj in root.findall("object"):
-            box = obj.find("bndbox")
-            objects.append({"name": (obj.findtext("name") or "").strip(),
-                            "difficult": bool(int(float(obj.findtext("difficult") or 0))),
-                            "box": [float(box.findtext(t)) for t in _COORDS]})
-    except (AttributeError, TypeError, ValueError) as err:
-        raise AnnotationError(f"{xml_path}: missing or non-numeric size or bndbox "
-                              f"({err})") from None
-    return meta, objects
+    height, width = size or (0, 0)
+    return {"filename": filename, "width": width, "height": height}, objects
 
 
 def _place(src: Path, dst: Path, link: bool) -> None:
@@ -103,19 +89,19 @@ def voc_split_to_coco(voc_root: str | Path, split: str, class_names: Sequence[st
         images.append({"id": len(images) + 1, "file_name": image_path.name,
                        "width": meta["width"], "height": meta["height"]})
         _place(image_path, coco_root / split / image_path.name, link)
-        for k, obj in enumerate(objects, start=1):
-            if obj["name"] not in cat_of:
+        for obj in objects:
+            if obj.name not in cat_of:
                 other += 1
                 continue
-            x1, y1, x2, y2 = obj["box"]
+            x1, y1, x2, y2 = obj.box
             if x2 < x1 or y2 < y1:
                 logger.warning("%s: object #%d (%s) has an inverted box %s, which has no COCO "
-                               "form; left out", xml_path, k, obj["name"], tuple(obj["box"]))
+                               "form; left out", xml_path, obj.index, obj.name, tuple(obj.box))
                 continue
             bbox = [_num(x1 - 1), _num(y1 - 1), _num(x2 - x1), _num(y2 - y1)]
             anns.append({"id": len(anns) + 1, "image_id": images[-1]["id"],
-                         "category_id": cat_of[obj["name"]], "bbox": bbox,
-                         "area": _num(bbox[2] * bbox[3]), "iscrowd": int(obj["difficult"])})
+                         "category_id": cat_of[obj.name], "bbox": bbox,
+                         "area": _num(bbox[2] * bbox[3]), "iscrowd": int(obj.difficult)})
     if other:
         logger.warning("%s: %d objects of classes not in %s left out", split, other,
                        list(class_names))
@@ -136,7 +122,7 @@ def voc_class_names(voc_root: str | Path, splits: Sequence[str]) -> list[str]:
     for split in splits:
         for year_dir, image_id in resolve_split(voc_root, split):
             _, objects = _read_voc_xml(Path(year_dir) / "Annotations" / f"{image_id}.xml")
-            names.update(o["name"] for o in objects)
+            names.update(o.name for o in objects)
     return list(VOC_CLASSES) if names <= set(VOC_CLASSES) else sorted(names)
 
 

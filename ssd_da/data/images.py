@@ -152,6 +152,6 @@ class ImageAudit:
         if self.rotated:
             logger.warning("%s: %d of %d images carry an EXIF orientation (e.g. %s); boxes are "
                            "read against the stored pixels, not the turned view a photo viewer "
-                           "shows (README, Data): if they were drawn on that view, turn those "
+                           "shows (docs/usage.md, Data): if they were drawn on that view, turn those "
                            "files and their boxes first", where, len(self.rotated), total,
                            "; ".join(self.rotated[:3]))

@@ -23,38 +23,12 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from ssd_da.data.augment import ResizeNormalize, SSDAugment
+from ssd_da.data.sampling import (  # noqa: F401 (the box helpers: public here too)
+    MEAN_PIXEL, OUTPUTS, SSD_MIN_IOUS, AugmentSettings, box_centres_inside, box_iou_with_rect,
+    box_iou_with_rects, sample_min_iou_crop, sample_zoom_out,
+)
 from ssd_da.models.pretrained import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (public here too)
-
-# The zoom-out canvas is filled with the mean pixel, so it normalises to (about) zero.
-MEAN_PIXEL: tuple[float, float, float] = tuple(255.0 * m for m in IMAGENET_MEAN)  # type: ignore[assignment]
-
-# SSD sec 2.2 "Data augmentation": use the whole image (None), or a patch whose minimum IoU with
-# the objects is 0.1/0.3/0.5/0.7/0.9, or a random patch (0.0: no IoU constraint).
-SSD_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9, 0.0)
-
-
-def box_iou_with_rects(boxes: np.ndarray, rects: np.ndarray) -> np.ndarray:
-    """IoU of (N, 4) xyxy boxes with (T, 4) xyxy rectangles, continuous areas (no +1). Returns (T, N)."""
-    boxes, rects = boxes[None, :, :4], np.asarray(rects, dtype=np.float64)[:, None, :]
-    iw = np.clip(np.minimum(boxes[..., 2], rects[..., 2]) - np.maximum(boxes[..., 0], rects[..., 0]), 0, None)
-    ih = np.clip(np.minimum(boxes[..., 3], rects[..., 3]) - np.maximum(boxes[..., 1], rects[..., 1]), 0, None)
-    inter = iw * ih
-    area_b = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    area_r = (rects[..., 2] - rects[..., 0]) * (rects[..., 3] - rects[..., 1])
-    return inter / (area_b + area_r - inter)
-
-
-def box_iou_with_rect(boxes: np.ndarray, rect: Sequence[float]) -> np.ndarray:
-    """IoU of (N, 4) xyxy boxes with one xyxy rectangle, continuous areas (no +1). Returns (N,)."""
-    return box_iou_with_rects(boxes, np.asarray([rect]))[0]
-
-
-def box_centres_inside(boxes: np.ndarray, rect: Sequence[float]) -> np.ndarray:
-    """(N,) bool: box centre strictly inside the xyxy rectangle (ssd.pytorch's keep rule)."""
-    cx = (boxes[:, 0] + boxes[:, 2]) / 2
-    cy = (boxes[:, 1] + boxes[:, 3]) / 2
-    return (rect[0] < cx) & (cx < rect[2]) & (rect[1] < cy) & (cy < rect[3])
-
 
 def _to_pixels(bboxes: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Normalised albumentations boxes (N, 4+) -> (N, 4) float64 absolute pixels.
@@ -64,46 +38,6 @@ def _to_pixels(bboxes: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     outside it (the strict test of ``box_centres_inside``) whatever the rounding."""
     height, width = shape[:2]
     return np.round(bboxes[:, :4].astype(np.float64) * np.array([width, height, width, height]), 3)
-
-
-def sample_zoom_out(rng: random.Random, height: int, width: int, max_ratio: float
-                    ) -> tuple[int, int, int, int]:
-    """Zoom-out draw (ssd.pytorch's Expand): ratio r ~ U[1, max_ratio], then an integer paste
-    offset. Returns ``(left, top, canvas_w, canvas_h)``; the canvas always holds the image."""
-    ratio = rng.uniform(1.0, max_ratio)
-    left = int(rng.uniform(0.0, width * ratio - width))
-    top = int(rng.uniform(0.0, height * ratio - height))
-    # The canvas must hold the image even when int() rounds width * ratio down.
-    return left, top, max(int(width * ratio), left + width), max(int(height * ratio), top + height)
-
-
-def sample_min_iou_crop(rng: random.Random, height: int, width: int, boxes: np.ndarray,
-                        min_ious: Sequence[float | None] = SSD_MIN_IOUS, min_scale: float = 0.3,
-                        max_aspect: float = 2.0, max_trials: int = 50, require_all: bool = False
-                        ) -> tuple[int, int, int, int]:
-    """SSD's patch draw on a ``height x width`` image with (N, 4) xyxy pixel ``boxes``; see
-    :class:`MinIoURandomCrop`. Returns the patch ``(x1, y1, x2, y2)`` in integer pixels, the
-    whole image when the drawn option is None, there are no boxes or no trial succeeds."""
-    whole = (0, 0, width, height)
-    min_iou = min_ious[rng.randrange(len(min_ious))]
-    if min_iou is None or boxes.size == 0:
-        return whole
-    # All trials are drawn at once (w, h, left, top uniforms each) and tested together. The
-    # first trial that passes is the patch, as in a loop over trials that stops there: the
-    # draws are independent, so the distribution of the patch is the loop's.
-    u = np.array([rng.random() for _ in range(4 * max_trials)]).reshape(max_trials, 4)
-    w = width * (min_scale + (1.0 - min_scale) * u[:, 0])
-    h = height * (min_scale + (1.0 - min_scale) * u[:, 1])
-    left, top = (width - w) * u[:, 2], (height - h) * u[:, 3]
-    rects = np.stack([left, top, left + w, top + h], axis=1).astype(np.int64)  # int(): all >= 0
-    ok = (h / w >= 1.0 / max_aspect) & (h / w <= max_aspect)
-    ok &= (rects[:, 2] > rects[:, 0]) & (rects[:, 3] > rects[:, 1])
-    ious = box_iou_with_rects(boxes, rects)
-    ok &= (ious.min(axis=1) if require_all else ious.max(axis=1)) >= min_iou
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    ok &= ((rects[:, 0:1] < cx) & (cx < rects[:, 2:3]) & (rects[:, 1:2] < cy) & (cy < rects[:, 3:4])).any(axis=1)
-    first = np.flatnonzero(ok)
-    return tuple(int(v) for v in rects[first[0]]) if first.size else whole  # type: ignore[return-value]
 
 
 class ZoomOut(A.DualTransform):
@@ -261,7 +195,6 @@ def _check_size(size: int) -> None:
 # docs/benchmarks.md); "albumentations": the reference pipeline below, kept to check the fast
 # one against (tests/test_data_augment.py) and to measure it.
 BACKENDS: tuple[str, ...] = ("fast", "albumentations")
-OUTPUTS: tuple[str, ...] = ("float", "uint8")
 
 
 def _check_backend(backend: str, output: str) -> None:
@@ -271,17 +204,15 @@ def _check_backend(backend: str, output: str) -> None:
         raise ValueError(f"transform output must be 'float' (normalised) or 'uint8', got {output!r}")
 
 
-def reference_train_transforms(size: int = 300, photometric: bool = True, channel_swap_p: float = 0.0,
-                               zoom_out_p: float = 0.5, max_zoom_out: float = 4.0,
-                               min_ious: Sequence[float | None] = SSD_MIN_IOUS,
-                               crop_require_all: bool = False, flip_p: float = 0.5,
+def reference_train_transforms(size: int = 300, settings: AugmentSettings = AugmentSettings(),
                                output: str = "float") -> list[A.BasicTransform]:
     """The albumentations steps of the training augmentation, in order (see build_train_transform)."""
-    transforms: list[A.BasicTransform] = _photometric_distortion(channel_swap_p) if photometric else []
+    s = settings
+    transforms: list[A.BasicTransform] = _photometric_distortion(s.channel_swap_p) if s.photometric else []
     transforms += [
-        ZoomOut(max_ratio=max_zoom_out, fill=MEAN_PIXEL, p=zoom_out_p),
-        MinIoURandomCrop(min_ious=min_ious, require_all=crop_require_all, p=1.0),
-        A.HorizontalFlip(p=flip_p),
+        ZoomOut(max_ratio=s.max_zoom_out, fill=MEAN_PIXEL, p=s.zoom_out_p),
+        MinIoURandomCrop(min_ious=s.min_ious, require_all=s.crop_require_all, p=1.0),
+        A.HorizontalFlip(p=s.flip_p),
         A.Resize(size, size),
     ]
     if output == "float":
@@ -289,11 +220,8 @@ def reference_train_transforms(size: int = 300, photometric: bool = True, channe
     return transforms + [ToTensorV2()]
 
 
-def build_train_transform(size: int = 300, photometric: bool = True, channel_swap_p: float = 0.0,
-                          zoom_out_p: float = 0.5, max_zoom_out: float = 4.0,
-                          min_ious: Sequence[float | None] = SSD_MIN_IOUS, crop_require_all: bool = False,
-                          flip_p: float = 0.5, seed: int | None = None, backend: str = "fast",
-                          output: str = "float") -> Any:
+def build_train_transform(size: int = 300, settings: AugmentSettings = AugmentSettings(),
+                          seed: int | None = None, backend: str = "fast", output: str = "float") -> Any:
     """SSD training augmentation (Liu et al. 2016 sec 2.2 and 3.6, ssd.pytorch SSDAugmentation):
     photometric distortion, zoom-out up to 4x onto the mean pixel, min-IoU crop, horizontal
     flip, resize to size x size, then a (3, size, size) tensor: ImageNet-normalised float32
@@ -301,7 +229,7 @@ def build_train_transform(size: int = 300, photometric: bool = True, channel_swa
 
     One deliberate difference: ssd.pytorch and lufficc end the photometric distortion with a
     random channel swap (p 0.5, a uniform permutation of the 3 channels, identity included); ours
-    is off by default (``channel_swap_p=0.0``): the backbones start from torchvision's ImageNet
+    is off by default (``AugmentSettings.channel_swap_p=0.0``): the backbones start from torchvision's ImageNet
     weights, trained on RGB images without channel swaps, and a swap feeds conv1's
     colour-specific filters inputs they never saw. This is a choice, not a measured improvement;
     ``channel_swap_p=0.5`` matches the two code bases (both backends draw the swap that way).
@@ -310,17 +238,13 @@ def build_train_transform(size: int = 300, photometric: bool = True, channel_swa
     "bboxes" are xyxy pixels of the size x size image, "labels" the labels of the kept boxes.
     ``seed`` (optional) makes the sequence of augmentations reproducible (see seed_transform).
     ``backend``: "fast" (``ssd_da.data.augment.SSDAugment``) or "albumentations" (an A.Compose).
+    ``settings``: what the augmentation draws from (:class:`~ssd_da.data.sampling.AugmentSettings`).
     """
     _check_size(size)
     _check_backend(backend, output)
     if backend == "fast":
-        from ssd_da.data.augment import SSDAugment  # augment imports this module
-
-        return SSDAugment(size, photometric, channel_swap_p, zoom_out_p, max_zoom_out, min_ious,
-                          crop_require_all, flip_p, seed=seed, output=output)
-    compose = A.Compose(reference_train_transforms(size, photometric, channel_swap_p, zoom_out_p,
-                                                   max_zoom_out, min_ious, crop_require_all, flip_p,
-                                                   output), bbox_params=_bbox_params())
+        return SSDAugment(size, settings, seed=seed, output=output)
+    compose = A.Compose(reference_train_transforms(size, settings, output), bbox_params=_bbox_params())
     if seed is not None:
         seed_transform(compose, seed)
     return compose
@@ -332,8 +256,6 @@ def build_eval_transform(size: int = 300, backend: str = "fast", output: str = "
     _check_size(size)
     _check_backend(backend, output)
     if backend == "fast":
-        from ssd_da.data.augment import ResizeNormalize  # augment imports this module
-
         return ResizeNormalize(size, output)
     steps: list[A.BasicTransform] = [A.Resize(size, size)]
     if output == "float":

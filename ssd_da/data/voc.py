@@ -184,7 +184,7 @@ class VOCDetection(torch.utils.data.Dataset):
     malformed or whose image is missing or does not decode (every image is decoded once here,
     a JPEG at 1/8 scale), with a warning naming each and the count in ``num_skipped``.
     ``max_side`` shrinks images whose longer side exceeds it at load time, boxes with them
-    (training: augmentation memory grows with the image; see ``engine/data.py``).
+    (training: augmentation memory grows with the image; see ``engine/loaders.py``).
     """
 
     def __init__(

@@ -97,32 +97,51 @@ def _box(bndbox: ET.Element, xml_path: Path, k: int, name: str) -> list[float]:
     return [_number(bndbox.find(t), f"object #{k} ({name}) <bndbox><{t}>", xml_path) for t in _COORD_TAGS]
 
 
-def _image_size(root: ET.Element, xml_path: Path, image_size: tuple[int, int] | None) -> tuple[int, int]:
-    """(height, width) from ``<size>``; falls back to ``image_size`` when it is missing or zero."""
+def read_size(root: ET.Element, xml_path: Path) -> tuple[int, int] | None:
+    """(height, width) from ``<size>``; None when it is missing or zero."""
     size = root.find("size")
     if size is not None and size.find("width") is not None and size.find("height") is not None:
         width = int(_number(size.find("width"), "<size><width>", xml_path))
         height = int(_number(size.find("height"), "<size><height>", xml_path))
         if width > 0 and height > 0:
             return height, width
+    return None
+
+
+def _image_size(root: ET.Element, xml_path: Path, image_size: tuple[int, int] | None) -> tuple[int, int]:
+    """(height, width) from ``<size>``; falls back to ``image_size`` when it is missing or zero."""
+    size = read_size(root, xml_path)
+    if size is not None:
+        return size
     if image_size is None:
         raise MissingSizeError(f"{xml_path}: <size> is missing or zero and no image_size was given")
     return int(image_size[0]), int(image_size[1])
 
 
-def _parse_objects(
-    root: ET.Element, xml_path: Path, class_to_label: dict[str, int]
-) -> tuple[list[list[float]], list[int], list[bool], list[bool], list[str], list[str]]:
-    """Top-level objects of a known class in XML (1-based) coordinates: (boxes, labels,
-    difficult, proper, other, where), proper False for a zero-area or inverted box (left out of
-    training), other the names of the objects whose class is not in ``class_to_label``, where
-    "object #k (name)" for messages (k 1-based among all the file's objects)."""
-    boxes: list[list[float]] = []
-    labels: list[int] = []
-    difficult: list[bool] = []
-    proper: list[bool] = []
-    other: list[str] = []
-    where: list[str] = []
+@dataclass
+class XmlObject:
+    """One top-level ``<object>`` as written: ``box`` [xmin, ymin, xmax, ymax] in the XML's
+    1-based coordinates, ``index`` its 1-based position among the file's objects."""
+    name: str
+    box: list[float]
+    difficult: bool
+    index: int
+
+
+def read_root(xml_path: Path) -> ET.Element:
+    """The parsed XML without namespaces; AnnotationError when it does not parse."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as err:
+        raise AnnotationError(f"{xml_path}: malformed XML ({err})") from None
+    drop_namespaces(root)
+    return root
+
+
+def read_objects(root: ET.Element, xml_path: Path) -> list[XmlObject]:
+    """Every top-level object, whatever its class, checked (a name, a bndbox of four finite
+    numbers, a numeric difficult flag); AnnotationError naming the object otherwise."""
+    objects = []
     # findall("object") only returns direct children, so nested <part> boxes are never read
     # (VOC person objects carry head/hand/foot parts with bndboxes of their own).
     for k, obj in enumerate(root.findall("object"), start=1):
@@ -138,6 +157,36 @@ def _parse_objects(
         is_difficult = False
         if diff_elem is not None and diff_elem.text is not None and diff_elem.text.strip():
             is_difficult = bool(int(_number(diff_elem, f"object #{k} ({name}) <difficult>", xml_path)))
+        objects.append(XmlObject(name, box, is_difficult, k))
+    return objects
+
+
+def read_voc_xml(xml_path: str | Path) -> tuple[str, tuple[int, int] | None, list[XmlObject]]:
+    """A VOC XML file as written: (``<filename>``, (height, width) of ``<size>`` or None when
+    missing or zero, every top-level object). The one reader of VOC XML (``parse_annotation``
+    and ``ssd_da.data.convert`` use it)."""
+    xml_path = Path(xml_path)
+    root = read_root(xml_path)
+    filename_elem = root.find("filename")
+    filename = filename_elem.text.strip() if filename_elem is not None and filename_elem.text else ""
+    return filename, read_size(root, xml_path), read_objects(root, xml_path)
+
+
+def _parse_objects(
+    root: ET.Element, xml_path: Path, class_to_label: dict[str, int]
+) -> tuple[list[list[float]], list[int], list[bool], list[bool], list[str], list[str]]:
+    """Top-level objects of a known class in XML (1-based) coordinates: (boxes, labels,
+    difficult, proper, other, where), proper False for a zero-area or inverted box (left out of
+    training), other the names of the objects whose class is not in ``class_to_label``, where
+    "object #k (name)" for messages (k 1-based among all the file's objects)."""
+    boxes: list[list[float]] = []
+    labels: list[int] = []
+    difficult: list[bool] = []
+    proper: list[bool] = []
+    other: list[str] = []
+    where: list[str] = []
+    for obj in read_objects(root, xml_path):
+        k, name, box = obj.index, obj.name, obj.box
         if name not in class_to_label:
             other.append(name)  # VOCDetection decides: an error, or left out and counted
             continue
@@ -148,7 +197,7 @@ def _parse_objects(
                            xml_path, k, name, tuple(box))
         boxes.append(box)
         labels.append(class_to_label[name])
-        difficult.append(is_difficult)
+        difficult.append(obj.difficult)
         where.append(f"object #{k} ({name})")
     return boxes, labels, difficult, proper, other, where
 
@@ -184,11 +233,7 @@ def parse_annotation(
         AnnotationError: unparsable XML, missing/non-numeric bndbox coordinate, missing name.
     """
     xml_path = Path(xml_path)
-    try:
-        root = ET.parse(xml_path).getroot()
-    except ET.ParseError as err:
-        raise AnnotationError(f"{xml_path}: malformed XML ({err})") from None
-    drop_namespaces(root)
+    root = read_root(xml_path)
     height, width = _image_size(root, xml_path, image_size)
     class_to_label = {name: i + 1 for i, name in enumerate(class_names)}
     boxes_l, labels_l, difficult_l, proper_l, other, where = _parse_objects(root, xml_path,

@@ -2,7 +2,7 @@
 (for ``last.pth``) holding everything an exact ``--resume`` needs.
 
 A checkpoint is a dict: ``model`` (state dict), ``backbone``, ``class_names``, ``config`` (the
-resolved config), ``iteration``, ``best_map``, ``evaluated_at`` and ``last_map`` (the iteration and
+resolved config), ``iteration``, ``best_map``, ``evaluated_at`` and ``final_map`` (the iteration and
 mAP of the latest evaluation; last.pth is written before an evaluation and again after it, so
 ``evaluated_at < iteration`` says the evaluation due at ``iteration`` has not been done: a
 resumed run does it first), ``backbone_init``, ``world_size``, ``timing``;
@@ -40,9 +40,10 @@ from ssd_da.config import saved_value
 from ssd_da.engine import distributed as dist_utils
 from ssd_da.models.ssd import build_ssd
 
-if TYPE_CHECKING:  # type hints only: the trainer imports this module
+from ssd_da.engine.state import TrainState
+
+if TYPE_CHECKING:
     from ssd_da.config import Config
-    from ssd_da.engine.trainer import TrainState
 
 logger = logging.getLogger(__name__)
 # Entries of last.pth that only resuming needs; best.pth leaves them out.
@@ -53,9 +54,6 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used for what was asked (names the file and why)."""
 
 
-# Exit status of the tools when a checkpoint could not be written for lack of space or a file-size
-# limit (sysexits.h's EX_IOERR); the previous checkpoint is intact.
-EXIT_WRITE_FAILED = 74
 _SPACE_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                  errno.EFBIG: "file too large"}
 
@@ -232,7 +230,7 @@ def training_checkpoint(state: TrainState, cfg: Config, class_names: list[str],
         "model": dist_utils.unwrap(state.model).state_dict(), "backbone": cfg.backbone,
         "class_names": class_names, "config": cfg.to_dict(), "iteration": state.iteration,
         "best_map": state.best_map, "evaluated_at": state.evaluated_at,
-        "last_map": state.last_map, "backbone_init": state.backbone_init,
+        "final_map": state.final_map, "backbone_init": state.backbone_init,
         "world_size": dist_utils.get_world_size(), "timing": dict(state.timing),
     }
     if resumable:
@@ -269,7 +267,8 @@ def restore_training_state(state: TrainState, ckpt: dict[str, Any], path: str | 
     # Written before these keys existed, last.pth followed its evaluation: -1 re-evaluates a
     # due one (same result), which is safe either way.
     state.evaluated_at = int(ckpt.get("evaluated_at", -1))
-    state.last_map = float(ckpt.get("last_map", float("nan")))
+    # "last_map": the key's name before it became "final_map" (summary.json's word).
+    state.final_map = float(ckpt.get("final_map", ckpt.get("last_map", float("nan"))))
     state.last_saved = (Path(path), state.iteration)
     state.timing.update(ckpt.get("timing", {}))
     state.backbone_init = ckpt.get("backbone_init", state.backbone_init)

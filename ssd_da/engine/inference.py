@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ssd_da.data.transforms import preprocess
 from ssd_da.engine import distributed as dist_utils
-from ssd_da.engine.data import build_eval_loader
+from ssd_da.engine.loaders import make_eval_loader
 from ssd_da.evaluation.coco import coco_metrics, coco_metrics_on_gt, coco_results
 from ssd_da.evaluation.voc import VOCResult, evaluate_voc
 from ssd_da.utils.device import autocast_context
@@ -33,7 +33,7 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: t
     """
     model.eval()
     indices = list(range(len(dataset))) if indices is None else list(indices)
-    loader = build_eval_loader(dataset, indices, batch_size, workers, device.type == "cuda")
+    loader = make_eval_loader(dataset, indices, batch_size, workers, device.type == "cuda")
     out: dict[int, dict[str, np.ndarray]] = {}
     compute_time, count = 0.0, 0
     for images, targets in tqdm(loader, desc="inference", disable=not progress, leave=False):
@@ -64,25 +64,27 @@ def _to_host(dets: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]
 def evaluate_model(model: torch.nn.Module, dataset: Any, class_names: Sequence[str],
                    device: torch.device, batch_size: int = 32, workers: int = 2,
                    amp: bool = False, metric: str = "voc07", progress: bool = True,
-                   channels_last: bool = False) -> tuple[VOCResult, list[dict[str, np.ndarray]], float]:
-    """Predict on ``dataset`` (sharded over ranks under torchrun) and compute VOC AP.
+                   channels_last: bool = False, iou_rule: str = "python"
+                   ) -> tuple[VOCResult, list[dict[str, np.ndarray]], float]:
+    """Predict on ``dataset`` (sharded over ranks under torchrun) and compute VOC AP: the one
+    evaluation of a model, for training and ``tools/eval_voc.py`` alike.
 
     Returns ``(VOCResult, detections list aligned with the dataset, images/s)`` on every rank.
     """
     rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
-    mine, rate = predict(model, dataset, device, batch_size, workers, amp,
+    mine, images_per_s = predict(model, dataset, device, batch_size, workers, amp,
                          indices=range(rank, len(dataset), world), progress=progress,
                          channels_last=channels_last)
     merged: dict[int, dict[str, np.ndarray]] = {}
-    total_rate = 0.0
-    for part, part_rate in dist_utils.all_gather_objects((mine, rate)):  # type: ignore[misc]
+    total = 0.0
+    for part, part_images_per_s in dist_utils.all_gather_objects((mine, images_per_s)):  # type: ignore[misc]
         merged.update(part)
-        total_rate += part_rate  # the shards run in parallel: their rates add up
+        total += part_images_per_s  # the shards run in parallel: their speeds add up
     detections = [merged[i] for i in range(len(dataset))]
     annotations = [dataset.get_annotation(i) for i in range(len(dataset))]
     gts = [a.ground_truth() if not isinstance(a, dict) else a for a in annotations]
-    result = evaluate_voc(detections, gts, class_names, metric=metric)
-    return result, detections, total_rate
+    result = evaluate_voc(detections, gts, class_names, metric=metric, iou_rule=iou_rule)
+    return result, detections, total
 
 
 def coco_metrics_of(dataset: Any, detections: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:

@@ -1,5 +1,5 @@
 """Stopping on a signal without losing the work: the run ends its current step, saves, and
-exits with :data:`EXIT_INTERRUPTED`.
+exits with ``EXIT_INTERRUPTED`` (:mod:`ssd_da.utils.cli`).
 
 Signals that ask a run to stop (:data:`STOP_SIGNALS`):
 
@@ -13,7 +13,7 @@ loop reads after each step (:func:`stop_requested`); the loop then writes ``last
 atomically and raises :class:`Interrupted`, whose message gives the command that continues the
 run. A second SIGINT (Ctrl-C pressed again) raises ``KeyboardInterrupt`` at once, without
 saving; further SIGTERM / SIGUSR1 are ignored (the run is already stopping). The tools map
-:class:`Interrupted` to exit status :data:`EXIT_INTERRUPTED` and the immediate stop to 130, the
+:class:`Interrupted` to exit status 75 (``EXIT_INTERRUPTED``) and the immediate stop to 130, the
 shell's status for Ctrl-C. An evaluation in progress finishes before the run stops.
 
 DataLoader worker processes leave these signals to the main process
@@ -34,14 +34,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_STOPPED_AT_ONCE", "STOP_SIGNALS", "Interrupted",
+__all__ = ["STOP_SIGNALS", "Interrupted",
            "stop_on_signals", "stop_requested", "agreed_stop", "wait_forwarding_stop",
            "ignore_stop_signals"]
 
-# sysexits.h's EX_TEMPFAIL ("temporary failure; the user is invited to retry"): the run saved its
-# state and continues when the printed command (or the same ablate command) is run again.
-EXIT_INTERRUPTED = 75
-EXIT_STOPPED_AT_ONCE = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
     getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 
@@ -121,7 +117,7 @@ def agreed_stop(host_read: bool, device: torch.device) -> str | None:
 def wait_forwarding_stop(proc: subprocess.Popen, poll_s: float = 0.5) -> int:
     """Wait for a training subprocess; when this process is asked to stop (a signal sent to it
     alone, e.g. ``kill <pid>``), pass SIGTERM on, so the run saves and exits
-    :data:`EXIT_INTERRUPTED`."""
+    ``EXIT_INTERRUPTED``."""
     forwarded = False
     while True:
         try:

@@ -18,7 +18,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunLog", "read_run_log"]
+__all__ = ["RunLog", "read_run_log", "to_json"]
 
 
 def read_run_log(path: str | Path) -> list[dict[str, Any]]:
@@ -44,14 +44,15 @@ def read_run_log(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _to_json(value: Any) -> Any:
-    """NaN and infinities -> None, in nested dicts and lists."""
+def to_json(value: Any) -> Any:
+    """NaN and infinities -> None, in nested dicts and lists: JSON has no NaN (the log and
+    ``eval_voc.py --json`` alike)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
+        return {k: to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
+        return [to_json(v) for v in value]
     return value
 
 
@@ -104,4 +105,4 @@ class RunLog:
 
     @staticmethod
     def _line(record: dict[str, Any]) -> str:
-        return json.dumps(_to_json(record), allow_nan=False) + "\n"
+        return json.dumps(to_json(record), allow_nan=False) + "\n"

@@ -46,6 +46,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ssd_da.evaluation.voc_inputs import as_boxes, as_labels, check_boxes, concat
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("voc07", "area")
@@ -233,83 +235,6 @@ def _check_metric_threshold(metric: str, iou_threshold: float, iou_rule: str = "
         raise ValueError(f"iou_threshold must be in [0, 1), got {iou_threshold!r}")
 
 
-def _as_boxes(value: object, what: str) -> np.ndarray:
-    boxes = np.asarray(value, dtype=np.float64)
-    if boxes.size == 0:
-        return boxes.reshape(0, 4)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"{what} must have shape (N, 4) (xyxy), got {boxes.shape}")
-    return boxes
-
-
-def _check_boxes(boxes: np.ndarray, owner: np.ndarray, what: str,
-                 allow_inverted: bool = False) -> None:
-    """Finite, and x2 >= x1, y2 >= y1 unless ``allow_inverted`` (ground truth: the devkit
-    counts an inverted box as an object no detection can match); ``owner`` (N,) gives the
-    image index for the error message."""
-    bad = ~np.isfinite(boxes).all(axis=1)
-    if not allow_inverted:
-        bad |= (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
-    if bad.any():
-        k = int(np.argmax(bad))
-        rule = "" if allow_inverted else " with x2 >= x1 and y2 >= y1"
-        raise ValueError(f"{what} of image {int(owner[k])}: box {boxes[k].tolist()} is not finite "
-                         f"xyxy{rule}")
-
-
-def _as_labels(value: object, num_classes: int, owner: np.ndarray, what: str) -> np.ndarray:
-    labels = np.asarray(value)
-    if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
-            raise ValueError(f"{what} must be integers in 1..{num_classes}, "
-                             f"got dtype {labels.dtype}")
-    labels = labels.astype(np.int64)
-    bad = (labels < 1) | (labels > num_classes)
-    if bad.any():
-        k = int(np.argmax(bad))
-        raise ValueError(f"{what} of image {int(owner[k])}: label {int(labels[k])} is out of range "
-                         f"1..{num_classes} (0 is background; label i is class_names[i-1])")
-    return labels
-
-
-def _missing(item: Mapping, key: str, index: int, what: str) -> ValueError:
-    return ValueError(f"{what}[{index}] has no {key!r} (keys: {sorted(item)})")
-
-
-def _concat(items: Sequence[Mapping], keys: Sequence[str], what: str
-            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Concatenate per-image dicts; returns (image index per row, {key: concatenated}).
-
-    Checks shapes per image (``boxes`` (N, 4), each of ``keys`` (N,)); values are checked
-    vectorised by the caller. A missing ``difficult`` means none difficult.
-    """
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("boxes", *keys)}
-    sizes = np.zeros(len(items), dtype=np.int64)
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) and not isinstance(item, Mapping):  # dict: fast path
-            raise ValueError(f"{what}[{i}] must be a dict, got {type(item).__name__}")
-        if "boxes" not in item:
-            raise _missing(item, "boxes", i, what)
-        boxes = _as_boxes(item["boxes"], f"{what}[{i}]['boxes']")
-        sizes[i] = n = len(boxes)
-        parts["boxes"].append(boxes)
-        for key in keys:
-            if key in item:
-                value = np.asarray(item[key])
-            elif key == "difficult":
-                value = np.zeros(n, dtype=bool)
-            else:
-                raise _missing(item, key, i, what)
-            if value.shape != (n,) and not (n == 0 and value.size == 0):
-                raise ValueError(f"{what}[{i}][{key!r}] has shape {value.shape}, but 'boxes' "
-                                 f"has {n} rows: expected ({n},)")
-            parts[key].append(value.reshape(n))
-    image = np.repeat(np.arange(len(items)), sizes)
-    if not items:
-        return image, {"boxes": np.zeros((0, 4)), **{k: np.zeros(0) for k in keys}}
-    return image, {k: np.concatenate(v) for k, v in parts.items()}
-
-
 def evaluate_class(det_image_ids: np.ndarray, det_boxes: np.ndarray, det_scores: np.ndarray,
                    gt_image_ids: np.ndarray, gt_boxes: np.ndarray, gt_difficult: np.ndarray,
                    metric: str = "voc07", iou_threshold: float = 0.5,
@@ -328,8 +253,8 @@ def evaluate_class(det_image_ids: np.ndarray, det_boxes: np.ndarray, det_scores:
         ClassResult; ties in score keep input order (stable sort, see the module docstring).
     """
     _check_metric_threshold(metric, iou_threshold, iou_rule)
-    det_boxes = _as_boxes(det_boxes, "det_boxes")
-    gt_boxes = _as_boxes(gt_boxes, "gt_boxes")
+    det_boxes = as_boxes(det_boxes, "det_boxes")
+    gt_boxes = as_boxes(gt_boxes, "gt_boxes")
     det_img = np.asarray(det_image_ids, dtype=np.int64).reshape(-1)
     gt_img = np.asarray(gt_image_ids, dtype=np.int64).reshape(-1)
     scores = np.asarray(det_scores, dtype=np.float64).reshape(-1)
@@ -342,8 +267,8 @@ def evaluate_class(det_image_ids: np.ndarray, det_boxes: np.ndarray, det_scores:
                          f"{len(gt_img)}, {len(difficult)}, {len(gt_boxes)}")
     if not np.isfinite(scores).all():
         raise ValueError("det_scores must be finite")
-    _check_boxes(det_boxes, det_img, "det_boxes")
-    _check_boxes(gt_boxes, gt_img, "gt_boxes", allow_inverted=True)
+    check_boxes(det_boxes, det_img, "det_boxes")
+    check_boxes(gt_boxes, gt_img, "gt_boxes", allow_inverted=True)
     # Image ids -> 0..n-1 (only equality matters), then the stable tie rule of the module doc.
     ids, index = np.unique(np.concatenate([det_img, gt_img]), return_inverse=True)
     det_img, gt_img = index[:len(det_img)], index[len(det_img):]
@@ -385,16 +310,16 @@ def evaluate_voc(detections: Sequence[Mapping], annotations: Sequence[Mapping],
     if len(detections) != len(annotations):
         raise ValueError(f"detections has {len(detections)} images but annotations has "
                          f"{len(annotations)}; give one dict per image, in the same order")
-    det_img, det = _concat(detections, ("scores", "labels"), "detections")
-    gt_img, gt = _concat(annotations, ("labels", "difficult"), "annotations")
-    det_labels = _as_labels(det["labels"], len(names), det_img, "detections labels")
-    gt_labels = _as_labels(gt["labels"], len(names), gt_img, "annotations labels")
+    det_img, det = concat(detections, ("scores", "labels"), "detections")
+    gt_img, gt = concat(annotations, ("labels", "difficult"), "annotations")
+    det_labels = as_labels(det["labels"], len(names), det_img, "detections labels")
+    gt_labels = as_labels(gt["labels"], len(names), gt_img, "annotations labels")
     scores = det["scores"].astype(np.float64)
     if not np.isfinite(scores).all():
         k = int(np.argmax(~np.isfinite(scores)))
         raise ValueError(f"detections[{int(det_img[k])}]['scores'] has a non-finite value")
-    _check_boxes(det["boxes"], det_img, "detections boxes")
-    _check_boxes(gt["boxes"], gt_img, "annotations boxes", allow_inverted=True)
+    check_boxes(det["boxes"], det_img, "detections boxes")
+    check_boxes(gt["boxes"], gt_img, "annotations boxes", allow_inverted=True)
     # Group by class with a stable sort (detections keep input order within a class), then
     # each class by descending score, stable: ties keep input order (module docstring).
     # Ground truths by class, then image (stable: annotation order within an image).

@@ -28,12 +28,12 @@ import yaml
 from ssd_da.config import (Config, apply_overrides, resolve_attention_init, save_config,
                            saved_value)
 from ssd_da.engine import trainer
-from ssd_da.engine.interrupt import (EXIT_INTERRUPTED, Interrupted, stop_requested,
-                                     wait_forwarding_stop)
+from ssd_da.engine.interrupt import Interrupted, stop_requested, wait_forwarding_stop
 from ssd_da.engine.run_folder import existing_run_files
 from ssd_da.engine.runlog import read_run_log
-from ssd_da.engine.trainer import EXIT_NON_FINITE, NonFiniteLossError
+from ssd_da.engine.step import NonFiniteLossError
 from ssd_da.models.names import DEPTHS, backbone_name, parse_backbone_name
+from ssd_da.utils.cli import EXIT_INTERRUPTED, EXIT_NON_FINITE
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 from matplotlib.figure import Figure
 from scipy import stats as sps
 
-from ssd_da.utils.figures import save_figure
+from ssd_da.utils.plots import save_figure
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from ssd_da.experiments.stats import Estimate, difference, mean_ci
 from ssd_da.models.names import display_name, parse_backbone_name
-from ssd_da.utils.figures import save_figure
+from ssd_da.utils.plots import save_figure
 
 __all__ = ["RunRecord", "BackboneSummary", "PAPER_MAP", "PAPER_LGA", "table_label", "summarize",
            "write_results_csv", "read_results_csv", "format_markdown", "plot_map_vs_params"]

@@ -1,13 +1,26 @@
 """How every tool in tools/ reports bad input: one line ``<tool>: error: <message>`` on stderr
-(argparse's own format, so option errors and ours look alike) and exit status 2."""
+(argparse's own format, so option errors and ours look alike) and exit status 2; and the other
+exit statuses of the tools. The package raises typed exceptions (``NonFiniteLossError``,
+``Interrupted``, ``CheckpointWriteError``); only the tools turn them into these numbers."""
 from __future__ import annotations
 
 import sys
 from typing import NoReturn
 
-__all__ = ["EXIT_BAD_INPUT", "report_error", "fail", "parse_names"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_WRITE_FAILED", "EXIT_INTERRUPTED",
+           "EXIT_STOPPED_AT_ONCE", "report_error", "fail", "parse_names"]
 
 EXIT_BAD_INPUT = 2
+# A non-finite loss or weights (NonFiniteLossError; the ablation runner reads it: a seed that
+# diverges is a result, not a crash).
+EXIT_NON_FINITE = 3
+# A checkpoint could not be written for lack of space or a file-size limit (CheckpointWriteError;
+# sysexits.h's EX_IOERR); the previous checkpoint is intact.
+EXIT_WRITE_FAILED = 74
+# Stopped by a signal after saving (Interrupted; sysexits.h's EX_TEMPFAIL, "temporary failure;
+# the user is invited to retry"): the run continues when the printed command is run again.
+EXIT_INTERRUPTED = 75
+EXIT_STOPPED_AT_ONCE = 130  # 128 + SIGINT, as a shell reports a process ended by Ctrl-C
 
 
 def report_error(tool: str, message: object) -> int:

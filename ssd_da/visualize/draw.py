@@ -4,7 +4,7 @@ Images are (H, W, 3) uint8 RGB arrays; boxes are (K, 4) xyxy in that image's pix
 as ``SSD300`` returns them with ``original_sizes``. The figure is drawn on a bare
 ``matplotlib.figure.Figure`` (no pyplot state), with a size that depends only on the number of
 rows and columns, so its pixel size is known in advance (:func:`figure_size_px`); save it with
-:func:`ssd_da.utils.figures.save_figure`.
+:func:`ssd_da.utils.plots.save_figure`.
 """
 from __future__ import annotations
 

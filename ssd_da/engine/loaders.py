@@ -11,7 +11,8 @@ import logging
 import os
 import random
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -138,10 +139,8 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
             raise ValueError(f"training split {cfg.train_split} ({cfg.data_root}) has no "
                              f"{'' if cfg.keep_difficult else 'non-difficult '}object of the "
                              f"classes {', '.join(names)}: there is nothing to learn")
-    test_set = dataset_class(cfg.data_root, cfg.test_split, class_names=names,
-                             transform=build_eval_transform(IMAGE_SIZE, output="uint8"),
-                             keep_difficult=True, skip_bad=cfg.skip_bad,
-                             ignore_other_classes=cfg.ignore_other_classes)
+    test_set = make_test_set(cfg.data_format, cfg.data_root, cfg.test_split, names,
+                             skip_bad=cfg.skip_bad, ignore_other_classes=cfg.ignore_other_classes)
     if not any((~a.ground_truth()["difficult"]).any() for a in test_set.annotations):
         # VOC AP counts non-difficult objects only: without any, every AP and the mAP are
         # undefined, and a run would train to the end to report "nan".
@@ -150,6 +149,26 @@ def build_datasets(cfg: Config, train: bool = True) -> tuple[VOCDetection | None
     if train_set is not None:
         warn_overlap(train_set, test_set, cfg)
     return train_set, test_set
+
+
+def make_test_set(data_format: str, data_root: str | Path, split: str,
+                  class_names: Sequence[str] | None, skip_bad: bool = False,
+                  ignore_other_classes: bool = False, with_images: bool = True
+                  ) -> VOCDetection | CocoDetection:
+    """A split to evaluate on, as training's evaluation and ``tools/eval_voc.py`` both read it:
+    VOC or COCO format, every object kept (difficult ones too: the devkit counts them), images
+    resized as uint8 pixels that the model normalises on the device (``with_images`` False: no
+    transform, for annotations alone, as a detection file scored without a model needs). ``class_names`` None: the
+    COCO categories of a COCO split, VOC's 20 otherwise."""
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format {data_format!r} is not one of: {', '.join(DATA_FORMATS)}")
+    if data_format != "coco" and class_names is None:
+        class_names = list(VOC_CLASSES)
+    transform = build_eval_transform(IMAGE_SIZE, output="uint8") if with_images else None
+    dataset_class = CocoDetection if data_format == "coco" else VOCDetection
+    return dataset_class(data_root, split, class_names=class_names, transform=transform,
+                         keep_difficult=True, skip_bad=skip_bad,
+                         ignore_other_classes=ignore_other_classes)
 
 
 def warn_overlap(train_set: VOCDetection, test_set: VOCDetection, cfg: Config) -> None:
@@ -174,6 +193,13 @@ def resolve_workers(requested: int, world_size: int = 1) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, cores // max(1, world_size) - 1)
+
+
+def default_eval_workers() -> int:
+    """``tools/eval_voc.py``'s default --workers: 4 loader processes, or fewer on a machine with
+    fewer cores (PyTorch warns otherwise). A single process: training's evaluation shares the
+    cores between its processes instead (:func:`resolve_workers`)."""
+    return max(0, min(4, resolve_workers(-1) + 1))
 
 
 # Batches each loader worker prepares ahead: with one worker per core that is a second or more
@@ -217,43 +243,23 @@ def measure_loader_rate(dataset: VOCDetection, batch_size: int, workers: int, se
         images += images_batch.shape[0]
         if time.perf_counter() - start > seconds:
             break
-    rate = images / max(time.perf_counter() - start, 1e-9)
+    images_per_s = images / max(time.perf_counter() - start, 1e-9)
     del iterator
-    return rate
+    return images_per_s
 
 
 def log_loader_rate(dataset: VOCDetection, cfg: Config) -> None:
     """One line at the start of training: what the loader alone delivers, to compare with the
     training rate (is the CPU or the GPU the bottleneck?)."""
     workers = resolve_workers(cfg.workers, dist_utils.get_world_size())
-    rate = measure_loader_rate(dataset, cfg.batch_size, workers)
+    images_per_s = measure_loader_rate(dataset, cfg.batch_size, workers)
     logger.info("data loader alone: %.0f images/s (%d workers, batch %d); training slower than that "
-                "is limited by the network, near it by the loader", rate, workers, cfg.batch_size)
+                "is limited by the network, near it by the loader", images_per_s, workers, cfg.batch_size)
 
 
-def build_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, workers: int,
+def make_eval_loader(dataset: Dataset, indices: Sequence[int], batch_size: int, workers: int,
                       pin_memory: bool) -> DataLoader:
     subset = torch.utils.data.Subset(dataset, list(indices))
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=detection_collate, pin_memory=pin_memory,
                       worker_init_fn=ignore_stop_signals)
-
-
-class DataWait:
-    """Seconds the training loop has spent waiting for its next batch, summed: the loader's
-    share of the loop's time (logged as ``data_wait``; near 0 when the network is the limit)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def timed(self, loader: Iterable) -> Iterator:
-        """The loader's batches, timing each wait for one."""
-        batches = iter(loader)
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            self.seconds += time.perf_counter() - start
-            yield batch

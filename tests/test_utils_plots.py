@@ -1,11 +1,11 @@
-"""Precision-recall and AP figures (ssd_da/evaluation/plots.py) of an evaluation result."""
+"""Precision-recall and AP figures (ssd_da/utils/plots.py) of an evaluation result."""
 from test_evaluation_voc import BOX, _img
 
 from ssd_da.evaluation.voc import evaluate_voc
 
 
 def test_pr_plots_write_pngs(tmp_path):
-    from ssd_da.evaluation.plots import plot_ap_bars, plot_pr_curves
+    from ssd_da.utils.plots import plot_ap_bars, plot_pr_curves
 
     ann = [_img([BOX, [20, 20, 29, 29]], [1, 2])]
     det = [_img([BOX, [50, 50, 59, 59]], [1, 3], scores=[0.9, 0.5])]

@@ -1,22 +1,65 @@
-"""Precision-recall curves and per-class AP bars of a :class:`~ssd_da.evaluation.voc.VOCResult`.
-
-Figures are bare ``matplotlib.figure.Figure`` objects saved with
-:func:`ssd_da.utils.figures.save_figure` (no pyplot state).
-"""
+"""The project's plots and its plotting convention: every plot is a bare
+``matplotlib.figure.Figure`` (no pyplot, so no global state and no interactive backend: safe in
+scripts, tests, worker processes and on headless machines), saved with :func:`save_figure`.
+Here: the training curves of a run, and the precision-recall curves and per-class AP bars of a
+:class:`~ssd_da.evaluation.voc.VOCResult` (the ablation's and Grad-CAM's figures live with
+them: ``ssd_da/experiments``, ``ssd_da/visualize``). Imports nothing else of the package."""
 from __future__ import annotations
 
 import logging
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from ssd_da.evaluation.voc import VOC07_RECALL_THRESHOLDS, VOCResult
-from ssd_da.utils.figures import save_figure
+if TYPE_CHECKING:
+    from ssd_da.evaluation.voc import VOCResult
+
+__all__ = ["save_figure", "plot_training_curves", "plot_pr_curves", "plot_ap_bars"]
 
 logger = logging.getLogger(__name__)
+# The 11 recall points the VOC07 AP averages (ssd_da.evaluation.voc.VOC07_RECALL_THRESHOLDS).
+VOC07_RECALL_POINTS = np.arange(0.0, 1.1, 0.1)
+
+
+def save_figure(fig: Figure, path: str | Path | BinaryIO, dpi: float | None = None) -> Path | BinaryIO:
+    """Write ``fig`` to ``path`` (format from the suffix; parent folders created) at ``dpi``
+    (default: the figure's own, so a figure sized in inches has a known pixel size). No tight
+    bounding box, for the same reason. Returns ``path``."""
+    if isinstance(path, (str, Path)):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi or fig.dpi)
+    return path
+
+
+def plot_training_curves(records: Sequence[dict[str, Any]], png_path: str | Path) -> Path:
+    """Loss terms (log scale) and learning rate of the training records of a run's log
+    (``ssd_da.engine.runlog.read_run_log``), and mAP (%) at each evaluation record; one PNG of
+    three panels."""
+    train = [r for r in records if "map" not in r]
+    evals = [r for r in records if "map" in r]
+    fig = Figure(figsize=(15, 4))
+    axes = fig.subplots(1, 3)
+    if train:
+        its = [r["iter"] for r in train]
+        for key in ("loss", "classification", "bbox_regression"):
+            if key in train[0]:
+                axes[0].plot(its, [r[key] for r in train], label=key)
+        axes[0].set_yscale("log")
+        axes[0].legend()
+        axes[1].plot(its, [r["lr"] for r in train])
+    if evals:
+        axes[2].plot([r["iter"] for r in evals], [100 * r["map"] for r in evals], marker="o")
+    for ax, title in zip(axes, ("training loss", "learning rate", "test mAP (%)")):
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, png_path, dpi=100)
 
 
 def _safe_name(name: str) -> str:
@@ -47,8 +90,8 @@ def plot_pr_curves(result: VOCResult, out_dir: str | Path) -> list[Path]:
             ax.step(recall, envelope, where="post", color="C0", label="envelope")
         if result.metric == "voc07":
             points = [precision[recall >= t].max() if (recall >= t).any() else 0.0
-                      for t in VOC07_RECALL_THRESHOLDS]
-            ax.plot(VOC07_RECALL_THRESHOLDS, points, "o", color="C3", markersize=4,
+                      for t in VOC07_RECALL_POINTS]
+            ax.plot(VOC07_RECALL_POINTS, points, "o", color="C3", markersize=4,
                     label="11-point")
         ax.set_xlim(0.0, 1.0)
         ax.set_ylim(0.0, 1.05)
