@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ssd_da.models import attention
-from ssd_da.models.attention import _check_channels, _check_positive_int, eca_kernel_size
+from ssd_da.models.attention import (ECA_RELEASED_KERNEL_SIZES, _check_channels, _check_positive_int,
+                                     eca_kernel_size)
 
 
 def _sum_to(grad: Tensor, shape: Sequence[int]) -> Tensor:
