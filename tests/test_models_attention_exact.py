@@ -89,6 +89,34 @@ def test_the_compiled_path_equals_the_legacy_module(name: str, options: dict, mo
         _close(p.grad, p_old.grad, pname)
 
 
+@pytest.mark.parametrize("name,options", CASES)
+def test_the_whole_batch_path_of_other_devices_equals_the_legacy_module(name: str, options: dict,
+                                                                        monkeypatch) -> None:
+    # On a GPU the fused functions take the batch in one piece (bmm) where the CPU goes one
+    # sample at a time (gemv): the CPU stand-in for that branch, which no GPU runs here.
+    from ssd_da.models import fused_cbam, fused_gates, fused_sge
+
+    calls = []
+
+    def whole_batch(x: torch.Tensor):
+        calls.append(x.shape[0])
+        return iter((slice(None),))
+
+    for module in (fused_gates, fused_cbam, fused_sge):
+        monkeypatch.setattr(module, "_samples", whole_batch)
+    new, old = _pair(name, options, 64)
+    x = _input((3, 64, 9, 7), False).requires_grad_(True)
+    x_old = x.detach().clone().requires_grad_(True)
+    y, y_old = new(x), old(x_old)
+    _close(y, y_old, "output")
+    y.pow(2).sum().backward()
+    y_old.pow(2).sum().backward()
+    _close(x.grad, x_old.grad, "input gradient")
+    for (pname, p), p_old in zip(new.named_parameters(), old.parameters()):
+        _close(p.grad, p_old.grad, pname)
+    assert calls and set(calls) == {3}  # the branch was taken, forward and backward
+
+
 def test_native_convs_restores_the_onednn_flag() -> None:
     before = torch.backends.mkldnn.enabled
     with pytest.raises(RuntimeError, match="inside"):
