@@ -52,7 +52,7 @@ from ssd_da.experiments.slurm import (SlurmOptions, SlurmUnavailable, format_sta
                                       outcomes_of, read_jobs, submit_runs, suite_status,
                                       wait_for_runs)
 from ssd_da.utils.cli import (EXIT_INTERRUPTED, EXIT_STOPPED_AT_ONCE, EXIT_WRITE_FAILED, fail,
-                              report_error)
+                              report_error, run_program)
 
 logger = logging.getLogger("ablate")
 # Config keys the runner sets per run; giving them as key=value would be silently replaced.
@@ -327,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 def script() -> None:
     """The program (``tools/ablate.py``, ``python -m ssd_da.cli.ablate``): logging set up, then
     :func:`main` on the command line; exits with its status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    run_program(main, timestamps=True)
 
 
 if __name__ == "__main__":

@@ -28,14 +28,12 @@ Exit status 2 with a message on stderr for bad input.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from typing import NoReturn, Sequence
 
 from ssd_da.models.complexity import (CLASSIFIER_CLASSES, CLASSIFIER_SIZE, DETECTOR_SIZE,
                                       VOC_NUM_CLASSES, measure_backbone, measure_detector)
 from ssd_da.models.names import BACKBONE_NAMES
-from ssd_da.utils.cli import fail
+from ssd_da.utils.cli import fail, run_program
 
 # DA paper Table II, in its row order.
 TABLE_II_BACKBONES = (
@@ -158,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 def script() -> None:
     """The program (``tools/complexity.py``, ``python -m ssd_da.cli.complexity``): logging set up, then
     :func:`main` on the command line; exits with its status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    run_program(main)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from PIL import Image
 from ssd_da.data.voc import check_image, load_rgb
 from ssd_da.engine.checkpoint import load_detector
 from ssd_da.engine.inference import predict_image
-from ssd_da.utils.cli import report_error
+from ssd_da.utils.cli import report_error, run_program
 from ssd_da.utils.device import resolve_device
 from ssd_da.utils.paths import check_dir, check_input_file
 from ssd_da.visualize.draw import draw_detections
@@ -131,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 def script() -> None:
     """The program (``tools/detect.py``, ``python -m ssd_da.cli.detect``): logging set up, then
     :func:`main` on the command line; exits with its status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    run_program(main)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,10 @@ again (--remove-archives deletes each one once it is extracted).
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 from ssd_da.data.download import DEFAULT_MIRROR, VOC_ARCHIVES, DownloadError, fetch_archive
-from ssd_da.utils.cli import report_error
+from ssd_da.utils.cli import report_error, run_program
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -67,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def script() -> None:
     """The program (``tools/download_voc.py``, ``python -m ssd_da.cli.download_voc``): logging set up, then
     :func:`main` on the command line; exits with its status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    run_program(main, timestamps=True)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +32,7 @@ from ssd_da.evaluation.coco import coco_results, load_coco_results
 from ssd_da.evaluation.detection_file import load_detection_file, write_detection_file
 from ssd_da.utils.plots import plot_ap_bars, plot_pr_curves
 from ssd_da.evaluation.voc import VOCResult, evaluate_voc
-from ssd_da.utils.cli import parse_names, report_error
+from ssd_da.utils.cli import parse_names, report_error, run_program
 from ssd_da.utils.device import resolve_device
 from ssd_da.utils.paths import ensure_dir, ensure_file_parent
 
@@ -233,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 def script() -> None:
     """The program (``tools/eval_voc.py``, ``python -m ssd_da.cli.eval_voc``): logging set up, then
     :func:`main` on the command line; exits with its status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    run_program(main)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +33,7 @@ from ssd_da.data.images import check_image
 from ssd_da.data.voc import load_rgb
 from ssd_da.engine.checkpoint import load_detector
 from ssd_da.models.names import display_name
-from ssd_da.utils.cli import report_error
+from ssd_da.utils.cli import report_error, run_program
 from ssd_da.utils.device import resolve_device
 from ssd_da.utils.plots import save_figure
 from ssd_da.utils.paths import ensure_file_parent
@@ -204,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
 def script() -> None:
     """The program (``tools/gradcam.py``, ``python -m ssd_da.cli.gradcam``): logging set up, then
     :func:`main` on the command line; exits with its status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    run_program(main)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from ssd_da.engine.interrupt import Interrupted
 from ssd_da.engine.step import NonFiniteLossError
 from ssd_da.engine.trainer import train
 from ssd_da.utils.cli import (EXIT_INTERRUPTED, EXIT_NON_FINITE, EXIT_STOPPED_AT_ONCE,
-                              EXIT_WRITE_FAILED, report_error)
+                              EXIT_WRITE_FAILED, report_error, run_program)
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -130,9 +130,8 @@ def script() -> None:
     """The program (``tools/train.py``, ``python -m ssd_da.cli.train``): logging set up, then
     :func:`main` on the command line; exits with its status."""
     # Under torchrun only rank 0 reports progress; the other ranks still print warnings and errors.
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    run_program(main, timestamps=True,
+                level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ A VOC box becomes [xmin - 1, ymin - 1, xmax - xmin, ymax - ymin] and back; diffi
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from pathlib import Path
 
 from ssd_da.data.convert import coco_split_to_voc, voc_class_names, voc_split_to_coco
 from ssd_da.data.voc import AnnotationError
-from ssd_da.utils.cli import parse_names, report_error
+from ssd_da.utils.cli import parse_names, report_error, run_program
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -76,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 def script() -> None:
     """The program (``tools/voc_to_coco.py``, ``python -m ssd_da.cli.voc_to_coco``): logging set up, then
     :func:`main` on the command line; exits with its status."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(main())
+    run_program(main)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ exit statuses of the tools. The package raises typed exceptions (``NonFiniteLoss
 ``Interrupted``, ``CheckpointWriteError``); only the tools turn them into these numbers."""
 from __future__ import annotations
 
+import logging
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_NON_FINITE", "EXIT_WRITE_FAILED", "EXIT_INTERRUPTED",
-           "EXIT_STOPPED_AT_ONCE", "report_error", "fail", "parse_names"]
+           "EXIT_STOPPED_AT_ONCE", "report_error", "fail", "parse_names", "run_program"]
 
 EXIT_BAD_INPUT = 2
 # A non-finite loss or weights (NonFiniteLossError; the ablation runner reads it: a seed that
@@ -44,3 +45,13 @@ def parse_names(text: str | None, option: str) -> list[str] | None:
         raise ValueError(f"{option} {text!r} names nothing (an unset shell variable?); give "
                          f"a,b,c, or leave the option out for its default")
     return names
+
+
+def run_program(main: Callable[[], int], timestamps: bool = False,
+                level: int = logging.INFO) -> NoReturn:
+    """A tool run as a program (``tools/<tool>.py``, ``python -m ssd_da.cli.<tool>``): log
+    records to stderr as ``[time] LEVEL logger: message`` from ``level`` up, then ``main()`` on
+    the command line; exits with its status."""
+    logging.basicConfig(level=level, format=("%(asctime)s " if timestamps else "")
+                        + "%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
